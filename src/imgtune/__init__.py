@@ -1,0 +1,50 @@
+"""imgtune: turn a folder of labelled images into a well-evaluated image classifier by transfer learning.
+
+Python API (the command line calls the same functions)::
+
+    import imgtune
+    result = imgtune.train("data/", model="mobilenet_v2", strategy="linear-probe", out="runs/ants")
+    predictor = imgtune.load(result.run_dir)
+    for p in predictor.predict(["photo.jpg"]):
+        print(p.path, p.labels[0], p.probs[0])
+    report = imgtune.evaluate(result.run_dir).report
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .evaluation import EvaluationResult
+    from .predict import Predictor
+    from .training import TrainResult
+
+
+def train(data: str | Path, *, preset: str | None = None, config_file: str | Path | None = None,
+          progress: bool = True, **options: Any) -> "TrainResult":
+    """Train a classifier on ``data`` (a folder or a CSV). Options are the flat names of the command
+    line's flags: ``model``, ``strategy``, ``epochs``, ``lr``, ``augment``, ``out``, ``seed`` ..."""
+    from .config import build
+    from .training import train as run_training
+
+    return run_training(build(data, preset, config_file, **options), progress=progress)
+
+
+def load(run: str | Path, device: str = "auto") -> "Predictor":
+    """A :class:`~imgtune.predict.Predictor` for a run folder written by :func:`train`."""
+    from .predict import Predictor
+
+    return Predictor.from_run(run, device)
+
+
+def evaluate(run: str | Path, data: str | Path | None = None, split: str | None = None,
+             device: str = "auto") -> "EvaluationResult":
+    from .evaluation import evaluate as run_evaluation
+
+    return run_evaluation(run, None if data is None else str(data), split, device)
+
+
+__all__ = ["__version__", "evaluate", "load", "train"]

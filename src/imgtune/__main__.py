@@ -1,0 +1,3 @@
+from imgtune.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,150 @@
+"""The run folder: everything needed to repeat, evaluate and use a trained model.
+
+```
+config.yaml        the final, complete configuration (``imgtune train --config`` accepts it)
+model.safetensors  weights (never pickled objects)
+meta.json          classes, preprocessing, model name and library, weights source, strategy, data summary,
+                   versions
+metrics.csv        one row per epoch
+metrics.json       validation results at top level, test results under "test"
+```
+Every file is written atomically (temporary file, fsync, rename), so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from . import __version__
+from .config import RunConfig, from_dict
+from .data.transforms import Preprocessing
+from .errors import DataError, UsageError
+
+CONFIG, WEIGHTS, META, METRICS_CSV, METRICS_JSON = (
+    "config.yaml", "model.safetensors", "meta.json", "metrics.csv", "metrics.json")
+ARTIFACT_FILES = (CONFIG, WEIGHTS, META, METRICS_CSV, METRICS_JSON)
+
+
+def default_out_dir() -> Path:
+    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def prepare_out_dir(out: str | Path | None, overwrite: bool) -> Path:
+    """Create the run folder; a non-empty one is refused unless ``overwrite``."""
+    path = Path(out) if out else default_out_dir()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {path} is a file, not a folder")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise UsageError(f"--out {path} exists and is not empty; choose another folder or pass --overwrite")
+        for name in ARTIFACT_FILES:  # stale results of the previous run must not survive
+            (path / name).unlink(missing_ok=True)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: Path, values: dict) -> None:
+    atomic_write_text(path, json.dumps(values, indent=2, sort_keys=False) + "\n")
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_model(model, tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_metrics_csv(path: Path, rows: list[dict]) -> None:
+    """Rewritten whole after each epoch (atomically), so the file is always complete."""
+    if not rows:
+        return
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def versions() -> dict:
+    import timm
+    import torchvision
+
+    return {"imgtune": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "timm": timm.__version__, "python": platform.python_version()}
+
+
+@dataclass
+class RunInfo:
+    path: Path
+    config: RunConfig
+    meta: dict
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing.from_dict(self.meta["preprocessing"])
+
+
+def read_run(path: str | Path) -> RunInfo:
+    """Read a run folder's config and metadata; raises DataError naming what is missing."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"run folder {path} does not exist; pass the folder `imgtune train` wrote (--out)")
+    missing = [name for name in (CONFIG, WEIGHTS, META) if not (path / name).is_file()]
+    if missing:
+        raise DataError(f"{path} is not a complete imgtune run folder: missing {', '.join(missing)}")
+    import yaml
+
+    try:
+        meta = json.loads((path / META).read_text())
+        config = from_dict(yaml.safe_load((path / CONFIG).read_text()) or {}, origin=str(path / CONFIG))
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise DataError(f"{path}: damaged run metadata ({exc})") from exc
+    return RunInfo(path, config, meta)
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    from .errors import ModelError
+
+    try:
+        load_model(model, str(path))
+    except Exception as exc:  # safetensors raises its own error types
+        raise ModelError(f"cannot load {path} into the model described by its run folder: {exc}") from exc

@@ -1,0 +1,63 @@
+"""The ``imgtune`` command: one module per subcommand, each registering its own parser.
+
+Exit codes: 0 success, 1 unexpected failure, 2 usage or configuration error, 3 data error,
+4 model or weights error (see ``imgtune.errors``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .. import __version__
+from ..errors import EXIT_UNEXPECTED, ImgtuneError
+from . import evaluate, predict, sample, train
+
+COMMANDS = (train, evaluate, predict, sample)
+log = logging.getLogger("imgtune")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imgtune", description=__doc__.splitlines()[0],
+                                     epilog="exit codes: 0 success, 1 unexpected failure, 2 usage error, "
+                                            "3 data error, 4 model/weights error")
+    parser.add_argument("--version", action="version", version=f"imgtune {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug messages and full tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMANDS:
+        module.register(commands)
+    return parser
+
+
+def setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s", stream=sys.stderr, force=True)
+    for noisy in ("timm", "PIL", "matplotlib", "urllib3", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
+    try:
+        return int(args.run(args) or 0)
+    except ImgtuneError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+    except Exception:  # a bug: say so, with the traceback
+        if args.verbose:
+            log.exception("unexpected failure")
+        else:
+            log.error("unexpected failure (a bug in imgtune; rerun with -v for the traceback):\n%s",
+                      _last_line())
+        return EXIT_UNEXPECTED
+
+
+def _last_line() -> str:
+    exc = sys.exc_info()[1]
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,37 @@
+"""imgtune evaluate RUN [DATA]: metrics with 95% bootstrap intervals, per-class table, confusion matrix."""
+
+from __future__ import annotations
+
+import json
+
+from .output import console, print_confusion, print_metrics, print_per_class
+
+
+def register(commands) -> None:
+    p = commands.add_parser("evaluate", help="measure a trained run on its validation split or on other data",
+                            description=__doc__)
+    p.add_argument("run", help="run folder written by imgtune train")
+    p.add_argument("data", nargs="?", help="data to evaluate (default: the run's own data)")
+    p.add_argument("--split", choices=("train", "val", "test"),
+                   help="which split (default: val for the run's data; test, else val, for other data)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from ..evaluation import evaluate
+
+    result = evaluate(args.run, args.data, args.split, args.device, args.batch_size)
+    if args.format == "json":
+        print(json.dumps({"split": result.split, "data": result.source, **result.report}, indent=2))
+        return 0
+    classes = list(result.report["per_class"])
+    print_metrics(result.report, f"{result.split} of {result.source}")
+    print_per_class(result.report)
+    print_confusion(result.report["confusion_matrix"], classes)
+    for path, reason in result.skipped:
+        console.print(f"skipped {path}: {reason}")
+    console.print(f"confusion matrix written to {result.files['csv']} and {result.files['png']}")
+    return 0

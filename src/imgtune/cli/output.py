@@ -1,0 +1,49 @@
+"""Tables on the terminal (rich); results go to stdout, messages to stderr."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console(highlight=False)
+
+
+def _ci(report: dict, key: str) -> str:
+    ci = report.get("ci95", {}).get(key)
+    return f"  (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
+
+
+def print_metrics(report: dict, title: str) -> None:
+    table = Table(title=f"{title} ({report['n']} images)", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("accuracy", "macro_f1", "balanced_accuracy", "weighted_f1", "top3_accuracy", "top5_accuracy",
+                "loss"):
+        if key in report:
+            table.add_row(key, f"{report[key]:.4f}{_ci(report, key)}")
+    console.print(table)
+
+
+def print_per_class(report: dict) -> None:
+    table = Table(title="per class")
+    for column in ("class", "precision", "recall", "f1", "support"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for name, row in report["per_class"].items():
+        table.add_row(name, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))
+    table.add_section()
+    table.add_row("macro avg", f"{report['macro_precision']:.3f}", f"{report['macro_recall']:.3f}",
+                  f"{report['macro_f1']:.3f}", str(report["n"]))
+    console.print(table)
+
+
+def print_confusion(matrix: list[list[int]], classes: list[str], limit: int = 20) -> None:
+    if len(classes) > limit:
+        console.print(f"confusion matrix: {len(classes)} classes, see the CSV and PNG files")
+        return
+    table = Table(title="confusion matrix (rows: true, columns: predicted)")
+    table.add_column("")
+    for name in classes:
+        table.add_column(name, justify="right")
+    for name, row in zip(classes, matrix):
+        table.add_row(name, *map(str, row))
+    console.print(table)

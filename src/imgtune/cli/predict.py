@@ -1,0 +1,66 @@
+"""imgtune predict RUN PATH...: top-k labels with probabilities for image files and folders.
+
+A file that cannot be read gives an error row and the others go on; the exit code is then 3."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+
+from rich.markup import escape
+from rich.table import Table
+
+from ..errors import DataError
+from .output import console
+
+
+def register(commands) -> None:
+    p = commands.add_parser("predict", help="predict labels of image files or folders", description=__doc__)
+    p.add_argument("run", help="run folder written by imgtune train")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from ..predict import Predictor, expand_paths
+
+    predictor = Predictor.from_run(args.run, args.device)
+    results = predictor.predict(expand_paths(args.paths), args.top_k, args.batch_size)
+    {"table": _table, "csv": _csv, "json": _json}[args.format](results)
+    failed = sum(not r.ok for r in results)
+    if failed:
+        print(f"{failed} of {len(results)} file(s) could not be read", file=sys.stderr)
+        return DataError.exit_code
+    return 0
+
+
+def _table(results) -> None:
+    k = max((len(r.labels) for r in results), default=1)
+    table = Table()
+    table.add_column("path")
+    for i in range(1, k + 1):
+        table.add_column(f"top {i}")
+    for r in results:
+        if r.ok:
+            table.add_row(escape(r.path), *(f"{escape(label)} {p:.3f}" for label, p in zip(r.labels, r.probs)))
+        else:
+            table.add_row(escape(r.path), f"[red]error: {escape(r.error)}[/red]")
+    console.print(table)
+
+
+def _csv(results) -> None:
+    k = max((len(r.labels) for r in results), default=1)
+    writer = csv.writer(sys.stdout)
+    writer.writerow(["path", *[f"{c}{i}" for i in range(1, k + 1) for c in ("label", "prob")], "error"])
+    for r in results:
+        pairs = [v for label, p in zip(r.labels, r.probs) for v in (label, f"{p:.6f}")]
+        writer.writerow([r.path, *pairs, *[""] * (2 * k - len(pairs)), r.error or ""])
+
+
+def _json(results) -> None:
+    print(json.dumps([r.to_dict() for r in results], indent=2))

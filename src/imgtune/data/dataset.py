@@ -1,0 +1,61 @@
+"""A map-style dataset over checked samples; a file that breaks after the scan is skipped, not fatal."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.utils.data import Dataset, default_collate
+
+from .decode import DecodeError, load_rgb
+from .scan import Sample
+
+log = logging.getLogger(__name__)
+
+
+class ImageDataset(Dataset):
+    def __init__(self, samples: Sequence[Sample], classes: Sequence[str], transform: Callable,
+                 draft_size: int | None = None):
+        self.samples = list(samples)
+        self.class_to_idx = {c: i for i, c in enumerate(classes)}
+        self.transform = transform
+        self.draft_size = draft_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        sample = self.samples[index]
+        try:
+            image = load_rgb(sample.path, self.draft_size)
+        except DecodeError as exc:
+            log.warning("skipping %s during loading: %s", sample.path, exc)
+            return None
+        return self.transform(image), self.class_to_idx.get(sample.label, -1), index
+
+
+def collate_skipping_none(batch):
+    """Drop items that failed to load; an all-failed batch gives ``None``."""
+    batch = [item for item in batch if item is not None]
+    return default_collate(batch) if batch else None
+
+
+def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, num_workers: int,
+                seed: int = 0, drop_last: bool = False) -> torch.utils.data.DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+        collate_fn=collate_skipping_none, generator=generator, drop_last=drop_last,
+        persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
+        worker_init_fn=_seed_worker)
+
+
+def _seed_worker(worker_id: int) -> None:
+    import random
+
+    import numpy as np
+
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)

@@ -1,0 +1,140 @@
+"""Decoding any image file into 8-bit RGB, exactly and the same way everywhere.
+
+Conversions (documented in docs/data.md):
+- EXIF orientation is applied (``ImageOps.exif_transpose``).
+- 16-bit and 32-bit integer images are *scaled* to 8 bits (``round(v * 255 / max_of_type)``), never clipped;
+  floating-point images in [0, 1] are scaled by 255, other float ranges by their own min and max.
+- Alpha (RGBA, LA, PA, palette with transparency) is composited onto ``ALPHA_BACKGROUND`` (white).
+- CMYK uses the embedded ICC profile when there is one, else Pillow's conversion; palette, greyscale,
+  1-bit and other modes become RGB with Pillow's conversion.
+- Animated files (GIF, WebP, ...) give their first frame.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageCms, ImageOps
+
+ALPHA_BACKGROUND = (255, 255, 255)
+_HIGH_DEPTH_MAX = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535}
+
+
+class DecodeError(Exception):
+    """A file that cannot be read as an image; the message says why."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    format: str  # Pillow's format name (JPEG, PNG, GIF, ...)
+    mode: str
+    width: int
+    height: int
+
+
+def load_rgb(path: str | Path, draft_size: int | None = None) -> Image.Image:
+    """Open ``path`` and return a fully decoded 8-bit RGB image.
+
+    ``draft_size`` lets JPEG decoding skip resolution that the caller will throw away (the result is
+    at least ``draft_size`` pixels on its shorter side). Raises :class:`DecodeError`.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if draft_size and img.format == "JPEG":
+                    _draft(img, draft_size)
+                img.load()
+                return to_rgb(img)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning, EOFError) as exc:
+        raise DecodeError(_describe(exc)) from exc
+
+
+def probe(path: str | Path) -> ImageInfo:
+    """Decode ``path`` (cheaply for large JPEGs) and return what it is. Raises :class:`DecodeError`."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                info = ImageInfo(img.format or "unknown", img.mode, img.width, img.height)
+                if img.format == "JPEG":
+                    _draft(img, 64)
+                img.load()  # decoding the data is what finds truncated and corrupt files
+        return info
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning, EOFError) as exc:
+        raise DecodeError(_describe(exc)) from exc
+
+
+def _draft(img: Image.Image, size: int) -> None:
+    short = min(img.size)
+    if short > 2 * size:
+        scale = size / short
+        img.draft("RGB", (max(1, int(img.width * scale)), max(1, int(img.height * scale))))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    img = ImageOps.exif_transpose(img)
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in _HIGH_DEPTH_MAX or mode in ("I", "F"):
+        return _scale_to_8bit(img).convert("RGB")
+    if mode == "CMYK":
+        return _cmyk_to_rgb(img)
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or img.mode == "RGBA":
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _scale_to_8bit(img: Image.Image) -> Image.Image:
+    values = np.asarray(img)
+    if img.mode == "F":
+        values = values.astype(np.float64)
+        low, high = (0.0, 1.0) if values.min() >= 0 and values.max() <= 1 else (values.min(), values.max())
+        scaled = (values - low) / max(high - low, 1e-12) * 255.0
+    else:
+        top = _HIGH_DEPTH_MAX.get(img.mode) or _integer_top(values)
+        scaled = values.astype(np.float64) * (255.0 / top)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+
+
+def _integer_top(values: np.ndarray) -> int:
+    """Pillow opens 16-bit PNG/TIFF greyscale as mode I: infer the bit depth from the values."""
+    peak = int(values.max()) if values.size else 0
+    if peak <= 255:
+        return 255
+    if peak <= 65535:
+        return 65535
+    return 2**32 - 1
+
+
+def _cmyk_to_rgb(img: Image.Image) -> Image.Image:
+    icc = img.info.get("icc_profile")
+    if icc:
+        try:
+            source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            return ImageCms.profileToProfile(img, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        except (ImageCms.PyCMSError, OSError):
+            pass  # a broken profile: fall back to the plain conversion below
+    return img.convert("RGB")
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, Image.UnidentifiedImageError):
+        return "not an image Pillow can identify (wrong extension, or not an image at all)"
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f"too many pixels (decompression-bomb guard): {text}"
+    if "truncated" in text:
+        return f"truncated or incomplete file ({text})"
+    return text

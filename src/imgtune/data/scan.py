@@ -1,0 +1,251 @@
+"""Finding labelled images: folder trees and CSV files, splits, and the checks done before training.
+
+Finding files is kept apart from decoding them (``decode.py``) and from feeding them to a model
+(``dataset.py``). Everything here raises :class:`~imgtune.errors.DataError` with a message that
+names the file or folder and says what to do.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import random
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..errors import DataError
+from .decode import DecodeError, probe
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
+                 "validation": "val", "test": "test", "testing": "test"}
+IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: str
+    split: str | None = None  # None until assigned
+
+
+@dataclass
+class DataSplits:
+    """The outcome of scanning and checking a dataset: what trains, what validates, what was skipped."""
+
+    classes: list[str]
+    samples: list[Sample]
+    layout: str
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    formats: Counter = field(default_factory=Counter)
+
+    def split(self, name: str) -> list[Sample]:
+        return [s for s in self.samples if s.split == name]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for name in SPLITS:
+            members = self.split(name)
+            if members:
+                per_class = Counter(s.label for s in members)
+                out[name] = {c: per_class.get(c, 0) for c in self.classes}
+        return out
+
+    def summary(self) -> dict:
+        return {
+            "layout": self.layout,
+            "classes": self.classes,
+            "counts": self.counts(),
+            "formats": dict(self.formats.most_common()),
+            "formats_text": format_counts(self.formats),
+            "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
+        }
+
+
+def format_counts(formats: Counter) -> str:
+    return ", ".join(f"{n} {fmt}" for fmt, n in formats.most_common()) or "no images"
+
+
+def find_samples(source: str | Path) -> tuple[list[Sample], str]:
+    """Return every labelled file under ``source`` (a folder or a CSV) and the layout found."""
+    root = Path(source)
+    if not root.exists():
+        raise DataError(f"data not found: {root} does not exist. Pass a folder of class folders, "
+                        "a folder with train/ and val/, or a CSV file with columns path,label")
+    if root.is_file():
+        if root.suffix.lower() != ".csv":
+            raise DataError(f"{root} is a file but not a .csv; pass a folder or a CSV with columns path,label")
+        return read_csv(root), "csv"
+    split_dirs = {SPLIT_ALIASES[p.name.lower()]: p for p in _subdirs(root) if p.name.lower() in SPLIT_ALIASES}
+    if "train" in split_dirs:
+        samples = []
+        for split, folder in sorted(split_dirs.items()):
+            samples += [replace(s, split=split) for s in scan_class_folders(folder)]
+        layout = "split folders (" + ", ".join(sorted(split_dirs, key=SPLITS.index)) + ")"
+        return samples, layout
+    return scan_class_folders(root), "class folders"
+
+
+def _subdirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def scan_class_folders(root: Path) -> list[Sample]:
+    """One sub-folder per class; images are found recursively inside each class folder."""
+    classes = _subdirs(root)
+    if not classes:
+        raise DataError(f"no class folders in {root}: put the images of each class in a sub-folder "
+                        f"named after the class (e.g. {root}/cats/1.jpg, {root}/dogs/2.jpg)")
+    loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    if loose:
+        log.warning("%d image(s) directly in %s are in no class folder and are ignored (e.g. %s)",
+                    len(loose), root, loose[0].name)
+    samples = []
+    for folder in classes:
+        files = _image_files(folder)
+        if not files:
+            raise DataError(f"class folder {folder} holds no image files; add images or remove the folder")
+        samples += [Sample(path, folder.name) for path in files]
+    return samples
+
+
+def _image_files(folder: Path) -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                found.append(Path(dirpath) / name)
+    return found
+
+
+def read_csv(path: Path) -> list[Sample]:
+    """A CSV with a header ``path,label`` and optionally ``split``; paths relative to the CSV's folder."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            rows = list(reader)
+            columns = [c.strip().lower() for c in reader.fieldnames or []]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"cannot read CSV {path}: {exc}") from exc
+    missing = {"path", "label"} - set(columns)
+    if missing:
+        raise DataError(f"CSV {path} needs a header with columns path,label (and optionally split); "
+                        f"found columns {columns}")
+    samples = []
+    for line, row in enumerate(rows, start=2):
+        row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
+        if not row["path"] or not row["label"]:
+            raise DataError(f"CSV {path} line {line}: empty path or label")
+        split = None
+        if row.get("split"):
+            split = SPLIT_ALIASES.get(row["split"].lower())
+            if split is None:
+                raise DataError(f"CSV {path} line {line}: split {row['split']!r} is not one of train, val, test")
+        elif "split" in row:
+            raise DataError(f"CSV {path} line {line}: the split column is empty; fill it or drop the column")
+        samples.append(Sample((path.parent / row["path"]).resolve(), row["label"], split))
+    if not samples:
+        raise DataError(f"CSV {path} has a header but no rows")
+    return samples
+
+
+def check_files(samples: list[Sample], progress: bool = True) -> tuple[list[Sample], list[tuple[str, str]], Counter]:
+    """Decode every file once; returns (readable samples, skipped (path, reason), formats found)."""
+    def check(sample: Sample):
+        if not sample.path.is_file():
+            return sample, None, "file not found"
+        try:
+            return sample, probe(sample.path), None
+        except DecodeError as exc:
+            return sample, None, str(exc)
+
+    good, skipped, formats = [], [], Counter()
+    workers = min(8, (os.cpu_count() or 1) * 2)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(check, samples)
+        for sample, info, reason in tqdm(results, total=len(samples), desc="checking images", unit="img",
+                                         disable=not progress or len(samples) < 2000, leave=False):
+            if info is None:
+                log.warning("skipping %s: %s", sample.path, reason)
+                skipped.append((str(sample.path), reason))
+            else:
+                good.append(sample)
+                formats[info.format] += 1
+    return good, skipped, formats
+
+
+def assign_splits(samples: list[Sample], val_fraction: float, test_fraction: float, seed: int) -> list[Sample]:
+    """Stratified, seeded split of the samples that have no split yet; every class gets at least one
+    image in val (and in test when ``test_fraction`` > 0) and keeps at least one for training."""
+    by_class: dict[str, list[Sample]] = {}
+    for s in samples:
+        by_class.setdefault(s.label, []).append(s)
+    rng = random.Random(seed)
+    out = []
+    for label in sorted(by_class):
+        members = sorted(by_class[label], key=lambda s: str(s.path))
+        rng.shuffle(members)
+        n_test = max(1, round(len(members) * test_fraction)) if test_fraction > 0 else 0
+        n_val = max(1, round(len(members) * val_fraction))
+        if len(members) - n_test - n_val < 1:
+            need = 2 + (test_fraction > 0)
+            raise DataError(f"class {label!r} has only {len(members)} readable image(s); at least {need} are "
+                            "needed to split it into train/val" + ("/test" if test_fraction > 0 else ""))
+        splits = ["test"] * n_test + ["val"] * n_val + ["train"] * (len(members) - n_test - n_val)
+        out += [replace(s, split=split) for s, split in zip(members, splits)]
+    return out
+
+
+def load_splits(source: str | Path, val_fraction: float = 0.2, test_fraction: float = 0.0, seed: int = 0,
+                progress: bool = True) -> DataSplits:
+    """Find, check and split a dataset; raises DataError before any training could start."""
+    samples, layout = find_samples(source)
+    good, skipped, formats = check_files(samples, progress)
+    assigned = [s for s in good if s.split is not None]
+    unassigned = [s for s in good if s.split is None]
+    if unassigned and assigned:
+        raise DataError(f"{source}: some rows have a split and others do not; give every row a split or none")
+    if layout.startswith("split folders") and not any(s.split == "val" for s in good):
+        log.info("no val/ folder in %s: splitting %.0f%% of train/ off as validation", source, val_fraction * 100)
+        assigned = [s for s in good if s.split != "train"]
+        unassigned = [replace(s, split=None) for s in good if s.split == "train"]
+        test_fraction = 0.0
+    if unassigned:
+        assigned += assign_splits(unassigned, val_fraction, test_fraction, seed)
+    classes = _check_classes(assigned, source, skipped)
+    return DataSplits(classes, sorted(assigned, key=lambda s: (s.split, s.label, str(s.path))), layout,
+                      skipped, formats)
+
+
+def _check_classes(samples: list[Sample], source, skipped) -> list[str]:
+    counts = {split: Counter(s.label for s in samples if s.split == split) for split in SPLITS}
+    classes = sorted(counts["train"])
+    all_labels = {s.label for s in samples}
+    if not classes:
+        hint = f" ({len(skipped)} file(s) could not be read)" if skipped else ""
+        raise DataError(f"{source}: no readable training images{hint}")
+    empty = sorted(all_labels - set(classes))
+    if empty:
+        raise DataError(f"{source}: class(es) {empty} have no readable training images; add images or remove them")
+    if len(classes) < 2:
+        raise DataError(f"{source}: only one class ({classes[0]!r}) found; a classifier needs at least two")
+    for split in ("val", "test"):
+        if not counts[split]:
+            if split == "val":
+                raise DataError(f"{source}: no readable validation images")
+            continue
+        missing = [c for c in classes if counts[split][c] == 0]
+        if missing:
+            raise DataError(f"{source}: the {split} split has no images of class(es) {missing}; every class must "
+                            f"appear in {split} to be measured. Add some, or let imgtune split a single class "
+                            "folder tree (--val-fraction)")
+    return classes

@@ -1,0 +1,42 @@
+"""Errors that tell the user what went wrong and what to do next.
+
+Every error raised on purpose by imgtune is an :class:`ImgtuneError`; the CLI maps each subclass to
+a documented exit code (see ``EXIT_CODES`` and the README). Anything else is a bug and exits with 1.
+"""
+
+from __future__ import annotations
+
+
+class ImgtuneError(Exception):
+    """Base class; ``exit_code`` is what the command line returns for it."""
+
+    exit_code = 1
+
+
+class UsageError(ImgtuneError):
+    """A bad flag, option value or configuration file."""
+
+    exit_code = 2
+
+
+class DataError(ImgtuneError):
+    """The data cannot be used: missing folder, empty or missing class, unreadable CSV, ..."""
+
+    exit_code = 3
+
+
+class ModelError(ImgtuneError):
+    """The model or its weights cannot be found, built or loaded."""
+
+    exit_code = 4
+
+
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1
+EXIT_CODES = {
+    "success": EXIT_OK,
+    "unexpected failure": EXIT_UNEXPECTED,
+    "usage or configuration error": UsageError.exit_code,
+    "data error": DataError.exit_code,
+    "model or weights error": ModelError.exit_code,
+}

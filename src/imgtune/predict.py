@@ -1,0 +1,119 @@
+"""One Predictor for everything that runs a trained model: ``predict``, ``evaluate`` and later
+explanations, export checks and the server. It reads the model and its preprocessing from the run
+folder, so inference can never disagree with training."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import artifact, models
+from .data.decode import DecodeError, load_rgb
+from .data.scan import IMAGE_EXTENSIONS
+from .data.transforms import Preprocessing, eval_transform
+from .engine import autocast, select_device
+from .errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prediction:
+    path: str
+    labels: list[str] = field(default_factory=list)
+    probs: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict:
+        if self.error:
+            return {"path": self.path, "error": self.error}
+        return {"path": self.path, "label": self.labels[0], "prob": self.probs[0],
+                "top": [{"label": label, "prob": p} for label, p in zip(self.labels, self.probs)]}
+
+
+class Predictor:
+    def __init__(self, model: torch.nn.Module, classes: list[str], preprocessing: Preprocessing,
+                 device: str | torch.device = "auto", run: artifact.RunInfo | None = None):
+        self.device = device if isinstance(device, torch.device) else select_device(device)
+        self.model = model.to(self.device).eval()
+        self.classes = classes
+        self.preprocessing = preprocessing
+        self.transform = eval_transform(preprocessing)
+        self.run = run
+
+    @classmethod
+    def from_run(cls, path: str | Path, device: str = "auto") -> "Predictor":
+        run = artifact.read_run(path)
+        built = models.create(run.config.model, len(run.classes), load_pretrained=False)
+        artifact.load_weights(built.model, run.path / artifact.WEIGHTS)
+        return cls(built.model, run.classes, run.preprocessing, device, run)
+
+    def probabilities(self, paths: list[Path], batch_size: int = 32) -> tuple[np.ndarray, list[str | None]]:
+        """Class probabilities for each path (rows of NaN where the file failed) and the errors."""
+        probs = np.full((len(paths), len(self.classes)), np.nan, dtype=np.float64)
+        errors: list[str | None] = [None] * len(paths)
+        for start, tensors, failures in self._batches(paths, batch_size):
+            for offset, message in failures.items():
+                errors[start + offset] = message
+            keep = [i for i, tensor in enumerate(tensors) if tensor is not None]
+            if keep:
+                batch = torch.stack([tensors[i] for i in keep]).to(self.device)
+                with torch.inference_mode(), autocast(self.device):
+                    out = torch.softmax(self.model(batch).float(), dim=1).cpu().numpy()
+                probs[[start + i for i in keep]] = out
+        return probs, errors
+
+    def predict(self, paths: Iterable[str | Path], top_k: int = 3, batch_size: int = 32) -> list[Prediction]:
+        paths = [Path(p) for p in paths]
+        probs, errors = self.probabilities(paths, batch_size)
+        k = max(1, min(top_k, len(self.classes)))
+        results = []
+        for path, row, error in zip(paths, probs, errors):
+            if error:
+                results.append(Prediction(str(path), error=error))
+                continue
+            order = np.argsort(-row)[:k]
+            results.append(Prediction(str(path), [self.classes[i] for i in order], [float(row[i]) for i in order]))
+        return results
+
+    def _batches(self, paths: list[Path], batch_size: int) -> Iterator[tuple[int, list, dict]]:
+        """Decode in threads (Pillow releases the GIL), one batch ahead of the model."""
+        def load(path: Path):
+            try:
+                return self.transform(load_rgb(path, self.preprocessing.resize_size)), None
+            except DecodeError as exc:
+                return None, str(exc)
+            except OSError as exc:
+                return None, exc.strerror or str(exc)
+
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            for start in range(0, len(paths), batch_size):
+                loaded = list(pool.map(load, paths[start:start + batch_size]))
+                failures = {i: err for i, (_, err) in enumerate(loaded) if err}
+                yield start, [t for t, _ in loaded], failures
+
+
+def expand_paths(inputs: Iterable[str | Path]) -> list[Path]:
+    """Files as given (whatever their extension) and image files found recursively in folders."""
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        else:
+            found.append(path)  # a missing file becomes an error row, not a crash
+    if not found:
+        raise DataError(f"no image files in {', '.join(map(str, inputs))}")
+    return found

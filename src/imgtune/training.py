@@ -1,0 +1,153 @@
+"""``imgtune.train``: from a dataset and a config to a run folder, read top to bottom.
+
+1. resolve the config; 2. find, check and split the data (errors stop here, before anything is
+written); 3. build the model and find its weights (likewise); 4. create the run folder; 5. train the
+strategy's phases, writing metrics.csv after every epoch; 6. save weights and the final metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import artifact, models
+from .config import RunConfig, resolve, save_yaml, to_dict
+from .data import load_splits
+from .data.dataset import ImageDataset, make_loader
+from .data.scan import DataSplits
+from .data.transforms import Preprocessing, eval_transform, train_transform
+from .engine import fit, predict_probs, select_device
+from .evaluation import full_report
+from .strategies import plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    metrics: dict
+    data: dict
+    seconds: float
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def auto_workers(num_images: int) -> int:
+    """Worker processes cost a second or two to start: worth it only for more than a few batches."""
+    if num_images < 256:
+        return 0
+    return min(4, os.cpu_count() or 1)
+
+
+def train(config: RunConfig, progress: bool = True) -> TrainResult:
+    start = time.perf_counter()
+    config = resolve(config)
+    seed_everything(config.train.seed)
+    splits = load_splits(config.data.source, config.data.val_fraction, config.data.test_fraction,
+                         config.train.seed, progress)
+    _log_data(splits)
+    built = models.create(config.model, len(splits.classes), offline=config.offline)
+    device = select_device(config.train.device)
+    out = artifact.prepare_out_dir(config.out, config.overwrite)
+    config = replace(config, out=str(out))
+    save_yaml(config, out / artifact.CONFIG)
+    artifact.write_json(out / artifact.META, _meta(config, built, splits))
+
+    model = built.model.to(device)
+    loaders = _loaders(config, splits, built.preprocessing)
+    rows: list[dict] = []
+
+    def on_epoch(result) -> None:
+        rows.append(result.row())
+        artifact.write_metrics_csv(out / artifact.METRICS_CSV, rows)
+
+    log.info("training %s with strategy %s on %s (run folder %s)", built.spec, config.train.strategy, device, out)
+    stopper = fit(model, plan(config.train), loaders["train"], loaders["val"], config.train, device,
+                  len(splits.classes), on_epoch)
+    if config.train.keep == "best" and stopper.best_state is not None:
+        log.warning("keeping the weights of epoch %d, chosen on val %s: the val metrics below are optimistic; "
+                    "trust the test split (--test-fraction) for an unbiased figure", stopper.best_epoch,
+                    config.train.monitor)
+        model.load_state_dict(stopper.best_state)
+    model.freeze_body(False)
+    artifact.save_weights(model.cpu(), out / artifact.WEIGHTS)
+    model.to(device)
+
+    metrics = _final_metrics(model, loaders, splits, device, config, stopper)
+    artifact.write_json(out / artifact.METRICS_JSON, metrics)
+    return TrainResult(out, metrics, splits.summary(), time.perf_counter() - start)
+
+
+def _loaders(config: RunConfig, splits: DataSplits, pre: Preprocessing) -> dict:
+    workers = config.data.num_workers
+    if workers is None:
+        workers = auto_workers(len(splits.samples))
+    bs, seed, classes = config.data.batch_size, config.train.seed, splits.classes
+    train_set = ImageDataset(splits.split("train"), classes, train_transform(pre, config.data.augment),
+                             draft_size=2 * pre.resize_size)
+    loaders = {"train": make_loader(train_set, bs, True, workers, seed, drop_last=_drop_last(len(train_set), bs))}
+    for name in ("val", "test"):
+        members = splits.split(name)
+        if members:
+            dataset = ImageDataset(members, classes, eval_transform(pre), draft_size=pre.resize_size)
+            loaders[name] = make_loader(dataset, bs, False, workers, seed)
+    return loaders
+
+
+def _drop_last(n: int, batch_size: int) -> bool:
+    """Drop a last batch of one image: batch norm cannot train on it."""
+    return n % batch_size == 1
+
+
+def _final_metrics(model, loaders: dict, splits: DataSplits, device, config: RunConfig, stopper) -> dict:
+    metrics: dict = {}
+    for name in ("val", "test"):
+        if name not in loaders:
+            continue
+        probs, targets, _ = predict_probs(model, loaders[name], device, f"evaluating {name}")
+        report = full_report(targets, probs, splits.classes, seed=config.train.seed)
+        if name == "val":
+            metrics.update(report)
+        else:
+            metrics["test"] = report
+    metrics["kept"] = config.train.keep
+    if config.train.keep == "best":
+        metrics["best_epoch"] = stopper.best_epoch
+        metrics["note"] = "weights chosen on val: val metrics are optimistic"
+    return metrics
+
+
+def _meta(config: RunConfig, built: models.BuiltModel, splits: DataSplits) -> dict:
+    return {
+        "classes": splits.classes,
+        "model": {"name": built.spec.name, "library": built.spec.library, "requested": config.model.name,
+                  "num_features": built.model.num_features, "body": config.model.body,
+                  "head": config.model.head},
+        "weights": built.weights.describe() if built.weights else None,
+        "preprocessing": built.preprocessing.to_dict(),
+        "strategy": config.train.strategy,
+        "data": splits.summary(),
+        "config": to_dict(config),
+        "versions": artifact.versions(),
+    }
+
+
+def _log_data(splits: DataSplits) -> None:
+    counts = splits.counts()
+    sizes = ", ".join(f"{name} {sum(c.values())}" for name, c in counts.items())
+    log.info("data (%s): %d classes (%s); %s; formats: %s; skipped %d unreadable file(s)", splits.layout,
+             len(splits.classes), ", ".join(splits.classes[:10]) + (" ..." if len(splits.classes) > 10 else ""),
+             sizes, splits.summary()["formats_text"], len(splits.skipped))
+
