@@ -34,6 +34,7 @@ from .errors import DataError, UsageError
 CONFIG, WEIGHTS, META, METRICS_CSV, METRICS_JSON = (
     "config.yaml", "model.safetensors", "meta.json", "metrics.csv", "metrics.json")
 ARTIFACT_FILES = (CONFIG, WEIGHTS, META, METRICS_CSV, METRICS_JSON)
+EVALUATION_FILES = ("evaluation_*.json", "confusion_matrix_*.csv", "confusion_matrix_*.png")  # imgtune evaluate
 
 
 def default_out_dir() -> Path:
@@ -48,10 +49,17 @@ def prepare_out_dir(out: str | Path | None, overwrite: bool) -> Path:
     if path.is_dir() and any(path.iterdir()):
         if not overwrite:
             raise UsageError(f"--out {path} exists and is not empty; choose another folder or pass --overwrite")
-        for name in ARTIFACT_FILES:  # stale results of the previous run must not survive
-            (path / name).unlink(missing_ok=True)
+        _remove_results(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _remove_results(path: Path) -> None:
+    """Stale results of the previous run (its weights, metrics and evaluations) must not survive."""
+    stale = [path / name for name in ARTIFACT_FILES]
+    stale += [p for pattern in EVALUATION_FILES for p in path.glob(pattern)]
+    for file in stale:
+        file.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -73,6 +73,9 @@ def evaluate(run_dir: str | Path, data: str | None = None, split: str | None = N
     probs, errors = predictor.probabilities([s.path for s in samples], batch_size)
     failed = [(str(s.path), e) for s, e in zip(samples, errors) if e]
     ok = [i for i, e in enumerate(errors) if e is None]
+    if not ok:
+        raise DataError(f"none of the {len(samples)} {name} image(s) could be read (first: {failed[0][0]}: "
+                        f"{failed[0][1]})")
     index = {c: i for i, c in enumerate(run.classes)}
     y_true = np.array([index[samples[i].label] for i in ok])
     report = full_report(y_true, probs[ok], run.classes)

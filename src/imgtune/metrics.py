@@ -54,17 +54,36 @@ def quick_metrics(y_true: np.ndarray, probs: np.ndarray, num_classes: int) -> di
 
 def bootstrap_ci(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int, n_boot: int = 1000,
                  level: float = 0.95, seed: int = 0) -> dict:
-    """Percentile bootstrap intervals for accuracy and macro F1 (resampling images with replacement)."""
+    """Percentile bootstrap intervals for accuracy and macro F1 (resampling images with replacement).
+
+    Vectorised over the resamples: one scikit-learn call per resample took seconds even for ten images."""
     rng = np.random.default_rng(seed)
-    n = len(y_true)
-    labels = np.arange(num_classes)
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     acc, f1 = np.empty(n_boot), np.empty(n_boot)
-    for b in range(n_boot):
-        idx = rng.integers(0, n, n)
-        t, p = y_true[idx], y_pred[idx]
-        acc[b] = (t == p).mean()
-        f1[b] = skm.f1_score(t, p, labels=labels, average="macro", zero_division=0)
+    chunk = max(1, 2**22 // max(1, len(y_true)))  # bounds the memory of the index array
+    for start in range(0, n_boot, chunk):
+        idx = rng.integers(0, len(y_true), (min(chunk, n_boot - start), len(y_true)))
+        acc[start:start + len(idx)], f1[start:start + len(idx)] = rowwise_accuracy_macro_f1(
+            y_true[idx], y_pred[idx], num_classes)
     tail = (1 - level) / 2 * 100
     return {"level": level, "n_boot": n_boot,
             "accuracy": [float(np.percentile(acc, tail)), float(np.percentile(acc, 100 - tail))],
             "macro_f1": [float(np.percentile(f1, tail)), float(np.percentile(f1, 100 - tail))]}
+
+
+def rowwise_accuracy_macro_f1(t: np.ndarray, p: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Accuracy and macro F1 (0 for a class never true nor predicted, as scikit-learn's
+    ``zero_division=0``) of each row of ``t`` (true labels) against ``p`` (predictions)."""
+    rows = len(t)
+    offset = (np.arange(rows) * num_classes)[:, None]
+
+    def per_class(labels: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
+        codes = labels + offset
+        codes = codes[keep] if keep is not None else codes.ravel()
+        return np.bincount(codes, minlength=rows * num_classes).reshape(rows, num_classes)
+
+    hit = t == p
+    tp, true_count, pred_count = per_class(t, hit), per_class(t), per_class(p)
+    denominator = true_count + pred_count
+    f1 = np.divide(2 * tp, denominator, out=np.zeros(tp.shape), where=denominator > 0)
+    return hit.mean(axis=1), f1.mean(axis=1)

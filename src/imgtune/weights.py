@@ -137,13 +137,21 @@ def _find_in_caches(library: str, entries: list[WeightsEntry], looked: list[str]
     return None
 
 
+def hf_cache_dir() -> Path:
+    """Read at call time (huggingface_hub reads the environment once, at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "huggingface"
+    return Path(home) / "hub"
+
+
 def _hf_cached(repo_id: str) -> Path | None:
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return None
     for filename in HF_FILENAMES:
-        hit = try_to_load_from_cache(repo_id, filename)
+        hit = try_to_load_from_cache(repo_id, filename, cache_dir=hf_cache_dir())
         if isinstance(hit, str) and Path(hit).is_file():
             return Path(hit)
     return None
@@ -168,7 +176,8 @@ def _download(library: str, entry: WeightsEntry, model_name: str, looked: list[s
         if entry.hf_hub_id:
             from huggingface_hub import hf_hub_download
 
-            return ResolvedWeights(Path(hf_hub_download(entry.hf_hub_id, HF_FILENAMES[0])), "download", entry)
+            path = hf_hub_download(entry.hf_hub_id, HF_FILENAMES[0], cache_dir=hf_cache_dir())
+            return ResolvedWeights(Path(path), "download", entry)
         destination = torch_hub_checkpoints() / entry.filename
         destination.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(entry.url, str(destination), progress=True)

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose, args.quiet)
     try:
-        return int(args.run(args) or 0)
+        return int(args.handler(args) or 0)
     except ImgtuneError as exc:
         log.error("%s", exc)
         return exc.exit_code

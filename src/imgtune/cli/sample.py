@@ -14,7 +14,7 @@ def register(commands) -> None:
     p.add_argument("--train-per-class", type=int, default=30)
     p.add_argument("--val-per-class", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(run=run)
+    p.set_defaults(handler=run)
 
 
 def run(args) -> int:

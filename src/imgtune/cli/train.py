@@ -52,7 +52,7 @@ def register(commands) -> None:
     g.add_argument("--out", help="run folder (default runs/<timestamp>); must be new or empty")
     g.add_argument("--overwrite", action="store_true", default=None, help="reuse a non-empty --out")
     g.add_argument("--offline", action="store_true", default=None, help="never download (also IMGTUNE_OFFLINE=1)")
-    p.set_defaults(run=run)
+    p.set_defaults(handler=run)
 
 
 OPTION_KEYS = ("model", "pretrained", "weights", "img_size", "body", "head", "head_hidden", "dropout", "strategy",

@@ -21,6 +21,8 @@ import numpy as np
 from PIL import Image, ImageCms, ImageOps
 
 ALPHA_BACKGROUND = (255, 255, 255)
+# Too-large images are refused by _check_pixels with a clear reason; Pillow's own warning is noise.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 _HIGH_DEPTH_MAX = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535}
 
 
@@ -43,32 +45,38 @@ def load_rgb(path: str | Path, draft_size: int | None = None) -> Image.Image:
     at least ``draft_size`` pixels on its shorter side). Raises :class:`DecodeError`.
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if draft_size and img.format == "JPEG":
-                    _draft(img, draft_size)
-                img.load()
-                return to_rgb(img)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning, EOFError) as exc:
+        with Image.open(path) as img:
+            _check_pixels(img)
+            if draft_size and img.format == "JPEG":
+                _draft(img, draft_size)
+            img.load()
+            return to_rgb(img)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError) as exc:
         raise DecodeError(_describe(exc)) from exc
 
 
 def probe(path: str | Path) -> ImageInfo:
     """Decode ``path`` (cheaply for large JPEGs) and return what it is. Raises :class:`DecodeError`."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                info = ImageInfo(img.format or "unknown", img.mode, img.width, img.height)
-                if img.format == "JPEG":
-                    _draft(img, 64)
-                img.load()  # decoding the data is what finds truncated and corrupt files
+        with Image.open(path) as img:
+            _check_pixels(img)
+            info = ImageInfo(img.format or "unknown", img.mode, img.width, img.height)
+            if img.format == "JPEG":
+                _draft(img, 64)
+            img.load()  # decoding the data is what finds truncated and corrupt files
         return info
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning, EOFError) as exc:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError) as exc:
         raise DecodeError(_describe(exc)) from exc
+
+
+def _check_pixels(img: Image.Image) -> None:
+    """Pillow only warns between MAX_IMAGE_PIXELS and twice that; imgtune refuses the whole range.
+    (An explicit check, because ``warnings.catch_warnings`` is not thread-safe and files are
+    checked in threads.)"""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and img.width * img.height > limit:
+        raise Image.DecompressionBombError(
+            f"{img.width}x{img.height} = {img.width * img.height} pixels is over the limit of {limit}")
 
 
 def _draft(img: Image.Image, size: int) -> None:
@@ -133,7 +141,7 @@ def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     if isinstance(exc, Image.UnidentifiedImageError):
         return "not an image Pillow can identify (wrong extension, or not an image at all)"
-    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+    if isinstance(exc, Image.DecompressionBombError):
         return f"too many pixels (decompression-bomb guard): {text}"
     if "truncated" in text:
         return f"truncated or incomplete file ({text})"

@@ -140,22 +140,27 @@ def read_csv(path: Path) -> list[Sample]:
     if missing:
         raise DataError(f"CSV {path} needs a header with columns path,label (and optionally split); "
                         f"found columns {columns}")
-    samples = []
-    for line, row in enumerate(rows, start=2):
-        row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
-        if not row["path"] or not row["label"]:
-            raise DataError(f"CSV {path} line {line}: empty path or label")
-        split = None
-        if row.get("split"):
-            split = SPLIT_ALIASES.get(row["split"].lower())
-            if split is None:
-                raise DataError(f"CSV {path} line {line}: split {row['split']!r} is not one of train, val, test")
-        elif "split" in row:
-            raise DataError(f"CSV {path} line {line}: the split column is empty; fill it or drop the column")
-        samples.append(Sample((path.parent / row["path"]).resolve(), row["label"], split))
+    samples = [_csv_sample(path, line, row) for line, row in enumerate(rows, start=2)]
     if not samples:
         raise DataError(f"CSV {path} has a header but no rows")
     return samples
+
+
+def _csv_sample(csv_path: Path, line: int, row: dict) -> Sample:
+    where = f"CSV {csv_path} line {line}"
+    if None in row:  # csv.DictReader puts fields beyond the header under the key None
+        raise DataError(f"{where}: more fields than the header; put paths that contain commas in double quotes")
+    row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
+    if not row["path"] or not row["label"]:
+        raise DataError(f"{where}: empty path or label")
+    split = None
+    if row.get("split"):
+        split = SPLIT_ALIASES.get(row["split"].lower())
+        if split is None:
+            raise DataError(f"{where}: split {row['split']!r} is not one of train, val, test")
+    elif "split" in row:
+        raise DataError(f"{where}: the split column is empty; fill it or drop the column")
+    return Sample((csv_path.parent / row["path"]).resolve(), row["label"], split)
 
 
 def check_files(samples: list[Sample], progress: bool = True) -> tuple[list[Sample], list[tuple[str, str]], Counter]:
@@ -214,28 +219,30 @@ def load_splits(source: str | Path, val_fraction: float = 0.2, test_fraction: fl
     unassigned = [s for s in good if s.split is None]
     if unassigned and assigned:
         raise DataError(f"{source}: some rows have a split and others do not; give every row a split or none")
-    if layout.startswith("split folders") and not any(s.split == "val" for s in good):
+    if layout.startswith("split folders") and not any(s.split == "val" for s in samples):
         log.info("no val/ folder in %s: splitting %.0f%% of train/ off as validation", source, val_fraction * 100)
         assigned = [s for s in good if s.split != "train"]
         unassigned = [replace(s, split=None) for s in good if s.split == "train"]
         test_fraction = 0.0
     if unassigned:
         assigned += assign_splits(unassigned, val_fraction, test_fraction, seed)
-    classes = _check_classes(assigned, source, skipped)
+    classes = _check_classes(assigned, {s.label for s in samples}, source, skipped)
     return DataSplits(classes, sorted(assigned, key=lambda s: (s.split, s.label, str(s.path))), layout,
                       skipped, formats)
 
 
-def _check_classes(samples: list[Sample], source, skipped) -> list[str]:
+def _check_classes(samples: list[Sample], found_labels: set[str], source, skipped) -> list[str]:
+    """``found_labels`` are the labels of every file found, readable or not: a class whose files are all
+    unreadable must fail here rather than vanish from the classifier."""
     counts = {split: Counter(s.label for s in samples if s.split == split) for split in SPLITS}
     classes = sorted(counts["train"])
-    all_labels = {s.label for s in samples}
+    hint = f" ({len(skipped)} file(s) could not be read)" if skipped else ""
     if not classes:
-        hint = f" ({len(skipped)} file(s) could not be read)" if skipped else ""
         raise DataError(f"{source}: no readable training images{hint}")
-    empty = sorted(all_labels - set(classes))
+    empty = sorted(found_labels - set(classes))
     if empty:
-        raise DataError(f"{source}: class(es) {empty} have no readable training images; add images or remove them")
+        raise DataError(f"{source}: class(es) {empty} have no readable training images{hint}; "
+                        "add images or remove them")
     if len(classes) < 2:
         raise DataError(f"{source}: only one class ({classes[0]!r}) found; a classifier needs at least two")
     for split in ("val", "test"):

@@ -1,0 +1,225 @@
+"""End-to-end training through the command line: strategies, the run folder, seeds, early stopping,
+presets and heads. Tiny generated images; a small CNN from scratch and the real pretrained
+MobileNetV2 (weights from the installed offline package) at 64 px."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from datagen import CLASSES, PRETRAINED_ARGS, SCRATCH_ARGS, make_class_folders, make_split_dataset
+from imgtune import config, models
+from imgtune.cli import main
+from imgtune.config import ModelConfig
+
+STRATEGY_ARGS = {
+    "scratch": (*SCRATCH_ARGS, "--epochs", "2"),
+    "linear-probe": (*PRETRAINED_ARGS, "--strategy", "linear-probe", "--epochs", "1"),
+    "finetune": (*PRETRAINED_ARGS, "--strategy", "finetune", "--epochs", "1"),
+    "gradual": (*PRETRAINED_ARGS, "--strategy", "gradual", "--epochs", "2", "--freeze-epochs", "1"),
+}
+EXPECTED_PHASES = {"scratch": ["all", "all"], "linear-probe": ["frozen"], "finetune": ["all"],
+                   "gradual": ["frozen", "unfrozen"]}
+
+
+def train(data: Path, out: Path, *args: str) -> int:
+    return main(["-q", "train", str(data), "--workers", "0", "--out", str(out), *args])
+
+
+def read_metrics_csv(run: Path) -> list[dict]:
+    with (run / "metrics.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_split_dataset(tmp_path_factory.mktemp("data"), train=10, val=5)
+
+
+@pytest.fixture(scope="module")
+def runs(data, tmp_path_factory):
+    """One run folder per strategy, trained on first use and shared by the tests of this module."""
+    done: dict[str, Path] = {}
+
+    def get(strategy: str) -> Path:
+        if strategy not in done:
+            out = tmp_path_factory.mktemp("runs") / strategy
+            assert train(data, out, *STRATEGY_ARGS[strategy]) == 0
+            done[strategy] = out
+        return done[strategy]
+
+    return get
+
+
+def pretrained_mobilenet_state() -> dict[str, torch.Tensor]:
+    built = models.create(ModelConfig(name="mobilenet_v2", img_size=64), len(CLASSES), offline=True)
+    return built.model.state_dict()
+
+
+@pytest.mark.parametrize("strategy", ["scratch", "linear-probe", "finetune", "gradual"])
+def test_strategy_writes_complete_run_folder(runs, data, strategy):
+    run = runs(strategy)
+    saved = config.load_yaml(run / "config.yaml")
+    defaults = config.STRATEGY_DEFAULTS[strategy]
+    assert saved.train.strategy == strategy
+    assert saved.train.epochs == len(EXPECTED_PHASES[strategy])
+    assert saved.train.lr == defaults["lr"] and saved.train.backbone_lr_factor == defaults["backbone_lr_factor"]
+    assert saved.data.source == str(data) and saved.out == str(run)
+    assert saved.model.pretrained is (strategy != "scratch")
+
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["classes"] == sorted(CLASSES)
+    assert meta["strategy"] == strategy
+    expected_model = ("imgtune", "small_cnn") if strategy == "scratch" else ("torchvision", "mobilenet_v2")
+    assert (meta["model"]["library"], meta["model"]["name"]) == expected_model
+    assert meta["preprocessing"]["img_size"] == (32 if strategy == "scratch" else 64)
+    assert {"imgtune", "torch", "torchvision", "timm", "python"} <= set(meta["versions"])
+    assert (meta["weights"] is None) == (strategy == "scratch")
+
+    weights = load_file(run / "model.safetensors")
+    assert weights["head.0.weight"].shape[0] == len(CLASSES)
+
+    rows = read_metrics_csv(run)
+    assert [int(r["epoch"]) for r in rows] == list(range(1, saved.train.epochs + 1))
+    assert [r["phase"] for r in rows] == EXPECTED_PHASES[strategy]
+    assert all(float(r["train_loss"]) > 0 for r in rows)
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["macro_f1"] <= 1
+    assert metrics["n"] == 5 * len(CLASSES)
+    assert "test" not in metrics and metrics["kept"] == "final"
+
+
+def test_linear_probe_leaves_backbone_bit_identical(runs):
+    saved = load_file(runs("linear-probe") / "model.safetensors")
+    pretrained = pretrained_mobilenet_state()
+    body = [k for k in pretrained if k.startswith("body.")]
+    assert len(body) > 100
+    for key in body:
+        assert torch.equal(saved[key], pretrained[key]), key
+    assert not torch.equal(saved["head.0.weight"], pretrained["head.0.weight"])  # the head did train
+
+
+def test_finetune_changes_backbone(runs):
+    saved = load_file(runs("finetune") / "model.safetensors")
+    pretrained = pretrained_mobilenet_state()
+    changed = [k for k in pretrained if k.startswith("body.") and k.endswith(".weight")
+               and not torch.equal(saved[k], pretrained[k])]
+    assert len(changed) > 10
+
+
+def test_seed_repeats_exactly_and_other_seed_differs(data, tmp_path):
+    assert train(data, tmp_path / "a", *SCRATCH_ARGS, "--epochs", "2", "--seed", "1") == 0
+    # the saved config repeats the run (flags override it: here only --out)
+    assert main(["-q", "train", str(data), "--config", str(tmp_path / "a" / "config.yaml"),
+                 "--out", str(tmp_path / "b")]) == 0
+    assert train(data, tmp_path / "c", *SCRATCH_ARGS, "--epochs", "2", "--seed", "2") == 0
+    a, b, c = (read_metrics_csv(tmp_path / name) for name in "abc")
+    losses = [[(r["train_loss"], r["val_loss"]) for r in rows] for rows in (a, b, c)]
+    assert losses[0] == losses[1]
+    assert losses[0] != losses[2]
+
+
+def test_test_fraction_reports_test_split(tmp_path):
+    data = make_class_folders(tmp_path / "data", per_class=12)
+    assert train(data, tmp_path / "run", *SCRATCH_ARGS, "--epochs", "1", "--val-fraction", "0.25",
+                 "--test-fraction", "0.25") == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["n"] == 3 * len(CLASSES)
+    assert metrics["test"]["n"] == 3 * len(CLASSES)
+    assert {"accuracy", "macro_f1", "ci95", "confusion_matrix"} <= set(metrics["test"])
+
+
+def test_early_stop_with_keep_best(data, tmp_path):
+    """With a learning rate too small to move any weight, val accuracy cannot improve after epoch 1."""
+    run = tmp_path / "run"
+    assert train(data, run, *PRETRAINED_ARGS, "--strategy", "linear-probe", "--epochs", "6", "--lr", "1e-12",
+                 "--early-stop", "2", "--keep", "best", "--monitor", "accuracy") == 0
+    rows = read_metrics_csv(run)
+    assert len(rows) == 3
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["kept"] == "best" and metrics["best_epoch"] == 1
+    assert "optimistic" in metrics["note"]
+
+
+PRESET_VALUES = {
+    "keras-vgg16": {"model.name": "torchvision:vgg16", "model.body": "conv", "model.head": "mlp",
+                    "model.head_hidden": 1024, "train.strategy": "linear-probe", "train.optimizer": "adam",
+                    "train.lr": 1e-3, "train.epochs": 8},
+    "resnet18-sgd": {"model.name": "torchvision:resnet18", "model.head": "linear", "train.strategy": "finetune",
+                     "train.optimizer": "sgd", "train.lr": 1e-3, "train.momentum": 0.9,
+                     "train.backbone_lr_factor": 1.0, "train.weight_decay": 0.0, "train.epochs": 25},
+    "resnet50-adam": {"model.name": "resnet50", "train.strategy": "finetune", "train.optimizer": "adam",
+                      "train.lr": 1e-4, "train.backbone_lr_factor": 1.0, "train.weight_decay": 0.0,
+                      "train.epochs": 5},
+    "small-cnn": {"model.name": "imgtune:small_cnn", "model.pretrained": False, "model.img_size": 128,
+                  "train.strategy": "scratch", "train.optimizer": "adam", "train.lr": 1e-3, "train.epochs": 30,
+                  "data.augment": "light"},
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESET_VALUES))
+def test_preset_values(preset):
+    built = config.resolve(config.build("data", preset=preset))
+    for dotted, expected in PRESET_VALUES[preset].items():
+        section, name = dotted.split(".")
+        assert getattr(getattr(built, section), name) == expected, dotted
+
+
+def test_flags_override_preset():
+    built = config.build("data", preset="resnet18-sgd", epochs=3, optimizer="adamw")
+    assert (built.train.epochs, built.train.optimizer, built.train.lr) == (3, "adamw", 1e-3)
+
+
+def test_unknown_preset_is_a_usage_error():
+    with pytest.raises(config.UsageError, match="unknown preset 'nope'"):
+        config.build("data", preset="nope")
+
+
+@pytest.mark.slow
+def test_keras_vgg16_preset_builds_dense_head_on_conv_body():
+    model_config = config.build("data", preset="keras-vgg16", pretrained=False, img_size=32).model
+    model = models.create(model_config, 5).model
+    head = list(model.head)
+    assert [type(m) for m in head] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert (head[0].in_features, head[0].out_features) == (512, 1024)
+    assert (head[2].in_features, head[2].out_features) == (1024, 5)
+    body = list(model.body)
+    assert isinstance(body[0], nn.Sequential) and isinstance(body[0][0], nn.Conv2d)  # VGG's features
+    assert [type(m) for m in body[1:]] == [nn.AdaptiveAvgPool2d, nn.Flatten]
+    assert not any(isinstance(m, nn.Linear) for m in model.body.modules())
+    with torch.no_grad():
+        assert model.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 5)
+
+
+@pytest.fixture(scope="module")
+def pretrained_classifier() -> dict[str, torch.Tensor]:
+    built = models.create(ModelConfig(name="mobilenet_v2", img_size=64), 3, offline=True)
+    from imgtune.weights import load_file as load_weights_file
+
+    state = load_weights_file(built.weights.path)
+    return {"weight": state["classifier.1.weight"], "bias": state["classifier.1.bias"]}
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp", "fused"])
+def test_head_shapes(head, pretrained_classifier):
+    built = models.create(ModelConfig(name="mobilenet_v2", img_size=64, head=head, head_hidden=16), 3,
+                          offline=True)
+    model = built.model
+    linears = [m for m in model.head.modules() if isinstance(m, nn.Linear)]
+    shapes = [(m.in_features, m.out_features) for m in linears]
+    expected = {"linear": [(1280, 3)], "mlp": [(1280, 16), (16, 3)], "fused": [(1280, 1000), (2280, 3)]}[head]
+    assert shapes == expected
+    if head == "fused":
+        assert isinstance(model.head, models.FusedHead)
+        assert linears[0] in list(model.head.old.modules())  # the pretrained 1000-way classifier, kept
+        assert torch.equal(linears[0].weight, pretrained_classifier["weight"])
+        assert torch.equal(linears[0].bias, pretrained_classifier["bias"])
+    with torch.no_grad():
+        assert model.eval()(torch.zeros(2, 3, 64, 64)).shape == (2, 3)
