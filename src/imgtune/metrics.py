@@ -19,7 +19,9 @@ def classification_report(y_true: np.ndarray, probs: np.ndarray, classes: list[s
         "accuracy": float(skm.accuracy_score(y_true, y_pred)),
         "balanced_accuracy": float(skm.balanced_accuracy_score(y_true, y_pred)),
         "macro_f1": float(f1.mean()),
-        "weighted_f1": float(np.average(f1, weights=support)) if support.sum() else 0.0,
+        "weighted_f1": _weighted(f1, support),
+        "weighted_precision": _weighted(precision, support),
+        "weighted_recall": _weighted(recall, support),
         "macro_precision": float(precision.mean()),
         "macro_recall": float(recall.mean()),
         "loss": log_loss(y_true, probs),
@@ -31,6 +33,10 @@ def classification_report(y_true: np.ndarray, probs: np.ndarray, classes: list[s
         for c, p, r, f, s in zip(classes, precision, recall, f1, support)}
     report["confusion_matrix"] = skm.confusion_matrix(y_true, y_pred, labels=labels).tolist()
     return report
+
+
+def _weighted(values: np.ndarray, support: np.ndarray) -> float:
+    return float(np.average(values, weights=support)) if support.sum() else 0.0
 
 
 def top_k_values(num_classes: int) -> list[int]:

@@ -54,6 +54,8 @@ def auto_workers(num_images: int) -> int:
 def train(config: RunConfig, progress: bool = True) -> TrainResult:
     start = time.perf_counter()
     config = resolve(config)
+    # stored absolute, so that `imgtune evaluate RUN` finds the data from any working directory
+    config = replace(config, data=replace(config.data, source=str(Path(config.data.source).resolve())))
     seed_everything(config.train.seed)
     splits = load_splits(config.data.source, config.data.val_fraction, config.data.test_fraction,
                          config.train.seed, progress)

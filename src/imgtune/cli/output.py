@@ -33,6 +33,8 @@ def print_per_class(report: dict) -> None:
     table.add_section()
     table.add_row("macro avg", f"{report['macro_precision']:.3f}", f"{report['macro_recall']:.3f}",
                   f"{report['macro_f1']:.3f}", str(report["n"]))
+    table.add_row("weighted avg", f"{report['weighted_precision']:.3f}", f"{report['weighted_recall']:.3f}",
+                  f"{report['weighted_f1']:.3f}", str(report["n"]))
     console.print(table)
 
 
