@@ -42,7 +42,7 @@ def run(args) -> int:
 def _table(results) -> None:
     k = max((len(r.labels) for r in results), default=1)
     table = Table()
-    table.add_column("path")
+    table.add_column("path", overflow="fold")
     for i in range(1, k + 1):
         table.add_column(f"top {i}")
     for r in results:
