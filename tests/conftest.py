@@ -16,3 +16,12 @@ def _keep_root_logging():
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Tests never read or fill the user's feature and pixel caches."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("IMGTUNE_CACHE", str(tmp_path_factory.mktemp("imgtune-cache")))
+    yield
+    mp.undo()

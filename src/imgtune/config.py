@@ -34,6 +34,8 @@ class DataConfig:
     batch_size: int = 32
     num_workers: int | None = None  # None: sized to the machine
     augment: str = "light"
+    cache: bool = True  # cache backbone features and decoded pixels on disk (imgtune.cache)
+    cache_dir: str | None = None  # None: $IMGTUNE_CACHE, else ~/.cache/imgtune
 
 
 @dataclass(frozen=True)

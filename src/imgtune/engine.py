@@ -51,6 +51,11 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=dtype)
 
 
+def to_channels_last(images: torch.Tensor) -> torch.Tensor:
+    """Convolutions run faster in channels-last layout on CPU (oneDNN) and on recent GPUs."""
+    return images.contiguous(memory_format=torch.channels_last) if images.dim() == 4 else images
+
+
 def make_optimizer(model: Classifier, phase: Phase, train: TrainConfig) -> torch.optim.Optimizer:
     """Head and body get their own learning rates; biases and norm weights get no weight decay."""
     groups = []
@@ -104,7 +109,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, dev
         if batch is None:
             continue
         images, targets, _ = batch
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        images, targets = to_channels_last(images.to(device, non_blocking=True)), targets.to(device, non_blocking=True)
         with autocast(device):
             logits = model(images)
             loss = loss_fn(logits, targets)
@@ -134,7 +139,7 @@ def predict_probs(model: nn.Module, loader, device: torch.device, description: s
             continue
         images, target, index = batch
         with autocast(device):
-            logits = model(images.to(device, non_blocking=True))
+            logits = model(to_channels_last(images.to(device, non_blocking=True)))
         probs.append(torch.softmax(logits.float(), dim=1).cpu())
         targets.append(target)
         indices.append(index)
@@ -168,7 +173,25 @@ class EarlyStopping:
         return self.patience is not None and self.stale >= self.patience
 
 
-def fit(model: Classifier, phases: list[Phase], train_loader, val_loader, train: TrainConfig,
+@dataclass
+class Loaders:
+    """Batches for training and validation; ``frozen_*`` (optional) hold cached backbone features,
+    used instead of images while the body is frozen."""
+
+    train: object
+    val: object
+    test: object = None
+    frozen_train: object = None
+    frozen_val: object = None
+    frozen_test: object = None
+
+    def for_phase(self, model: Classifier, phase: Phase) -> tuple[nn.Module, object, object]:
+        if phase.body_frozen and self.frozen_train is not None:
+            return model.head, self.frozen_train, self.frozen_val
+        return model, self.train, self.val
+
+
+def fit(model: Classifier, phases: list[Phase], loaders: Loaders, train: TrainConfig,
         device: torch.device, num_classes: int, on_epoch: Callable[[EpochResult], None] = lambda r: None
         ) -> EarlyStopping:
     """Run every phase; calls ``on_epoch`` after each epoch (to write the metrics CSV)."""
@@ -179,6 +202,7 @@ def fit(model: Classifier, phases: list[Phase], train_loader, val_loader, train:
     epoch = 0
     for phase in phases:
         model.freeze_body(phase.body_frozen)
+        net, train_loader, val_loader = loaders.for_phase(model, phase)
         optimizer = make_optimizer(model, phase, train)
         steps = phase.epochs * max(1, len(train_loader))
         warmup = round(train.warmup_epochs * len(train_loader)) if phase is phases[0] else 0
@@ -187,9 +211,9 @@ def fit(model: Classifier, phases: list[Phase], train_loader, val_loader, train:
             epoch += 1
             start = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
-            loss, acc = train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, device, scaler,
+            loss, acc = train_one_epoch(net, train_loader, optimizer, scheduler, loss_fn, device, scaler,
                                         f"epoch {epoch} ({phase.name})")
-            probs, targets, _ = predict_probs(model, val_loader, device, "validating")
+            probs, targets, _ = predict_probs(net, val_loader, device, "validating")
             val = quick_metrics(targets, probs, num_classes)
             result = EpochResult(epoch, phase.name, lr, loss, acc, val, time.perf_counter() - start)
             log.info("epoch %d (%s): train loss %.4f acc %.4f | val loss %.4f acc %.4f macro-F1 %.4f | %.1fs",

@@ -17,13 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import artifact, models
+from . import artifact, features, models
 from .config import RunConfig, resolve, save_yaml, to_dict
 from .data import load_splits
 from .data.dataset import ImageDataset, make_loader
 from .data.scan import DataSplits
-from .data.transforms import Preprocessing, eval_transform, train_transform
-from .engine import fit, predict_probs, select_device
+from .data.transforms import eval_transform, train_transform
+from .cache import default_cache_dir, pixel_store
+from .engine import Loaders, fit, predict_probs, select_device
 from .evaluation import full_report
 from .strategies import plan
 
@@ -67,8 +68,9 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
     save_yaml(config, out / artifact.CONFIG)
     artifact.write_json(out / artifact.META, _meta(config, built, splits))
 
-    model = built.model.to(device)
-    loaders = _loaders(config, splits, built.preprocessing)
+    model = built.model.to(device, memory_format=torch.channels_last)
+    phases = plan(config.train)
+    loaders = _loaders(config, splits, built, phases, device)
     rows: list[dict] = []
 
     def on_epoch(result) -> None:
@@ -76,35 +78,51 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
         artifact.write_metrics_csv(out / artifact.METRICS_CSV, rows)
 
     log.info("training %s with strategy %s on %s (run folder %s)", built.spec, config.train.strategy, device, out)
-    stopper = fit(model, plan(config.train), loaders["train"], loaders["val"], config.train, device,
-                  len(splits.classes), on_epoch)
+    stopper = fit(model, phases, loaders, config.train, device, len(splits.classes), on_epoch)
     if config.train.keep == "best" and stopper.best_state is not None:
         log.warning("keeping the weights of epoch %d, chosen on val %s: the val metrics below are optimistic; "
                     "trust the test split (--test-fraction) for an unbiased figure", stopper.best_epoch,
                     config.train.monitor)
         model.load_state_dict(stopper.best_state)
+    final_frozen = phases[-1].body_frozen and loaders.frozen_val is not None
     model.freeze_body(False)
     artifact.save_weights(model.cpu(), out / artifact.WEIGHTS)
     model.to(device)
 
-    metrics = _final_metrics(model, loaders, splits, device, config, stopper)
+    metrics = _final_metrics(model, loaders, splits, device, config, stopper, final_frozen)
     artifact.write_json(out / artifact.METRICS_JSON, metrics)
     return TrainResult(out, metrics, splits.summary(), time.perf_counter() - start)
 
 
-def _loaders(config: RunConfig, splits: DataSplits, pre: Preprocessing) -> dict:
+def _loaders(config: RunConfig, splits: DataSplits, built: models.BuiltModel, phases: list, device) -> Loaders:
+    """Image loaders (reading cached pixels when the backbone trains), plus loaders of cached features
+    for the phases where the backbone is frozen."""
     workers = config.data.num_workers
     if workers is None:
         workers = auto_workers(len(splits.samples))
-    bs, seed, classes = config.data.batch_size, config.train.seed, splits.classes
-    train_set = ImageDataset(splits.split("train"), classes, train_transform(pre, config.data.augment),
-                             draft_size=2 * pre.resize_size)
-    loaders = {"train": make_loader(train_set, bs, True, workers, seed, drop_last=_drop_last(len(train_set), bs))}
-    for name in ("val", "test"):
+    bs, seed, classes, pre = config.data.batch_size, config.train.seed, splits.classes, built.preprocessing
+    cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else default_cache_dir()
+    use_disk = config.data.cache
+    pixels = pixel_store(cache_dir, pre.resize_size, pre.interpolation) \
+        if use_disk and not all(p.body_frozen for p in phases) else None
+
+    def images(name: str, transform, shuffle: bool):
         members = splits.split(name)
-        if members:
-            dataset = ImageDataset(members, classes, eval_transform(pre), draft_size=pre.resize_size)
-            loaders[name] = make_loader(dataset, bs, False, workers, seed)
+        dataset = ImageDataset(members, classes, transform, draft_size=pre.resize_size, pixels=pixels,
+                               preprocessing=pre)
+        return make_loader(dataset, bs, shuffle, workers, seed, drop_last=shuffle and _drop_last(len(members), bs))
+
+    loaders = Loaders(images("train", train_transform(pre, config.data.augment), True),
+                      images("val", eval_transform(pre), False))
+    loaders.test = images("test", eval_transform(pre), False) if splits.split("test") else None
+    if any(p.body_frozen for p in phases):
+        store = features.store_for(built, config.model.body, cache_dir) if use_disk and built.weights else None
+        sets = {name: features.extract(built, splits.split(name), classes, store, device, bs, workers,
+                                       description=f"{name} features")
+                for name in ("train", "val", "test") if splits.split(name)}
+        loaders.frozen_train = sets["train"].loader(bs, True, seed, _drop_last(len(sets["train"].targets), bs))
+        loaders.frozen_val = sets["val"].loader(bs, False, seed)
+        loaders.frozen_test = sets["test"].loader(bs, False, seed) if "test" in sets else None
     return loaders
 
 
@@ -113,12 +131,17 @@ def _drop_last(n: int, batch_size: int) -> bool:
     return n % batch_size == 1
 
 
-def _final_metrics(model, loaders: dict, splits: DataSplits, device, config: RunConfig, stopper) -> dict:
+def _final_metrics(model, loaders: Loaders, splits: DataSplits, device, config: RunConfig, stopper,
+                   final_frozen: bool) -> dict:
+    """Validation (and test) metrics of the saved model; from cached features when the backbone
+    was frozen throughout the last phase (the same numbers, without running the backbone again)."""
     metrics: dict = {}
-    for name in ("val", "test"):
-        if name not in loaders:
+    sources = {"val": (loaders.frozen_val, loaders.val), "test": (loaders.frozen_test, loaders.test)}
+    for name, (frozen, images) in sources.items():
+        net, loader = (model.head, frozen) if final_frozen and frozen is not None else (model, images)
+        if loader is None:
             continue
-        probs, targets, _ = predict_probs(model, loaders[name], device, f"evaluating {name}")
+        probs, targets, _ = predict_probs(net, loader, device, f"evaluating {name}")
         report = full_report(targets, probs, splits.classes, seed=config.train.seed)
         if name == "val":
             metrics.update(report)

@@ -48,6 +48,9 @@ def register(commands) -> None:
     g.add_argument("--batch-size", type=int)
     g.add_argument("--workers", dest="num_workers", type=int, help="data loader processes (default: sized to the data)")
     g.add_argument("--augment", choices=cfg.AUGMENTS)
+    g.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="cache backbone features and decoded pixels on disk (default on)")
+    g.add_argument("--cache-dir", help="cache folder (default $IMGTUNE_CACHE, else ~/.cache/imgtune)")
     g = p.add_argument_group("output")
     g.add_argument("--out", help="run folder (default runs/<timestamp>); must be new or empty")
     g.add_argument("--overwrite", action="store_true", default=None, help="reuse a non-empty --out")
@@ -58,7 +61,8 @@ def register(commands) -> None:
 OPTION_KEYS = ("model", "pretrained", "weights", "img_size", "body", "head", "head_hidden", "dropout", "strategy",
                "epochs", "freeze_epochs", "lr", "backbone_lr_factor", "optimizer", "momentum", "weight_decay",
                "warmup_epochs", "label_smoothing", "early_stop", "monitor", "keep", "seed", "device",
-               "val_fraction", "test_fraction", "batch_size", "num_workers", "augment", "out", "overwrite", "offline")
+               "val_fraction", "test_fraction", "batch_size", "num_workers", "augment", "cache", "cache_dir", "out",
+               "overwrite", "offline")
 
 
 def run(args) -> int:

@@ -5,22 +5,37 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from ..cache import ArrayStore
 
 from .decode import DecodeError, load_rgb
 from .scan import Sample
+from .transforms import Preprocessing
 
 log = logging.getLogger(__name__)
 
 
 class ImageDataset(Dataset):
+    """Yields ``(tensor, class index, position)``; ``None`` for a file that fails to load.
+
+    With a ``pixels`` store (see ``imgtune.cache``), each image is decoded once, resized to
+    ``resize_size`` on its shorter side exactly as evaluation would, kept as uint8, and every later
+    epoch crops and augments those pixels instead of decoding the file again."""
+
     def __init__(self, samples: Sequence[Sample], classes: Sequence[str], transform: Callable,
-                 draft_size: int | None = None):
+                 draft_size: int | None = None, pixels: ArrayStore | None = None,
+                 preprocessing: Preprocessing | None = None):
         self.samples = list(samples)
         self.class_to_idx = {c: i for i, c in enumerate(classes)}
         self.transform = transform
         self.draft_size = draft_size
+        self.pixels = pixels if preprocessing is not None else None
+        self.preprocessing = preprocessing
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -28,11 +43,22 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int):
         sample = self.samples[index]
         try:
-            image = load_rgb(sample.path, self.draft_size)
+            image = self._cached(sample) if self.pixels is not None and sample.digest else \
+                load_rgb(sample.path, self.draft_size)
         except DecodeError as exc:
             log.warning("skipping %s during loading: %s", sample.path, exc)
             return None
         return self.transform(image), self.class_to_idx.get(sample.label, -1), index
+
+    def _cached(self, sample: Sample) -> torch.Tensor:
+        pixels = self.pixels.get(sample.digest)
+        if pixels is None:
+            pre = self.preprocessing
+            image = load_rgb(sample.path, pre.resize_size)
+            resized = F.resize(image, pre.resize_size, InterpolationMode(pre.interpolation), antialias=True)
+            pixels = np.array(resized)  # writable, as torch.from_numpy wants
+            self.pixels.put(sample.digest, pixels)
+        return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
 
 
 def collate_skipping_none(batch):

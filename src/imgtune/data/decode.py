@@ -16,6 +16,7 @@ import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps
@@ -55,7 +56,7 @@ def load_rgb(path: str | Path, draft_size: int | None = None) -> Image.Image:
         raise DecodeError(_describe(exc)) from exc
 
 
-def probe(path: str | Path) -> ImageInfo:
+def probe(path: str | Path | BinaryIO) -> ImageInfo:
     """Decode ``path`` (cheaply for large JPEGs) and return what it is. Raises :class:`DecodeError`."""
     try:
         with Image.open(path) as img:

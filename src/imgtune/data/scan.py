@@ -8,6 +8,8 @@ names the file or folder and says what to do.
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import logging
 import os
 import random
@@ -35,6 +37,7 @@ class Sample:
     path: Path
     label: str
     split: str | None = None  # None until assigned
+    digest: str | None = None  # hash of the file's bytes, set by check_files (the caches' key)
 
 
 @dataclass
@@ -166,12 +169,17 @@ def _csv_sample(csv_path: Path, line: int, row: dict) -> Sample:
 def check_files(samples: list[Sample], progress: bool = True) -> tuple[list[Sample], list[tuple[str, str]], Counter]:
     """Decode every file once; returns (readable samples, skipped (path, reason), formats found)."""
     def check(sample: Sample):
-        if not sample.path.is_file():
-            return sample, None, "file not found"
         try:
-            return sample, probe(sample.path), None
+            data = sample.path.read_bytes()
+        except FileNotFoundError:
+            return sample, None, "file not found"
+        except OSError as exc:
+            return sample, None, f"cannot read the file ({exc.strerror})"
+        try:
+            info = probe(io.BytesIO(data))
         except DecodeError as exc:
             return sample, None, str(exc)
+        return replace(sample, digest=file_digest(data)), info, None
 
     good, skipped, formats = [], [], Counter()
     workers = min(8, (os.cpu_count() or 1) * 2)
@@ -186,6 +194,10 @@ def check_files(samples: list[Sample], progress: bool = True) -> tuple[list[Samp
                 good.append(sample)
                 formats[info.format] += 1
     return good, skipped, formats
+
+
+def file_digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def assign_splits(samples: list[Sample], val_fraction: float, test_fraction: float, seed: int) -> list[Sample]:

@@ -1,0 +1,95 @@
+"""Features of a frozen backbone, computed once per image and cached (``imgtune.cache``).
+
+While the body is frozen (``linear-probe``, and the first phase of ``gradual``) it is a fixed function
+of the image, so the head can train on stored features: an epoch then takes milliseconds instead of
+a full forward pass of the backbone. The features are those of the evaluation view (resize and
+centre crop); augmentation applies only where the backbone trains.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .cache import ArrayStore, file_sha256, feature_store
+from .data.dataset import ImageDataset, make_loader
+from .data.scan import Sample
+from .data.transforms import eval_transform
+from .engine import autocast, to_channels_last
+from .models import BuiltModel
+
+log = logging.getLogger(__name__)
+
+
+def describe_model(built: BuiltModel, body: str) -> dict:
+    """Everything the features depend on."""
+    weights = built.weights
+    return {"library": built.spec.library, "name": built.spec.name, "body": body,
+            "weights_sha256": file_sha256(weights.path) if weights else None,
+            "weights_converted": bool(weights and weights.convert),
+            "preprocessing": built.preprocessing.to_dict(), "torch": torch.__version__.split("+")[0]}
+
+
+@dataclass
+class FeatureSet:
+    features: torch.Tensor  # (n, num_features) float32
+    targets: torch.Tensor  # (n,) class indices
+    positions: torch.Tensor  # (n,) index of each row in the split's sample list
+
+    def loader(self, batch_size: int, shuffle: bool, seed: int, drop_last: bool = False):
+        dataset = torch.utils.data.TensorDataset(self.features, self.targets, self.positions)
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                                           generator=torch.Generator().manual_seed(seed))
+
+
+@torch.inference_mode()
+def extract(built: BuiltModel, samples: list[Sample], classes: list[str], store: ArrayStore | None,
+            device: torch.device, batch_size: int, workers: int, pixels: ArrayStore | None = None,
+            description: str = "features") -> FeatureSet:
+    """Features of ``samples``: read from ``store`` where present, computed (and stored) otherwise.
+    Samples whose file fails to load are left out (``positions`` says which rows exist)."""
+    rows: dict[int, np.ndarray] = {}
+    todo = []
+    for i, sample in enumerate(samples):
+        cached = store.get(sample.digest) if store is not None and sample.digest else None
+        if cached is not None:
+            rows[i] = cached
+        else:
+            todo.append(i)
+    if todo:
+        log.info("computing %s of %d image(s) (%d cached)", description, len(todo), len(samples) - len(todo))
+        rows.update(_compute(built, [samples[i] for i in todo], todo, classes, store, device, batch_size,
+                             workers, pixels, description))
+    positions = sorted(rows)
+    index = {c: i for i, c in enumerate(classes)}
+    features = torch.from_numpy(np.stack([rows[i] for i in positions])) if positions else torch.zeros(0, 0)
+    targets = torch.tensor([index.get(samples[i].label, -1) for i in positions], dtype=torch.long)
+    return FeatureSet(features.float(), targets, torch.tensor(positions, dtype=torch.long))
+
+
+def _compute(built, samples, positions, classes, store, device, batch_size, workers, pixels, description):
+    body = built.model.body.eval()
+    dataset = ImageDataset(samples, classes, eval_transform(built.preprocessing),
+                           draft_size=built.preprocessing.resize_size, pixels=pixels,
+                           preprocessing=built.preprocessing)
+    loader = make_loader(dataset, batch_size, False, workers)
+    out: dict[int, np.ndarray] = {}
+    for batch in tqdm(loader, desc=description, unit="batch", leave=False, disable=None):
+        if batch is None:
+            continue
+        images, _, index = batch
+        with autocast(device):
+            vectors = body(to_channels_last(images.to(device))).float().cpu().numpy()
+        for i, vector in zip(index.tolist(), vectors):
+            out[positions[i]] = vector
+            if store is not None and samples[i].digest:
+                store.put(samples[i].digest, vector)
+    return out
+
+
+def store_for(built: BuiltModel, body: str, cache_dir) -> ArrayStore:
+    return feature_store(cache_dir, describe_model(built, body))
