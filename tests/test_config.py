@@ -37,7 +37,7 @@ def test_resolve_fills_strategy_defaults(strategy):
 def test_plans():
     gradual = plan(cfg.resolve(cfg.build("d", strategy="gradual", epochs=5, freeze_epochs=2, lr=1e-3)).train)
     assert [(p.name, p.epochs, p.body_frozen) for p in gradual] == [("frozen", 2, True), ("unfrozen", 3, False)]
-    assert gradual[1].body_lr == pytest.approx(1e-4)
+    assert gradual[1].body_lr == pytest.approx(1e-3 * cfg.STRATEGY_DEFAULTS["gradual"]["backbone_lr_factor"])
     probe = plan(cfg.resolve(cfg.build("d", strategy="linear-probe")).train)
     assert len(probe) == 1 and probe[0].body_frozen
     finetune = plan(cfg.resolve(cfg.build("d", strategy="finetune", lr=1e-3)).train)

@@ -54,7 +54,7 @@ class ModelConfig:
 class TrainConfig:
     strategy: str = "gradual"
     epochs: int | None = None
-    freeze_epochs: int = 1  # gradual only: epochs with the backbone frozen, before the others
+    freeze_epochs: int | None = None  # gradual: epochs with the backbone frozen (None: half of epochs)
     lr: float | None = None  # head learning rate
     backbone_lr_factor: float | None = None  # backbone lr = lr * factor (finetune, gradual)
     optimizer: str = "adamw"
@@ -82,8 +82,8 @@ class RunConfig:
 # Per-strategy defaults, tuned on small datasets such as hymenoptera (docs/benchmarks.md).
 STRATEGY_DEFAULTS: dict[str, dict[str, Any]] = {
     "linear-probe": {"epochs": 8, "lr": 3e-3, "backbone_lr_factor": 0.0},
-    "finetune": {"epochs": 5, "lr": 1e-3, "backbone_lr_factor": 0.1},
-    "gradual": {"epochs": 4, "lr": 1e-3, "backbone_lr_factor": 0.1},
+    "finetune": {"epochs": 4, "lr": 1e-3, "backbone_lr_factor": 0.1},
+    "gradual": {"epochs": 8, "lr": 2e-3, "backbone_lr_factor": 0.05},
     "scratch": {"epochs": 30, "lr": 1e-3, "backbone_lr_factor": 1.0},
 }
 
@@ -104,7 +104,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "resnet50-adam": {
         "model": {"name": "resnet50"},
         "train": {"strategy": "finetune", "optimizer": "adam", "lr": 1e-4, "backbone_lr_factor": 1.0,
-                  "weight_decay": 0.0},
+                  "weight_decay": 0.0, "epochs": 5},
     },
     # Baseline: a small CNN (three conv+pool blocks, two dense layers) trained from scratch.
     "small-cnn": {
@@ -177,6 +177,8 @@ def resolve(config: RunConfig) -> RunConfig:
     defaults = STRATEGY_DEFAULTS[train.strategy]
     filled = {k: v for k, v in defaults.items() if getattr(train, k) is None}
     config = replace(config, train=replace(train, **filled))
+    if config.train.freeze_epochs is None:  # the head epochs run on cached features: cheap
+        config = replace(config, train=replace(config.train, freeze_epochs=max(1, config.train.epochs // 2)))
     if config.train.strategy == "scratch" and config.model.pretrained:
         config = replace(config, model=replace(config.model, pretrained=False))
     validate(config)

@@ -45,11 +45,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def auto_workers(num_images: int) -> int:
-    """Worker processes cost a second or two to start: worth it only for more than a few batches."""
-    if num_images < 256:
+def auto_workers(num_images: int, device: torch.device) -> int:
+    """On a CPU the model's own threads use every core and cached pixels are cheap to read, so loading
+    stays in the main process; a GPU is fed by worker processes (when there is enough data for them
+    to pay for their start-up)."""
+    if device.type == "cpu" or num_images < 256:
         return 0
-    return min(4, os.cpu_count() or 1)
+    return min(8, os.cpu_count() or 1)
 
 
 def train(config: RunConfig, progress: bool = True) -> TrainResult:
@@ -99,7 +101,7 @@ def _loaders(config: RunConfig, splits: DataSplits, built: models.BuiltModel, ph
     for the phases where the backbone is frozen."""
     workers = config.data.num_workers
     if workers is None:
-        workers = auto_workers(len(splits.samples))
+        workers = auto_workers(len(splits.samples), device)
     bs, seed, classes, pre = config.data.batch_size, config.train.seed, splits.classes, built.preprocessing
     cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else default_cache_dir()
     use_disk = config.data.cache

@@ -28,7 +28,7 @@ def register(commands) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--strategy", choices=cfg.STRATEGIES, help="default gradual")
     g.add_argument("--epochs", type=int, help="default depends on the strategy (docs/training.md)")
-    g.add_argument("--freeze-epochs", type=int, help="gradual: epochs with the backbone frozen (default 1)")
+    g.add_argument("--freeze-epochs", type=int, help="gradual: epochs with the backbone frozen (default: half of --epochs)")
     g.add_argument("--lr", type=float, help="head learning rate (default depends on the strategy)")
     g.add_argument("--backbone-lr-factor", type=float, help="backbone lr = lr x this (finetune/gradual, default 0.1)")
     g.add_argument("--optimizer", choices=cfg.OPTIMIZERS)

@@ -1,0 +1,137 @@
+"""The feature cache (frozen backbones) and the decoded-pixel cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datagen import PRETRAINED_ARGS, make_split_dataset
+from imgtune import cache, features
+from imgtune.cli import main
+from imgtune.data import eval_transform, train_transform
+from imgtune.data.dataset import ImageDataset
+from imgtune.data.scan import check_files, find_samples
+from imgtune.data.transforms import Preprocessing
+
+
+def train(data: Path, out: Path, cache_dir: Path, *args: str) -> int:
+    return main(["-q", "train", str(data), "--workers", "0", "--out", str(out), "--cache-dir", str(cache_dir),
+                 *PRETRAINED_ARGS, *args])
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts the images whose backbone features are actually computed."""
+    calls = []
+    original = features._compute
+
+    def spy(built, samples, *args, **kwargs):
+        calls.append(len(samples))
+        return original(built, samples, *args, **kwargs)
+
+    monkeypatch.setattr(features, "_compute", spy)
+    return calls
+
+
+def test_features_are_computed_once_and_reused_by_other_head_settings(tmp_path, counted):
+    data = make_split_dataset(tmp_path / "data", train=6, val=3)
+    store = tmp_path / "cache"
+    assert train(data, tmp_path / "a", store, "--strategy", "linear-probe", "--epochs", "2") == 0
+    assert sum(counted) == 27  # 18 train + 9 val images
+    counted.clear()
+    assert train(data, tmp_path / "b", store, "--strategy", "linear-probe", "--epochs", "3", "--lr", "0.01",
+                 "--head", "mlp") == 0
+    assert counted == []
+    files, _ = cache.cache_size(store / "features")
+    assert files == 27
+
+
+def test_changed_and_added_files_are_recomputed_nothing_else(tmp_path, counted):
+    data = make_split_dataset(tmp_path / "data", train=6, val=3)
+    store = tmp_path / "cache"
+    assert train(data, tmp_path / "a", store, "--strategy", "linear-probe", "--epochs", "1") == 0
+    counted.clear()
+    changed = sorted((data / "train" / "red_circle").glob("*.png"))[0]
+    image = np.array(Image.open(changed))
+    image[0, 0] = 255 - image[0, 0]
+    Image.fromarray(image).save(changed)
+    (data / "val" / "red_circle" / "copy.png").write_bytes(changed.read_bytes())
+    assert train(data, tmp_path / "b", store, "--strategy", "linear-probe", "--epochs", "1") == 0
+    assert counted == [1]  # the changed file; its copy in val has the same content, so it is found cached
+
+
+def test_other_preprocessing_is_another_cache_entry(tmp_path, counted):
+    data = make_split_dataset(tmp_path / "data", train=4, val=2)
+    store = tmp_path / "cache"
+    assert train(data, tmp_path / "a", store, "--strategy", "linear-probe", "--epochs", "1") == 0
+    counted.clear()
+    assert train(data, tmp_path / "b", store, "--strategy", "linear-probe", "--epochs", "1", "--img-size", "96") == 0
+    assert sum(counted) == 18
+    assert len(list((store / "features").iterdir())) == 2
+
+
+def test_cached_metrics_match_a_fresh_evaluation_of_the_saved_model(tmp_path):
+    """Final metrics computed from cached features equal `imgtune evaluate` running the whole model."""
+    data = make_split_dataset(tmp_path / "data", train=6, val=4)
+    run = tmp_path / "run"
+    assert train(data, run, tmp_path / "cache", "--strategy", "linear-probe", "--epochs", "2") == 0
+    saved = json.loads((run / "metrics.json").read_text())
+    from imgtune.evaluation import evaluate
+
+    fresh = evaluate(run, device="cpu").report
+    assert fresh["accuracy"] == saved["accuracy"]
+    assert fresh["loss"] == pytest.approx(saved["loss"], abs=1e-5)
+
+
+def test_no_cache_writes_nothing(tmp_path):
+    data = make_split_dataset(tmp_path / "data", train=4, val=2)
+    store = tmp_path / "cache"
+    assert train(data, tmp_path / "a", store, "--strategy", "gradual", "--epochs", "2", "--no-cache") == 0
+    assert cache.cache_size(store) == (0, 0)
+
+
+def test_pixel_cache_is_filled_by_training_and_exact_for_evaluation(tmp_path):
+    data = make_split_dataset(tmp_path / "data", train=4, val=2, size=300)
+    store = tmp_path / "cache"
+    assert train(data, tmp_path / "a", store, "--strategy", "finetune", "--epochs", "1") == 0
+    files, _ = cache.cache_size(store / "pixels")
+    assert files == 18
+    samples, _ = find_samples(data)
+    good, _, _ = check_files(samples, progress=False)
+    pre = Preprocessing(64, 73)  # what PRETRAINED_ARGS (--img-size 64) gives mobilenet_v2
+    pixels = cache.pixel_store(store, pre.resize_size, pre.interpolation)
+    cached = ImageDataset(good, ["blue_triangle", "green_square", "red_circle"], eval_transform(pre),
+                          draft_size=pre.resize_size, pixels=pixels, preprocessing=pre)
+    direct = ImageDataset(good, cached.class_to_idx, eval_transform(pre), draft_size=pre.resize_size)
+    for i in range(len(good)):
+        assert torch.equal(cached[i][0], direct[i][0])
+    stored = pixels.get(good[0].digest)
+    assert stored.dtype == np.uint8 and min(stored.shape[:2]) == pre.resize_size
+    augmented = ImageDataset(good, cached.class_to_idx, train_transform(pre, "strong"), pixels=pixels,
+                             preprocessing=pre)
+    assert augmented[0][0].shape == (3, 64, 64)
+
+
+def test_damaged_cache_file_is_recomputed(tmp_path):
+    store = cache.ArrayStore(tmp_path / "s", {"kind": "test"})
+    store.put("ab" * 16, np.arange(4, dtype=np.float32))
+    assert np.array_equal(store.get("ab" * 16), np.arange(4, dtype=np.float32))
+    store.path("ab" * 16).write_bytes(b"\x93NUMPY garbage")
+    assert store.get("ab" * 16) is None
+
+
+def test_cache_command_info_and_clear(tmp_path, capsys):
+    data = make_split_dataset(tmp_path / "data", train=4, val=2)
+    store = tmp_path / "cache"
+    assert train(data, tmp_path / "a", store, "--strategy", "linear-probe", "--epochs", "1") == 0
+    capsys.readouterr()
+    assert main(["cache", "info", "--cache-dir", str(store)]) == 0
+    assert "features: 18 file(s)" in capsys.readouterr().out
+    assert main(["cache", "clear", "--cache-dir", str(store)]) == 0
+    assert "removed 18 cached file(s)" in capsys.readouterr().out
+    assert cache.cache_size(store) == (0, 0)
