@@ -82,7 +82,7 @@ class RunConfig:
 # Per-strategy defaults, tuned on small datasets such as hymenoptera (docs/benchmarks.md).
 STRATEGY_DEFAULTS: dict[str, dict[str, Any]] = {
     "linear-probe": {"epochs": 8, "lr": 3e-3, "backbone_lr_factor": 0.0},
-    "finetune": {"epochs": 4, "lr": 1e-3, "backbone_lr_factor": 0.1},
+    "finetune": {"epochs": 6, "lr": 1e-3, "backbone_lr_factor": 0.1},
     "gradual": {"epochs": 8, "lr": 2e-3, "backbone_lr_factor": 0.05},
     "scratch": {"epochs": 30, "lr": 1e-3, "backbone_lr_factor": 1.0},
 }
