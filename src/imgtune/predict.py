@@ -4,8 +4,10 @@ folder, so inference can never disagree with training."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ from . import artifact, models
 from .data.decode import DecodeError, load_rgb
 from .data.scan import IMAGE_EXTENSIONS
 from .data.transforms import Preprocessing, eval_transform
-from .engine import autocast, select_device
+from .engine import autocast, select_device, to_channels_last
 from .errors import DataError
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ class Predictor:
     def __init__(self, model: torch.nn.Module, classes: list[str], preprocessing: Preprocessing,
                  device: str | torch.device = "auto", run: artifact.RunInfo | None = None):
         self.device = device if isinstance(device, torch.device) else select_device(device)
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device, memory_format=torch.channels_last).eval()
         self.classes = classes
         self.preprocessing = preprocessing
         self.transform = eval_transform(preprocessing)
@@ -68,7 +70,7 @@ class Predictor:
                 errors[start + offset] = message
             keep = [i for i, tensor in enumerate(tensors) if tensor is not None]
             if keep:
-                batch = torch.stack([tensors[i] for i in keep]).to(self.device)
+                batch = to_channels_last(torch.stack([tensors[i] for i in keep]).to(self.device))
                 with torch.inference_mode(), autocast(self.device):
                     out = torch.softmax(self.model(batch).float(), dim=1).cpu().numpy()
                 probs[[start + i for i in keep]] = out
@@ -87,8 +89,9 @@ class Predictor:
             results.append(Prediction(str(path), [self.classes[i] for i in order], [float(row[i]) for i in order]))
         return results
 
-    def _batches(self, paths: list[Path], batch_size: int) -> Iterator[tuple[int, list, dict]]:
-        """Decode in threads (Pillow releases the GIL), one batch ahead of the model."""
+    def _batches(self, paths: list[Path], batch_size: int, ahead: int = 2) -> Iterator[tuple[int, list, dict]]:
+        """Decode in threads (Pillow releases the GIL) up to ``ahead`` batches in front of the model,
+        so decoding overlaps inference and memory holds a few batches, not the whole list."""
         def load(path: Path):
             try:
                 return self.transform(load_rgb(path, self.preprocessing.resize_size)), None
@@ -97,11 +100,19 @@ class Predictor:
             except OSError as exc:
                 return None, exc.strerror or str(exc)
 
+        starts = iter(range(0, len(paths), batch_size))
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            for start in range(0, len(paths), batch_size):
-                loaded = list(pool.map(load, paths[start:start + batch_size]))
-                failures = {i: err for i, (_, err) in enumerate(loaded) if err}
-                yield start, [t for t, _ in loaded], failures
+            def submit(start: int):
+                return start, [pool.submit(load, p) for p in paths[start:start + batch_size]]
+
+            pending = deque(submit(start) for start in itertools.islice(starts, ahead))
+            while pending:
+                start, futures = pending.popleft()
+                following = next(starts, None)
+                if following is not None:
+                    pending.append(submit(following))
+                loaded = [future.result() for future in futures]
+                yield start, [t for t, _ in loaded], {i: err for i, (_, err) in enumerate(loaded) if err}
 
 
 def expand_paths(inputs: Iterable[str | Path]) -> list[Path]:
