@@ -119,9 +119,10 @@ def _loaders(config: RunConfig, splits: DataSplits, built: models.BuiltModel, ph
     loaders.test = images("test", eval_transform(pre), False) if splits.split("test") else None
     if any(p.body_frozen for p in phases):
         store = features.store_for(built, config.model.body, cache_dir) if use_disk and built.weights else None
+        names = ("train", "val", "test") if phases[-1].body_frozen else ("train", "val")  # test: final metrics
         sets = {name: features.extract(built, splits.split(name), classes, store, device, bs, workers,
                                        description=f"{name} features")
-                for name in ("train", "val", "test") if splits.split(name)}
+                for name in names if splits.split(name)}
         loaders.frozen_train = sets["train"].loader(bs, True, seed, _drop_last(len(sets["train"].targets), bs))
         loaders.frozen_val = sets["val"].loader(bs, False, seed)
         loaders.frozen_test = sets["test"].loader(bs, False, seed) if "test" in sets else None
