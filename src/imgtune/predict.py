@@ -49,6 +49,7 @@ class Predictor:
                  device: str | torch.device = "auto", run: artifact.RunInfo | None = None):
         self.device = device if isinstance(device, torch.device) else select_device(device)
         self.model = model.to(self.device, memory_format=torch.channels_last).eval()
+        self.inference_model = _fuse_batch_norm(self.model)
         self.classes = classes
         self.preprocessing = preprocessing
         self.transform = eval_transform(preprocessing)
@@ -72,7 +73,7 @@ class Predictor:
             if keep:
                 batch = to_channels_last(torch.stack([tensors[i] for i in keep]).to(self.device))
                 with torch.inference_mode(), autocast(self.device):
-                    out = torch.softmax(self.model(batch).float(), dim=1).cpu().numpy()
+                    out = torch.softmax(self.inference_model(batch).float(), dim=1).cpu().numpy()
                 probs[[start + i for i in keep]] = out
         return probs, errors
 
@@ -113,6 +114,19 @@ class Predictor:
                     pending.append(submit(following))
                 loaded = [future.result() for future in futures]
                 yield start, [t for t, _ in loaded], {i: err for i, (_, err) in enumerate(loaded) if err}
+
+
+def _fuse_batch_norm(model: torch.nn.Module) -> torch.nn.Module:
+    """An inference copy with batch norm folded into the convolutions before it (torch.fx): about 30%
+    less time per image for MobileNetV2 on a CPU (docs/performance.md). Models that cannot be traced
+    symbolically run as they are."""
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(model).to(memory_format=torch.channels_last)
+    except Exception as exc:  # tracing fails on data-dependent control flow, in many ways
+        log.debug("batch-norm fusion not possible for this model (%s); running it as it is", exc)
+        return model
 
 
 def expand_paths(inputs: Iterable[str | Path]) -> list[Path]:
