@@ -33,7 +33,11 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: install
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python bench/hymenoptera.py
+	$(BIN)/python bench/predict.py
+	$(BIN)/python bench/micro.py --compile
+	$(BIN)/python bench/memory.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -124,29 +124,25 @@ def to_dict(config: RunConfig) -> dict[str, Any]:
 def from_dict(values: dict[str, Any], base: RunConfig | None = None, origin: str = "config") -> RunConfig:
     """Overlay nested ``values`` on ``base``; unknown keys are a :class:`UsageError`."""
     base = base or RunConfig()
-    if not isinstance(values, dict):
-        raise UsageError(f"{origin}: expected a mapping of sections (data, model, train), got {values!r}")
-    top_names = {f.name for f in fields(RunConfig)}
-    unknown = set(values) - top_names
-    if unknown:
-        raise UsageError(f"{origin}: unknown key(s) {sorted(unknown)}; known: {sorted(top_names)}")
-    updates: dict[str, Any] = {}
-    for key, value in values.items():
-        if key in SECTIONS:
-            updates[key] = _overlay(getattr(base, key), value or {}, f"{origin}: {key}")
-        else:
-            updates[key] = value
+    _check_mapping(values, base, origin)
+    updates = {key: _overlay(getattr(base, key), value or {}, f"{origin}: {key}") if key in SECTIONS else value
+               for key, value in values.items()}
     return replace(base, **updates)
 
 
 def _overlay(section: Any, values: dict[str, Any], origin: str) -> Any:
+    _check_mapping(values, section, origin)
+    return replace(section, **values)
+
+
+def _check_mapping(values: Any, target: Any, origin: str) -> None:
+    """``values`` must be a mapping whose keys are fields of the dataclass ``target``."""
     if not isinstance(values, dict):
-        raise UsageError(f"{origin}: expected a mapping, got {values!r}")
-    names = {f.name for f in fields(section)}
+        raise UsageError(f"{origin}: expected a mapping of {type(target).__name__} keys, got {values!r}")
+    names = {f.name for f in fields(target)}
     unknown = set(values) - names
     if unknown:
         raise UsageError(f"{origin}: unknown key(s) {sorted(unknown)}; known: {sorted(names)}")
-    return replace(section, **values)
 
 
 def apply_preset(config: RunConfig, name: str) -> RunConfig:
