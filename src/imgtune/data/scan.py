@@ -229,8 +229,6 @@ def load_splits(source: str | Path, val_fraction: float = 0.2, test_fraction: fl
     good, skipped, formats = check_files(samples, progress)
     assigned = [s for s in good if s.split is not None]
     unassigned = [s for s in good if s.split is None]
-    if unassigned and assigned:
-        raise DataError(f"{source}: some rows have a split and others do not; give every row a split or none")
     if layout.startswith("split folders") and not any(s.split == "val" for s in samples):
         log.info("no val/ folder in %s: splitting %.0f%% of train/ off as validation", source, val_fraction * 100)
         assigned = [s for s in good if s.split != "train"]
