@@ -24,6 +24,9 @@ BODIES = ("penultimate", "conv")
 MONITORS = ("accuracy", "macro_f1", "loss")
 KEEPS = ("final", "best")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+BALANCES = ("none", "weights", "sampler")
+# Above this ratio of the largest to the smallest training class, --balance defaults to "weights".
+IMBALANCE_THRESHOLD = 3.0
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class TrainConfig:
     early_stop: int | None = None  # patience in epochs; None disables
     monitor: str = "accuracy"
     keep: str = "final"
+    balance: str | None = None  # none | weights | sampler; None: chosen from the data
     seed: int = 0
     device: str = "auto"
 
@@ -190,6 +194,8 @@ def validate(config: RunConfig) -> None:
     _check_choice("train.monitor", t.monitor, MONITORS)
     _check_choice("train.keep", t.keep, KEEPS)
     _check_choice("train.device", t.device, DEVICES)
+    if t.balance is not None:
+        _check_choice("train.balance", t.balance, BALANCES)
     _check_range("data.val_fraction", d.val_fraction, 0.0, 1.0, low_open=True)
     _check_range("data.test_fraction", d.test_fraction, 0.0, 1.0)
     if d.val_fraction + d.test_fraction >= 1.0:

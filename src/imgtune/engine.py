@@ -192,10 +192,12 @@ class Loaders:
 
 
 def fit(model: Classifier, phases: list[Phase], loaders: Loaders, train: TrainConfig,
-        device: torch.device, num_classes: int, on_epoch: Callable[[EpochResult], None] = lambda r: None
-        ) -> EarlyStopping:
-    """Run every phase; calls ``on_epoch`` after each epoch (to write the metrics CSV)."""
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=train.label_smoothing)
+        device: torch.device, num_classes: int, on_epoch: Callable[[EpochResult], None] = lambda r: None,
+        class_weights: torch.Tensor | None = None) -> EarlyStopping:
+    """Run every phase; calls ``on_epoch`` after each epoch (to write the metrics CSV).
+    ``class_weights`` weight the training loss (``--balance weights``); validation is never weighted."""
+    weight = class_weights.to(device) if class_weights is not None else None
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=train.label_smoothing)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and not torch.cuda.is_bf16_supported() \
         else None
     stopper = EarlyStopping(train.monitor, train.early_stop, train.keep == "best")

@@ -40,9 +40,11 @@ class FeatureSet:
     targets: torch.Tensor  # (n,) class indices
     positions: torch.Tensor  # (n,) index of each row in the split's sample list
 
-    def loader(self, batch_size: int, shuffle: bool, seed: int, drop_last: bool = False):
+    def loader(self, batch_size: int, shuffle: bool, seed: int, drop_last: bool = False, sampler=None):
+        """``sampler`` (e.g. a class-balanced one) replaces shuffling."""
         dataset = torch.utils.data.TensorDataset(self.features, self.targets, self.positions)
-        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
+                                           sampler=sampler, drop_last=drop_last,
                                            generator=torch.Generator().manual_seed(seed))
 
 

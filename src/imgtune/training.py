@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import artifact, features, models
+from . import artifact, balance, features, models
 from .config import RunConfig, resolve, save_yaml, to_dict
 from .data import load_splits
 from .data.dataset import ImageDataset, make_loader
@@ -63,6 +63,7 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
     splits = load_splits(config.data.source, config.data.val_fraction, config.data.test_fraction,
                          config.train.seed, progress)
     _log_data(splits)
+    config = _choose_balance(config, splits)
     built = models.create(config.model, len(splits.classes), offline=config.offline)
     device = select_device(config.train.device)
     out = artifact.prepare_out_dir(config.out, config.overwrite)
@@ -80,7 +81,9 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
         artifact.write_metrics_csv(out / artifact.METRICS_CSV, rows)
 
     log.info("training %s with strategy %s on %s (run folder %s)", built.spec, config.train.strategy, device, out)
-    stopper = fit(model, phases, loaders, config.train, device, len(splits.classes), on_epoch)
+    weights = balance.class_weights(loaders.train.dataset.targets(), len(splits.classes)) \
+        if config.train.balance == "weights" else None
+    stopper = fit(model, phases, loaders, config.train, device, len(splits.classes), on_epoch, weights)
     if config.train.keep == "best" and stopper.best_state is not None:
         log.warning("keeping the weights of epoch %d, chosen on val %s: the val metrics below are optimistic; "
                     "trust the test split (--test-fraction) for an unbiased figure", stopper.best_epoch,
@@ -108,11 +111,15 @@ def _loaders(config: RunConfig, splits: DataSplits, built: models.BuiltModel, ph
     pixels = pixel_store(cache_dir, pre.resize_size, pre.interpolation) \
         if use_disk and not all(p.body_frozen for p in phases) else None
 
+    balanced = config.train.balance == "sampler"
+
     def images(name: str, transform, shuffle: bool):
         members = splits.split(name)
         dataset = ImageDataset(members, classes, transform, draft_size=pre.resize_size, pixels=pixels,
                                preprocessing=pre)
-        return make_loader(dataset, bs, shuffle, workers, seed, drop_last=shuffle and _drop_last(len(members), bs))
+        sampler = balance.balanced_sampler(dataset.targets(), len(classes), seed) if shuffle and balanced else None
+        return make_loader(dataset, bs, shuffle, workers, seed, drop_last=shuffle and _drop_last(len(members), bs),
+                           sampler=sampler)
 
     loaders = Loaders(images("train", train_transform(pre, config.data.augment), True),
                       images("val", eval_transform(pre), False))
@@ -123,10 +130,19 @@ def _loaders(config: RunConfig, splits: DataSplits, built: models.BuiltModel, ph
         sets = {name: features.extract(built, splits.split(name), classes, store, device, bs, workers,
                                        description=f"{name} features")
                 for name in names if splits.split(name)}
-        loaders.frozen_train = sets["train"].loader(bs, True, seed, _drop_last(len(sets["train"].targets), bs))
+        targets = sets["train"].targets
+        sampler = balance.balanced_sampler(targets, len(classes), seed) if balanced else None
+        loaders.frozen_train = sets["train"].loader(bs, True, seed, _drop_last(len(targets), bs), sampler)
         loaders.frozen_val = sets["val"].loader(bs, False, seed)
         loaders.frozen_test = sets["test"].loader(bs, False, seed) if "test" in sets else None
     return loaders
+
+
+def _choose_balance(config: RunConfig, splits: DataSplits) -> RunConfig:
+    """Resolve ``--balance`` from the training split's class counts; the choice is logged and saved."""
+    choice, reason = balance.choose(config.train.balance, splits.counts()["train"])
+    log.info("class balance: %s", reason)
+    return replace(config, train=replace(config.train, balance=choice))
 
 
 def _drop_last(n: int, batch_size: int) -> bool:

@@ -40,6 +40,10 @@ def register(commands) -> None:
     g.add_argument("--monitor", choices=cfg.MONITORS, help="validation metric for early stopping and --keep best")
     g.add_argument("--keep", choices=cfg.KEEPS, help="weights saved: final epoch's (default) or best on val "
                                                       "(makes val metrics optimistic)")
+    g.add_argument("--balance", choices=cfg.BALANCES,
+                   help="class imbalance: none, weights (class-weighted loss) or sampler (class-balanced "
+                        f"sampling); default: weights when the largest training class has over "
+                        f"{cfg.IMBALANCE_THRESHOLD:g}x the images of the smallest, else none")
     g.add_argument("--seed", type=int)
     g.add_argument("--device", choices=cfg.DEVICES)
     g = p.add_argument_group("data")
@@ -60,7 +64,7 @@ def register(commands) -> None:
 
 OPTION_KEYS = ("model", "pretrained", "weights", "img_size", "body", "head", "head_hidden", "dropout", "strategy",
                "epochs", "freeze_epochs", "lr", "backbone_lr_factor", "optimizer", "momentum", "weight_decay",
-               "warmup_epochs", "label_smoothing", "early_stop", "monitor", "keep", "seed", "device",
+               "warmup_epochs", "label_smoothing", "early_stop", "monitor", "keep", "balance", "seed", "device",
                "val_fraction", "test_fraction", "batch_size", "num_workers", "augment", "cache", "cache_dir", "out",
                "overwrite", "offline")
 

@@ -40,6 +40,9 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def targets(self) -> torch.Tensor:
+        return torch.tensor([self.class_to_idx.get(s.label, -1) for s in self.samples], dtype=torch.long)
+
     def __getitem__(self, index: int):
         sample = self.samples[index]
         try:
@@ -68,10 +71,12 @@ def collate_skipping_none(batch):
 
 
 def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, num_workers: int,
-                seed: int = 0, drop_last: bool = False) -> torch.utils.data.DataLoader:
+                seed: int = 0, drop_last: bool = False, sampler=None) -> torch.utils.data.DataLoader:
+    """``sampler`` (e.g. a class-balanced one) replaces shuffling."""
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+        dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+        num_workers=num_workers,
         collate_fn=collate_skipping_none, generator=generator, drop_last=drop_last,
         persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
         worker_init_fn=_seed_worker)
