@@ -7,16 +7,30 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 # Distinct, palette-exact colours so each class is recognisable after decoding.
 CLASS_COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255)]
 
 
 def write_solid(path: Path, colour=(255, 0, 0), size=(16, 16), mode: str = "RGB", **save_args) -> Path:
-    """One flat colour; the format follows the file extension."""
+    """One flat colour; the format follows the file extension. PNG and JPEG files carry their own name
+    in a text chunk or comment, so two files are never byte-identical (as real photos are not):
+    identical copies are duplicates, which imgtune keeps in one split and refuses across classes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new(mode, size, colour).save(path, **save_args)
+    Image.new(mode, size, colour).save(path, **{**_unique_metadata(path), **save_args})
     return path
+
+
+def _unique_metadata(path: Path) -> dict:
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        info = PngInfo()
+        info.add_text("name", str(path))
+        return {"pnginfo": info}
+    if suffix in (".jpg", ".jpeg"):
+        return {"comment": str(path).encode()}
+    return {}
 
 
 def write_noise(path: Path, size=(48, 48), seed: int = 0, **save_args) -> Path:
@@ -41,7 +55,8 @@ def write_text(path: Path, text: str = "this is not an image\n") -> Path:
 
 
 def write_class_tree(root: Path, counts: dict[str, int], ext: str = ".png") -> Path:
-    """``root/<class>/<i><ext>`` with ``counts[class]`` images, each class its own colour."""
+    """``root/<class>/<i><ext>`` with ``counts[class]`` images, each class its own colour (and each file
+    unique, see :func:`write_solid`)."""
     for k, (label, n) in enumerate(sorted(counts.items())):
         for i in range(n):
             write_solid(root / label / f"{i}{ext}", CLASS_COLOURS[k % len(CLASS_COLOURS)])

@@ -290,7 +290,7 @@ def test_csv_header_only(tmp_path):
 @pytest.mark.parametrize("test_fraction,needed", [(0.0, 2), (0.2, 3)])
 def test_class_too_small_to_split(tmp_path, test_fraction, needed):
     write_class_tree(tmp_path, {"a": 5, "tiny": needed - 1})
-    with pytest.raises(DataError, match=f"class 'tiny' has only {needed - 1} readable image.*at least {needed}"):
+    with pytest.raises(DataError, match=f"class 'tiny' has only {needed - 1} readable image.*at least {needed} distinct"):
         load(tmp_path, test_fraction=test_fraction)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -28,7 +28,12 @@ _HIGH_DEPTH_MAX = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535
 
 
 class DecodeError(Exception):
-    """A file that cannot be read as an image; the message says why."""
+    """A file that cannot be read as an image; the message says why, ``kind`` names the problem:
+    ``not-an-image``, ``truncated``, ``too-many-pixels`` or ``corrupt``."""
+
+    def __init__(self, message: str, kind: str = "corrupt"):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,9 @@ class ImageInfo:
     mode: str
     width: int
     height: int
+    bits: int = 8  # bits per channel of the stored data (16 for 16-bit PNG/TIFF)
+    frames: int = 1  # animated GIF/WebP/...: more than one
+    phash: int | None = None  # 64-bit perceptual hash of the decoded image, when asked for
 
 
 def load_rgb(path: str | Path, draft_size: int | None = None) -> Image.Image:
@@ -53,21 +61,48 @@ def load_rgb(path: str | Path, draft_size: int | None = None) -> Image.Image:
             img.load()
             return to_rgb(img)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError) as exc:
-        raise DecodeError(_describe(exc)) from exc
+        raise DecodeError(_describe(exc), _kind(exc)) from exc
 
 
-def probe(path: str | Path | BinaryIO) -> ImageInfo:
-    """Decode ``path`` (cheaply for large JPEGs) and return what it is. Raises :class:`DecodeError`."""
+def probe(path: str | Path | BinaryIO, fingerprint: bool = False) -> ImageInfo:
+    """Decode ``path`` (cheaply for large JPEGs) and return what it is; with ``fingerprint``, also its
+    perceptual hash (:func:`perceptual_hash`). Raises :class:`DecodeError`."""
     try:
         with Image.open(path) as img:
             _check_pixels(img)
-            info = ImageInfo(img.format or "unknown", img.mode, img.width, img.height)
+            fmt = img.format or "unknown"
+            info = ImageInfo(fmt, img.mode, img.width, img.height, _bit_depth(img),
+                             getattr(img, "n_frames", 1))
             if img.format == "JPEG":
                 _draft(img, 64)
             img.load()  # decoding the data is what finds truncated and corrupt files
+            if fingerprint:
+                info = replace(info, phash=perceptual_hash(to_rgb(img)))
         return info
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError) as exc:
-        raise DecodeError(_describe(exc)) from exc
+        raise DecodeError(_describe(exc), _kind(exc)) from exc
+
+
+def perceptual_hash(img: Image.Image) -> int:
+    """64-bit DCT hash (``imagehash.phash``) as an int: unchanged by resizing, JPEG re-compression and
+    small brightness changes (a few bits at most), far apart for different photos."""
+    import imagehash  # light; its scipy import happens at the first call
+
+    if max(img.size) > 512:  # the hash looks at 32x32 pixels; shrink cheaply first
+        img = img.reduce(max(1, max(img.size) // 256))
+    bits = imagehash.phash(img).hash.flatten()
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")
+
+
+def _bit_depth(img: Image.Image) -> int:
+    if img.mode in _HIGH_DEPTH_MAX or img.mode.startswith("I;16"):
+        return 16
+    if img.mode in ("I", "F"):
+        return 16 if img.format == "PNG" else 32  # Pillow opens 16-bit greyscale PNG as mode I
+    rawmode = getattr(getattr(img, "png", None), "im_rawmode", None) or ""
+    if rawmode.endswith(";16B"):  # Pillow reads 16-bit colour PNG as 8-bit RGB(A); the raw mode tells
+        return 16
+    return 8
 
 
 def _check_pixels(img: Image.Image) -> None:
@@ -136,6 +171,16 @@ def _cmyk_to_rgb(img: Image.Image) -> Image.Image:
         except (ImageCms.PyCMSError, OSError):
             pass  # a broken profile: fall back to the plain conversion below
     return img.convert("RGB")
+
+
+def _kind(exc: BaseException) -> str:
+    if isinstance(exc, Image.UnidentifiedImageError):
+        return "not-an-image"
+    if isinstance(exc, Image.DecompressionBombError):
+        return "too-many-pixels"
+    if "truncated" in str(exc) or isinstance(exc, EOFError):
+        return "truncated"
+    return "corrupt"
 
 
 def _describe(exc: BaseException) -> str:

@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..errors import DataError
-from .decode import DecodeError, probe
+from .decode import DecodeError, ImageInfo, probe
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,19 @@ class Sample:
     label: str
     split: str | None = None  # None until assigned
     digest: str | None = None  # hash of the file's bytes, set by check_files (the caches' key)
+    phash: int | None = None  # perceptual hash of the decoded image, set by check_files
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    """What reading one file found: ``info`` for an image, else ``problem`` (``missing``, ``unreadable``,
+    ``empty``, ``not-an-image``, ``truncated``, ``too-many-pixels``, ``corrupt``) and ``reason``."""
+
+    sample: Sample  # digest and phash set when the file could be read
+    info: ImageInfo | None = None
+    problem: str | None = None
+    reason: str | None = None
+    size: int = 0  # bytes
 
 
 @dataclass
@@ -166,33 +179,44 @@ def _csv_sample(csv_path: Path, line: int, row: dict) -> Sample:
     return Sample((csv_path.parent / row["path"]).resolve(), row["label"], split)
 
 
-def check_files(samples: list[Sample], progress: bool = True) -> tuple[list[Sample], list[tuple[str, str]], Counter]:
-    """Decode every file once; returns (readable samples, skipped (path, reason), formats found)."""
-    def check(sample: Sample):
-        try:
-            data = sample.path.read_bytes()
-        except FileNotFoundError:
-            return sample, None, "file not found"
-        except OSError as exc:
-            return sample, None, f"cannot read the file ({exc.strerror})"
-        try:
-            info = probe(io.BytesIO(data))
-        except DecodeError as exc:
-            return sample, None, str(exc)
-        return replace(sample, digest=file_digest(data)), info, None
+def inspect_file(sample: Sample) -> FileCheck:
+    """Read the file once: its bytes' digest, and a full decode (which is what finds truncated and
+    corrupt files) giving format, mode, size, bit depth and perceptual hash."""
+    try:
+        data = sample.path.read_bytes()
+    except FileNotFoundError:
+        return FileCheck(sample, problem="missing", reason="file not found")
+    except OSError as exc:
+        return FileCheck(sample, problem="unreadable", reason=f"cannot read the file ({exc.strerror})")
+    if not data:
+        return FileCheck(sample, problem="empty", reason="empty file (0 bytes)")
+    try:
+        info = probe(io.BytesIO(data), fingerprint=True)
+    except DecodeError as exc:
+        return FileCheck(sample, problem=exc.kind, reason=str(exc), size=len(data))
+    return FileCheck(replace(sample, digest=file_digest(data), phash=info.phash), info, size=len(data))
 
-    good, skipped, formats = [], [], Counter()
+
+def inspect_files(samples: list[Sample], progress: bool = True, min_for_bar: int = 2000,
+                  description: str = "checking images") -> list[FileCheck]:
+    """:func:`inspect_file` for every sample, in threads (decoding releases the GIL), in order."""
     workers = min(8, (os.cpu_count() or 1) * 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(check, samples)
-        for sample, info, reason in tqdm(results, total=len(samples), desc="checking images", unit="img",
-                                         disable=not progress or len(samples) < 2000, leave=False):
-            if info is None:
-                log.warning("skipping %s: %s", sample.path, reason)
-                skipped.append((str(sample.path), reason))
-            else:
-                good.append(sample)
-                formats[info.format] += 1
+        results = pool.map(inspect_file, samples)
+        return list(tqdm(results, total=len(samples), desc=description, unit="img", leave=False,
+                         disable=not progress or len(samples) < min_for_bar))
+
+
+def check_files(samples: list[Sample], progress: bool = True) -> tuple[list[Sample], list[tuple[str, str]], Counter]:
+    """Decode every file once; returns (readable samples, skipped (path, reason), formats found)."""
+    good, skipped, formats = [], [], Counter()
+    for check in inspect_files(samples, progress):
+        if check.info is None:
+            log.warning("skipping %s: %s", check.sample.path, check.reason)
+            skipped.append((str(check.sample.path), check.reason))
+        else:
+            good.append(check.sample)
+            formats[check.info.format] += 1
     return good, skipped, formats
 
 
@@ -202,7 +226,8 @@ def file_digest(data: bytes) -> str:
 
 def assign_splits(samples: list[Sample], val_fraction: float, test_fraction: float, seed: int) -> list[Sample]:
     """Stratified, seeded split of the samples that have no split yet; every class gets at least one
-    image in val (and in test when ``test_fraction`` > 0) and keeps at least one for training."""
+    image in val (and in test when ``test_fraction`` > 0) and keeps at least one for training; exact
+    copies of a file land in the same split."""
     by_class: dict[str, list[Sample]] = {}
     for s in samples:
         by_class.setdefault(s.label, []).append(s)
@@ -210,16 +235,30 @@ def assign_splits(samples: list[Sample], val_fraction: float, test_fraction: flo
     out = []
     for label in sorted(by_class):
         members = sorted(by_class[label], key=lambda s: str(s.path))
-        rng.shuffle(members)
+        groups = _identical_groups(members)
+        rng.shuffle(groups)
         n_test = max(1, round(len(members) * test_fraction)) if test_fraction > 0 else 0
         n_val = max(1, round(len(members) * val_fraction))
-        if len(members) - n_test - n_val < 1:
+        taken = Counter()
+        for group in groups:
+            split = "test" if taken["test"] < n_test else "val" if taken["val"] < n_val else "train"
+            taken[split] += len(group)
+            out += [replace(s, split=split) for s in group]
+        if len(members) - n_test - n_val < 1 or not taken["train"]:
             need = 2 + (test_fraction > 0)
-            raise DataError(f"class {label!r} has only {len(members)} readable image(s); at least {need} are "
-                            "needed to split it into train/val" + ("/test" if test_fraction > 0 else ""))
-        splits = ["test"] * n_test + ["val"] * n_val + ["train"] * (len(members) - n_test - n_val)
-        out += [replace(s, split=split) for s, split in zip(members, splits)]
+            copies = f" ({len(groups)} distinct; copies of a file stay in one split)" if len(groups) < len(members) else ""
+            raise DataError(f"class {label!r} has only {len(members)} readable image(s){copies}; at least {need} "
+                            "distinct ones are needed to split it into train/val" + ("/test" if test_fraction > 0 else ""))
     return out
+
+
+def _identical_groups(members: list[Sample]) -> list[list[Sample]]:
+    """Copies of one file (same bytes) stay together, so that a split never puts one copy in train and
+    another in val (that would be leakage made by imgtune). Without copies: one group per sample."""
+    groups: dict[object, list[Sample]] = {}
+    for i, sample in enumerate(members):
+        groups.setdefault(sample.digest or i, []).append(sample)
+    return list(groups.values())
 
 
 def load_splits(source: str | Path, val_fraction: float = 0.2, test_fraction: float = 0.0, seed: int = 0,
