@@ -61,7 +61,8 @@ def test_changed_and_added_files_are_recomputed_nothing_else(tmp_path, counted):
     image[0, 0] = 255 - image[0, 0]
     Image.fromarray(image).save(changed)
     (data / "val" / "red_circle" / "copy.png").write_bytes(changed.read_bytes())
-    assert train(data, tmp_path / "b", store, "--strategy", "linear-probe", "--epochs", "1") == 0
+    # (a copy in val is leakage, refused without --allow-leakage: tests/test_duplicates.py)
+    assert train(data, tmp_path / "b", store, "--strategy", "linear-probe", "--epochs", "1", "--allow-leakage") == 0
     assert counted == [1]  # the changed file; its copy in val has the same content, so it is found cached
 
 

@@ -39,6 +39,7 @@ class DataConfig:
     augment: str = "light"
     cache: bool = True  # cache backbone features and decoded pixels on disk (imgtune.cache)
     cache_dir: str | None = None  # None: $IMGTUNE_CACHE, else ~/.cache/imgtune
+    allow_leakage: bool = False  # train even when the same file is in two splits or two classes
 
 
 @dataclass(frozen=True)

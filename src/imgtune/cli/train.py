@@ -54,6 +54,9 @@ def register(commands) -> None:
     g.add_argument("--augment", choices=cfg.AUGMENTS)
     g.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
                    help="cache backbone features and decoded pixels on disk (default on)")
+    g.add_argument("--allow-leakage", action="store_true", default=None,
+                   help="train even when the same file is in two splits (leakage) or under two classes "
+                        "(a label conflict); imgtune doctor DATA lists them")
     g.add_argument("--cache-dir", help="cache folder (default $IMGTUNE_CACHE, else ~/.cache/imgtune)")
     g = p.add_argument_group("output")
     g.add_argument("--out", help="run folder (default runs/<timestamp>); must be new or empty")
@@ -65,7 +68,7 @@ def register(commands) -> None:
 OPTION_KEYS = ("model", "pretrained", "weights", "img_size", "body", "head", "head_hidden", "dropout", "strategy",
                "epochs", "freeze_epochs", "lr", "backbone_lr_factor", "optimizer", "momentum", "weight_decay",
                "warmup_epochs", "label_smoothing", "early_stop", "monitor", "keep", "balance", "seed", "device",
-               "val_fraction", "test_fraction", "batch_size", "num_workers", "augment", "cache", "cache_dir", "out",
+               "val_fraction", "test_fraction", "batch_size", "num_workers", "augment", "cache", "cache_dir", "allow_leakage", "out",
                "overwrite", "offline")
 
 

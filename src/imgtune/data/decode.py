@@ -21,6 +21,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageCms, ImageOps
 
+from .fingerprint import fingerprint as perceptual_fingerprint
+
 ALPHA_BACKGROUND = (255, 255, 255)
 # Too-large images are refused by _check_pixels with a clear reason; Pillow's own warning is noise.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
@@ -44,7 +46,7 @@ class ImageInfo:
     height: int
     bits: int = 8  # bits per channel of the stored data (16 for 16-bit PNG/TIFF)
     frames: int = 1  # animated GIF/WebP/...: more than one
-    phash: int | None = None  # 64-bit perceptual hash of the decoded image, when asked for
+    fingerprint: bytes | None = None  # perceptual fingerprint (data/fingerprint.py), when asked for
 
 
 def load_rgb(path: str | Path, draft_size: int | None = None) -> Image.Image:
@@ -66,7 +68,7 @@ def load_rgb(path: str | Path, draft_size: int | None = None) -> Image.Image:
 
 def probe(path: str | Path | BinaryIO, fingerprint: bool = False) -> ImageInfo:
     """Decode ``path`` (cheaply for large JPEGs) and return what it is; with ``fingerprint``, also its
-    perceptual hash (:func:`perceptual_hash`). Raises :class:`DecodeError`."""
+    perceptual fingerprint (:mod:`imgtune.data.fingerprint`). Raises :class:`DecodeError`."""
     try:
         with Image.open(path) as img:
             _check_pixels(img)
@@ -77,21 +79,10 @@ def probe(path: str | Path | BinaryIO, fingerprint: bool = False) -> ImageInfo:
                 _draft(img, 64)
             img.load()  # decoding the data is what finds truncated and corrupt files
             if fingerprint:
-                info = replace(info, phash=perceptual_hash(to_rgb(img)))
+                info = replace(info, fingerprint=perceptual_fingerprint(to_rgb(img)))
         return info
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError) as exc:
         raise DecodeError(_describe(exc), _kind(exc)) from exc
-
-
-def perceptual_hash(img: Image.Image) -> int:
-    """64-bit DCT hash (``imagehash.phash``) as an int: unchanged by resizing, JPEG re-compression and
-    small brightness changes (a few bits at most), far apart for different photos."""
-    import imagehash  # light; its scipy import happens at the first call
-
-    if max(img.size) > 512:  # the hash looks at 32x32 pixels; shrink cheaply first
-        img = img.reduce(max(1, max(img.size) // 256))
-    bits = imagehash.phash(img).hash.flatten()
-    return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 
 def _bit_depth(img: Image.Image) -> int:

@@ -38,7 +38,7 @@ class Sample:
     label: str
     split: str | None = None  # None until assigned
     digest: str | None = None  # hash of the file's bytes, set by check_files (the caches' key)
-    phash: int | None = None  # perceptual hash of the decoded image, set by check_files
+    fingerprint: bytes | None = None  # perceptual fingerprint (fingerprint.py), set by check_files
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class FileCheck:
     """What reading one file found: ``info`` for an image, else ``problem`` (``missing``, ``unreadable``,
     ``empty``, ``not-an-image``, ``truncated``, ``too-many-pixels``, ``corrupt``) and ``reason``."""
 
-    sample: Sample  # digest and phash set when the file could be read
+    sample: Sample  # digest and fingerprint set when the file could be read
     info: ImageInfo | None = None
     problem: str | None = None
     reason: str | None = None
@@ -181,7 +181,7 @@ def _csv_sample(csv_path: Path, line: int, row: dict) -> Sample:
 
 def inspect_file(sample: Sample) -> FileCheck:
     """Read the file once: its bytes' digest, and a full decode (which is what finds truncated and
-    corrupt files) giving format, mode, size, bit depth and perceptual hash."""
+    corrupt files) giving format, mode, size, bit depth and perceptual fingerprint."""
     try:
         data = sample.path.read_bytes()
     except FileNotFoundError:
@@ -194,7 +194,7 @@ def inspect_file(sample: Sample) -> FileCheck:
         info = probe(io.BytesIO(data), fingerprint=True)
     except DecodeError as exc:
         return FileCheck(sample, problem=exc.kind, reason=str(exc), size=len(data))
-    return FileCheck(replace(sample, digest=file_digest(data), phash=info.phash), info, size=len(data))
+    return FileCheck(replace(sample, digest=file_digest(data), fingerprint=info.fingerprint), info, size=len(data))
 
 
 def inspect_files(samples: list[Sample], progress: bool = True, min_for_bar: int = 2000,
