@@ -12,9 +12,9 @@ import sys
 
 from .. import __version__
 from ..errors import EXIT_UNEXPECTED, ImgtuneError
-from . import cache, evaluate, predict, sample, train
+from . import cache, doctor, evaluate, predict, sample, train
 
-COMMANDS = (train, evaluate, predict, sample, cache)
+COMMANDS = (train, evaluate, predict, doctor, sample, cache)
 log = logging.getLogger("imgtune")
 
 

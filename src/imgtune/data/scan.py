@@ -266,18 +266,27 @@ def load_splits(source: str | Path, val_fraction: float = 0.2, test_fraction: fl
     """Find, check and split a dataset; raises DataError before any training could start."""
     samples, layout = find_samples(source)
     good, skipped, formats = check_files(samples, progress)
+    assigned = split_readable(good, layout, val_fraction, test_fraction, seed, source, samples)
+    classes = _check_classes(assigned, {s.label for s in samples}, source, skipped)
+    return DataSplits(classes, sorted(assigned, key=lambda s: (s.split, s.label, str(s.path))), layout,
+                      skipped, formats)
+
+
+def split_readable(good: list[Sample], layout: str, val_fraction: float, test_fraction: float, seed: int,
+                   source: str | Path = "", found: list[Sample] | None = None) -> list[Sample]:
+    """Give every readable sample its split, as ``imgtune train`` does: the folder's or CSV's split
+    where there is one, else a stratified seeded split; a split-folder tree without val/ has val
+    split off train/ (a val/ whose files are all unreadable, among ``found``, is an error found later)."""
     assigned = [s for s in good if s.split is not None]
     unassigned = [s for s in good if s.split is None]
-    if layout.startswith("split folders") and not any(s.split == "val" for s in samples):
+    if layout.startswith("split folders") and not any(s.split == "val" for s in found or good):
         log.info("no val/ folder in %s: splitting %.0f%% of train/ off as validation", source, val_fraction * 100)
         assigned = [s for s in good if s.split != "train"]
         unassigned = [replace(s, split=None) for s in good if s.split == "train"]
         test_fraction = 0.0
     if unassigned:
         assigned += assign_splits(unassigned, val_fraction, test_fraction, seed)
-    classes = _check_classes(assigned, {s.label for s in samples}, source, skipped)
-    return DataSplits(classes, sorted(assigned, key=lambda s: (s.split, s.label, str(s.path))), layout,
-                      skipped, formats)
+    return assigned
 
 
 def _check_classes(samples: list[Sample], found_labels: set[str], source, skipped) -> list[str]:
