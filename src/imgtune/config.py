@@ -71,6 +71,7 @@ class TrainConfig:
     balance: str | None = None  # none | weights | sampler; None: chosen from the data
     seed: int = 0
     device: str = "auto"
+    checkpoint_every: int | None = None  # optimizer steps between mid-epoch checkpoints (every epoch's end: always)
 
 
 @dataclass(frozen=True)
@@ -219,6 +220,8 @@ def validate(config: RunConfig) -> None:
         raise UsageError("train.early_stop (patience in epochs) must be at least 1")
     if t.backbone_lr_factor < 0:
         raise UsageError("train.backbone_lr_factor must be 0 or more")
+    if t.checkpoint_every is not None:
+        _check_positive("train.checkpoint_every", t.checkpoint_every)
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

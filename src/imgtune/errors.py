@@ -40,3 +40,13 @@ EXIT_CODES = {
     "data error": DataError.exit_code,
     "model or weights error": ModelError.exit_code,
 }
+
+
+class Interrupted(ImgtuneError):
+    """Training stopped by SIGINT or SIGTERM after writing a checkpoint; the exit code is the shell's
+    convention for a signal: 128 + its number (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
