@@ -71,6 +71,12 @@ def save(folder: Path, payload: dict) -> Path:
     return path
 
 
+def remove_partial(folder: Path) -> None:
+    """Temporary files of writes cut short (a killed process): never complete, never needed."""
+    for tmp in folder.glob(".epoch*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 class UnusableCheckpoint(Exception):
     """Why a checkpoint file cannot be used (internal: :func:`newest_usable` turns it into a warning)."""
 

@@ -96,6 +96,7 @@ def resume(run_dir: str | Path, epochs: int | None = None, progress: bool = True
     device = select_device(config.train.device)
     for path, _ in found.rejected:  # out of the way of the checkpoints the resumed run writes
         path.replace(path.with_name(path.name + ".unusable"))
+    checkpoint.remove_partial(run_dir / checkpoint.FOLDER)
     save_yaml(config, run_dir / artifact.CONFIG)
     artifact.write_json(run_dir / artifact.META, _meta(config, built, splits))
     artifact.remove_final_results(run_dir)

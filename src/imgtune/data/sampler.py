@@ -45,7 +45,9 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         return iter(self.order()[self.start:])
 
     def __len__(self) -> int:
-        return max(0, self.n - self.start)
+        """A whole epoch's items, whatever ``start``: learning-rate schedules and progress bars count
+        whole epochs (the bar of a resumed epoch starts at the batches already done)."""
+        return self.n
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "start": self.start}
