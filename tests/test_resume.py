@@ -283,7 +283,10 @@ def test_interrupted_gradual_run_resumes_across_phases(data, cache, reference, t
 
 
 def test_balanced_sampler_and_best_weights_resume_exactly(data, cache, reference, tmp_path, monkeypatch):
-    args = (*SCRATCH, "--balance", "sampler", "--keep", "best", "--monitor", "loss", "--early-stop", "5")
+    """Stopped in epoch 3 after the best epoch (val accuracy reaches 1 early and cannot beat itself):
+    the resumed run must remember the best weights and keep them, not epoch 3's."""
+    args = (*SCRATCH, "--balance", "sampler", "--keep", "best", "--monitor", "accuracy", "--early-stop", "5")
+    assert json.loads((reference(*args) / "metrics.json").read_text())["best_epoch"] < 3
     run = tmp_path / "run"
     stop_at(monkeypatch, step=2 * STEPS_PER_EPOCH + 4, signum=signal.SIGINT)
     assert main(["-q", *train_args(data, run, cache, *args)]) == 130
@@ -403,3 +406,19 @@ def test_signal_writes_checkpoint_and_exits_then_resume_is_identical(data, cache
 
     assert main(["-q", "train", "--resume", str(run)]) == 0
     assert_same_run(run, reference(*SCRATCH))
+
+
+def test_resume_refuses_changed_data(cache, tmp_path, capsys):
+    data = make_split_dataset(tmp_path / "data", train=4, val=2)
+    run = tmp_path / "run"
+    assert main(["-q", *train_args(data, run, cache, *BASE, "--strategy", "scratch", "--epochs", "1")]) == 0
+    shutil.copy(next((data / "train" / "red_circle").iterdir()), data / "train" / "red_circle" / "extra.png")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 3
+    assert f"the data in {data} changed since the run started" in capsys.readouterr().err
+
+
+def test_train_without_data_or_resume_says_both(capsys):
+    assert main(["train"]) == 2
+    err = capsys.readouterr().err
+    assert "imgtune train DATA" in err and "--resume RUN" in err

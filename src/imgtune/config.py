@@ -275,5 +275,6 @@ def build(data: str | Path | None = None, preset: str | None = None, config_file
         nested.setdefault("data", {})["source"] = str(data)
     config = from_dict({**nested, **top}, config, origin="options")
     if not config.data.source:
-        raise UsageError("no data given: pass a folder or CSV file (imgtune train DATA)")
+        raise UsageError("no data given: pass a folder or CSV file (imgtune train DATA), or continue a run with "
+                         "imgtune train --resume RUN")
     return config
