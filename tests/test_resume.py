@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from imgtune.balance import balanced_sampler
 from imgtune.cli import main
 from imgtune.data.sampler import EpochSampler
 from imgtune.errors import DataError
+from imgtune.interrupt import StopRequest
 
 STEPS_PER_EPOCH = 15  # 30 training images, batch size 2
 BASE = ("--model", "imgtune:small_cnn", "--img-size", "32", "--batch-size", "2", "--device", "cpu", "--workers", "0",
@@ -183,7 +185,8 @@ def payload(epoch: int, step: int, done: bool) -> dict:
     optimizer.step()
     return {"format": checkpoint.FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": {"last_epoch": 4, "base_lrs": [0.1]}, "schedule_steps": 10, "scaler": None, "phase": 0,
-            "epoch": epoch, "step": step, "epoch_done": done, "steps": 4, "tally": None, "rng": checkpoint.capture_rng(),
+            "epoch": epoch, "step": step, "epoch_done": done, "steps": 4, "tally": None,
+            "rng": checkpoint.capture_rng(),
             "sampler": {"epoch": epoch, "start": 2 * step}, "rows": [{"epoch": 1, "phase": "all", "lr": 0.1}],
             "stopped_early": False, "stopper": {"best_value": 0.5, "best_epoch": 1, "stale": 0,
                                                 "best_state": model.state_dict()}}
@@ -239,6 +242,30 @@ def test_unusable_checkpoints_are_named_and_skipped(tmp_path, caplog):
         checkpoint.newest_usable(tmp_path)
     with pytest.raises(DataError, match="no checkpoint in"):
         checkpoint.newest_usable(tmp_path / "absent")
+
+
+def test_stop_request_records_signal_and_restores_handlers():
+    previous, previous_int = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with StopRequest() as stop:
+        assert signal.getsignal(signal.SIGTERM) == stop._handle
+        os.kill(os.getpid(), signal.SIGTERM)  # recorded, not fatal
+        time.sleep(0.01)  # Python runs handlers between bytecodes of the main thread
+        assert stop.signum == signal.SIGTERM and stop.name == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):  # a second signal stops at once
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
+    assert signal.getsignal(signal.SIGTERM) == previous
+    assert signal.getsignal(signal.SIGINT) == previous_int
+
+    def in_thread():
+        with StopRequest():
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    seen: list = []
+    thread = threading.Thread(target=in_thread)
+    thread.start()
+    thread.join()
+    assert seen == [previous]  # only the main thread may install handlers
 
 
 # --- resuming runs (in-process) ------------------------------------------------------------------

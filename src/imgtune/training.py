@@ -136,11 +136,14 @@ def _check_resumable(found: checkpoint.Found, config: RunConfig, epochs: int | N
 def _check_same_data(run_dir: Path, source: str, splits: DataSplits) -> None:
     """A checkpoint's position in an epoch means nothing if the images changed."""
     meta = json.loads((run_dir / artifact.META).read_text())
-    then = {"classes": meta["classes"], "counts": meta["data"]["counts"]}
-    now = {"classes": splits.classes, "counts": splits.counts()}
+    then, now = (meta["classes"], meta["data"]["counts"]), (splits.classes, splits.counts())
     if then != now:
-        raise DataError(f"the data in {source} changed since the run started (classes and images per split then: {then}; now: {now}); a "
-                        "run can only be resumed on the same data")
+        raise DataError(f"the data in {source} changed since the run started (then {_sizes(*then)}; now "
+                        f"{_sizes(*now)}); a run can only be resumed on the data it started on")
+
+
+def _sizes(classes: list[str], counts: dict[str, dict[str, int]]) -> str:
+    return f"{len(classes)} classes, " + ", ".join(f"{name} {sum(c.values())}" for name, c in counts.items())
 
 
 def _train_and_save(config: RunConfig, splits: DataSplits, built: models.BuiltModel, device, start: float,

@@ -71,8 +71,8 @@ def register(commands) -> None:
 OPTION_KEYS = ("model", "pretrained", "weights", "img_size", "body", "head", "head_hidden", "dropout", "strategy",
                "epochs", "freeze_epochs", "lr", "backbone_lr_factor", "optimizer", "momentum", "weight_decay",
                "warmup_epochs", "label_smoothing", "early_stop", "monitor", "keep", "balance", "seed", "device",
-               "checkpoint_every", "val_fraction", "test_fraction", "batch_size", "num_workers", "augment", "cache", "cache_dir", "out",
-               "overwrite", "offline")
+               "checkpoint_every", "val_fraction", "test_fraction", "batch_size", "num_workers", "augment", "cache",
+               "cache_dir", "out", "overwrite", "offline")
 
 
 # flags whose name is not the option's key with dashes
