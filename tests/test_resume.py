@@ -325,6 +325,19 @@ def test_balanced_sampler_and_best_weights_resume_exactly(data, cache, reference
     assert_same_run(run, reference(*args))
 
 
+def test_metrics_rows_after_the_checkpoint_are_dropped(data, cache, tmp_path, monkeypatch):
+    """Killed after metrics.csv got epoch 1's row but before epoch 1's checkpoint: the row goes, even
+    if the resumed run is stopped again before it retrains epoch 1."""
+    run = tmp_path / "run"
+    stop_at(monkeypatch, step=1)
+    args = (*BASE, "--strategy", "scratch", "--epochs", "1", "--batch-size", "10")
+    assert main(["-q", *train_args(data, run, cache, *args)]) == 143
+    (run / "metrics.csv").write_text("epoch,phase\n1,all\n")
+    stop_at(monkeypatch, step=2)
+    assert main(["-q", "train", "--resume", str(run)]) == 143
+    assert not (run / "metrics.csv").exists()
+
+
 def test_raising_epochs_trains_a_finished_run_further(data, cache, tmp_path, capsys):
     """The extra epochs follow the cosine schedule of the new length, from the step reached."""
     run = tmp_path / "run"

@@ -127,13 +127,14 @@ def newest_usable(folder: Path) -> Found:
 
 
 def capture_rng() -> dict:
-    """The global generators' states as plain values (NumPy's array becomes a list of ints)."""
+    """The global generators' states as plain values (NumPy's array becomes a list of ints). CUDA's
+    only once CUDA is in use: asking earlier would start it in runs on the CPU."""
     version, words, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return {"python": [version, list(words), gauss],
             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
 
 
 def restore_rng(state: dict) -> None:

@@ -100,6 +100,7 @@ def resume(run_dir: str | Path, epochs: int | None = None, progress: bool = True
     save_yaml(config, run_dir / artifact.CONFIG)
     artifact.write_json(run_dir / artifact.META, _meta(config, built, splits))
     artifact.remove_final_results(run_dir)
+    (run_dir / artifact.METRICS_CSV).unlink(missing_ok=True)  # rows after the checkpoint go
     artifact.write_metrics_csv(run_dir / artifact.METRICS_CSV, found.payload["rows"])
     log.info("resuming %s from %s", run_dir, found.path)
     return _train_and_save(config, splits, built, device, start, found.payload)
