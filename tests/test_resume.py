@@ -358,6 +358,21 @@ def test_raising_epochs_trains_a_finished_run_further(data, cache, tmp_path, cap
     assert "has trained all its 4 epochs" in capsys.readouterr().err
 
 
+def test_early_stopped_run_is_finished(data, cache, tmp_path, capsys):
+    """A learning rate too small to move the head (on frozen features): val accuracy cannot improve."""
+    run = tmp_path / "run"
+    args = (*BASE, "--strategy", "linear-probe", "--no-pretrained", "--epochs", "4", "--lr", "1e-12",
+            "--early-stop", "1", "--batch-size", "10")
+    assert main(["-q", *train_args(data, run, cache, *args)]) == 0
+    assert len(metrics_rows(run)) == 2 and newest(run)["stopped_early"]
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--epochs", "6"]) == 2
+    assert "stopped early after epoch 2" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run)]) == 0
+    assert "stopped early after epoch 2" in capsys.readouterr().err
+    assert len(metrics_rows(run)) == 2 and (run / "model.safetensors").exists()
+
+
 def test_resume_refuses_other_flags_and_fewer_epochs(data, cache, reference, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(reference(*SCRATCH), run)

@@ -124,12 +124,14 @@ def _check_resumable(found: checkpoint.Found, config: RunConfig, epochs: int | N
     payload = found.payload
     done = payload["epoch"] - (not payload["epoch_done"])
     if payload["stopped_early"] and epochs is not None:
-        raise UsageError(f"the run stopped early after epoch {done} (--early-stop); raising --epochs does not "
-                         "continue it")
+        raise UsageError(f"the run stopped early after epoch {done} (--early-stop): it is finished, and --epochs "
+                         "does not continue it (--resume without --epochs writes its results again)")
     if done > config.train.epochs:
         raise DataError(f"{found.path} is past epoch {config.train.epochs}, the run's last: config.yaml does "
                         "not match the checkpoints")
-    if payload["epoch_done"] and done == config.train.epochs:
+    if payload["stopped_early"]:
+        log.warning("the run stopped early after epoch %d (--early-stop); writing its results again", done)
+    elif payload["epoch_done"] and done == config.train.epochs:
         log.warning("the run has trained all its %d epochs; writing its results again (pass a higher --epochs "
                     "to train it further)", done)
 
