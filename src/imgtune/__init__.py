@@ -8,6 +8,7 @@ Python API (the command line calls the same functions)::
     for p in predictor.predict(["photo.jpg"]):
         print(p.path, p.labels[0], p.probs[0])
     report = imgtune.evaluate(result.run_dir).report
+    imgtune.resume("runs/ants")  # an interrupted run, from its newest checkpoint
 """
 
 from __future__ import annotations
@@ -33,6 +34,15 @@ def train(data: str | Path, *, preset: str | None = None, config_file: str | Pat
     return run_training(build(data, preset, config_file, **options), progress=progress)
 
 
+def resume(run: str | Path, *, epochs: int | None = None, progress: bool = True) -> "TrainResult":
+    """Continue the interrupted run in folder ``run`` from its newest usable checkpoint, with the run's
+    saved config (``imgtune train --resume RUN``). ``epochs`` may only raise the run's epoch count, which
+    also trains a finished run further."""
+    from .training import resume as resume_training
+
+    return resume_training(run, epochs, progress=progress)
+
+
 def load(run: str | Path, device: str = "auto") -> "Predictor":
     """A :class:`~imgtune.predict.Predictor` for a run folder written by :func:`train`."""
     from .predict import Predictor
@@ -47,4 +57,4 @@ def evaluate(run: str | Path, data: str | Path | None = None, split: str | None 
     return run_evaluation(run, None if data is None else str(data), split, device)
 
 
-__all__ = ["__version__", "evaluate", "load", "train"]
+__all__ = ["__version__", "evaluate", "load", "resume", "train"]

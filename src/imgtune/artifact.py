@@ -7,12 +7,14 @@ meta.json          classes, preprocessing, model name and library, weights sourc
                    versions
 metrics.csv        one row per epoch
 metrics.json       validation results at top level, test results under "test"
+checkpoints/       the newest two checkpoints, to continue an interrupted run (imgtune.checkpoint)
 ```
 Every file is written atomically (temporary file, fsync, rename), so a crash never leaves half a file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -34,6 +36,7 @@ from .errors import DataError, UsageError
 CONFIG, WEIGHTS, META, METRICS_CSV, METRICS_JSON = (
     "config.yaml", "model.safetensors", "meta.json", "metrics.csv", "metrics.json")
 ARTIFACT_FILES = (CONFIG, WEIGHTS, META, METRICS_CSV, METRICS_JSON)
+CHECKPOINTS = "checkpoints"  # see imgtune.checkpoint
 EVALUATION_FILES = ("evaluation_*.json", "confusion_matrix_*.csv", "confusion_matrix_*.png")  # imgtune evaluate
 
 
@@ -55,8 +58,22 @@ def prepare_out_dir(out: str | Path | None, overwrite: bool) -> Path:
 
 
 def _remove_results(path: Path) -> None:
-    """Stale results of the previous run (its weights, metrics and evaluations) must not survive."""
-    stale = [path / name for name in ARTIFACT_FILES]
+    """Stale results of the previous run (its weights, metrics, evaluations and checkpoints) must not
+    survive: ``--resume`` would otherwise continue the old run."""
+    for name in ARTIFACT_FILES:
+        (path / name).unlink(missing_ok=True)
+    remove_final_results(path)
+    folder = path / CHECKPOINTS
+    for file in [*folder.glob("epoch*.pt"), *folder.glob("epoch*.pt.unusable")]:
+        file.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # kept if something else lives there
+        folder.rmdir()
+
+
+def remove_final_results(path: Path) -> None:
+    """The weights, final metrics and evaluations, which a resumed run is about to replace: until it
+    does, none may sit beside a config and metrics they do not belong to."""
+    stale = [path / WEIGHTS, path / METRICS_JSON]
     stale += [p for pattern in EVALUATION_FILES for p in path.glob(pattern)]
     for file in stale:
         file.unlink(missing_ok=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .config import IMBALANCE_THRESHOLD
+from .data.sampler import EpochSampler
 
 
 def imbalance_ratio(counts: dict[str, int]) -> float:
@@ -47,9 +48,9 @@ def class_weights(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     return weights.float()
 
 
-def balanced_sampler(targets: torch.Tensor, num_classes: int, seed: int) -> torch.utils.data.Sampler:
-    """Draws ``len(targets)`` items per epoch with replacement, every class equally likely."""
+def balanced_sampler(targets: torch.Tensor, num_classes: int, seed: int) -> EpochSampler:
+    """Draws ``len(targets)`` items per epoch with replacement, every class equally likely; the draws
+    of an epoch depend only on ``seed`` and the epoch, so an interrupted run resumes them exactly."""
     counts = _class_counts(targets, num_classes)
     per_item = torch.where(targets >= 0, 1.0 / counts.clamp(min=1)[targets.clamp(min=0)], 0.0)
-    return torch.utils.data.WeightedRandomSampler(per_item, len(targets), replacement=True,
-                                                  generator=torch.Generator().manual_seed(seed))
+    return EpochSampler(len(targets), seed, weights=per_item)

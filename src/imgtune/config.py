@@ -72,6 +72,7 @@ class TrainConfig:
     balance: str | None = None  # none | weights | sampler; None: chosen from the data
     seed: int = 0
     device: str = "auto"
+    checkpoint_every: int | None = None  # optimizer steps between mid-epoch checkpoints (every epoch's end: always)
 
 
 @dataclass(frozen=True)
@@ -220,6 +221,8 @@ def validate(config: RunConfig) -> None:
         raise UsageError("train.early_stop (patience in epochs) must be at least 1")
     if t.backbone_lr_factor < 0:
         raise UsageError("train.backbone_lr_factor must be 0 or more")
+    if t.checkpoint_every is not None:
+        _check_positive("train.checkpoint_every", t.checkpoint_every)
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -273,5 +276,6 @@ def build(data: str | Path | None = None, preset: str | None = None, config_file
         nested.setdefault("data", {})["source"] = str(data)
     config = from_dict({**nested, **top}, config, origin="options")
     if not config.data.source:
-        raise UsageError("no data given: pass a folder or CSV file (imgtune train DATA)")
+        raise UsageError("no data given: pass a folder or CSV file (imgtune train DATA), or continue a run with "
+                         "imgtune train --resume RUN")
     return config

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import checkpoint
 from .config import TrainConfig
-from .errors import UsageError
+from .errors import DataError, UsageError
 from .metrics import quick_metrics
 from .models import Classifier
 from .strategies import Phase
@@ -100,12 +101,36 @@ class EpochResult:
                 "seconds": round(self.seconds, 2)}
 
 
+@dataclass
+class Tally:
+    """Running sums of the epoch in progress; a mid-epoch checkpoint keeps them."""
+
+    lr: float  # at the epoch's start (the metrics row reports it)
+    batches: int = 0  # taken from the loader, a batch whose files all failed included
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    seconds: float = 0.0  # spent before the current session (a resumed epoch)
+    since: float = field(default_factory=time.perf_counter, repr=False)
+
+    def elapsed(self) -> float:
+        return self.seconds + time.perf_counter() - self.since
+
+    def state_dict(self) -> dict:
+        return {"lr": self.lr, "batches": self.batches, "loss_sum": self.loss_sum, "correct": self.correct,
+                "seen": self.seen, "seconds": self.elapsed()}
+
+
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, device: torch.device,
-                    scaler: torch.amp.GradScaler | None, description: str) -> tuple[float, float]:
+                    scaler: torch.amp.GradScaler | None, description: str, tally: Tally | None = None,
+                    after_step: Callable[[], None] = lambda: None) -> tuple[float, float]:
+    """Train on what ``loader`` yields, adding to ``tally`` (a resumed epoch's sums); ``after_step`` runs
+    after every optimizer step. Returns the epoch's mean loss and accuracy."""
+    tally = tally or Tally(optimizer.param_groups[0]["lr"])
     model.train()
-    total_loss, correct, seen = 0.0, 0, 0
-    bar = tqdm(loader, desc=description, unit="batch", leave=False, disable=None)
+    bar = tqdm(loader, desc=description, unit="batch", leave=False, disable=None, initial=tally.batches)
     for batch in bar:
+        tally.batches += 1
         if batch is None:
             continue
         images, targets, _ = batch
@@ -122,11 +147,12 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, dev
             loss.backward()
             optimizer.step()
         scheduler.step()
-        total_loss += loss.item() * len(targets)
-        correct += (logits.argmax(1) == targets).sum().item()
-        seen += len(targets)
-        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
-    return total_loss / max(seen, 1), correct / max(seen, 1)
+        tally.loss_sum += loss.item() * len(targets)
+        tally.correct += (logits.argmax(1) == targets).sum().item()
+        tally.seen += len(targets)
+        bar.set_postfix(loss=f"{tally.loss_sum / tally.seen:.3f}", acc=f"{tally.correct / tally.seen:.3f}")
+        after_step()
+    return tally.loss_sum / max(tally.seen, 1), tally.correct / max(tally.seen, 1)
 
 
 @torch.inference_mode()
@@ -172,6 +198,52 @@ class EarlyStopping:
             self.stale += 1
         return self.patience is not None and self.stale >= self.patience
 
+    def state_dict(self) -> dict:
+        return {"best_value": self.best_value, "best_epoch": self.best_epoch, "stale": self.stale,
+                "best_state": self.best_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
+        self.stale, self.best_state = state["stale"], state["best_state"]
+
+
+@dataclass
+class Progress:
+    """Where training stands, in plain values. With the model, optimizer, scheduler and scaler states
+    and the random generators' states it is what a checkpoint holds."""
+
+    stopper: EarlyStopping
+    epochs_done: int = 0
+    steps: int = 0  # optimizer steps over all phases (``checkpoint_every`` counts them)
+    tally: Tally | None = None  # the epoch in progress, if any
+    rows: list[dict] = field(default_factory=list)  # metrics.csv
+    stopped_early: bool = False
+
+    def state_dict(self) -> dict:
+        mid = self.tally is not None
+        return {"epoch": self.epochs_done + mid, "step": self.tally.batches if mid else 0, "epoch_done": not mid,
+                "steps": self.steps, "tally": self.tally.state_dict() if mid else None,
+                "rows": [dict(row) for row in self.rows], "stopped_early": self.stopped_early,
+                "stopper": self.stopper.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epochs_done = state["epoch"] - (not state["epoch_done"])
+        self.steps, self.stopped_early = state["steps"], state["stopped_early"]
+        self.tally = Tally(**state["tally"]) if state["tally"] is not None else None
+        self.rows = [dict(row) for row in state["rows"]]
+        self.stopper.load_state_dict(state["stopper"])
+
+
+class Hooks:
+    """What runs beside training (``checkpoint.Checkpointer`` writes checkpoints); no-op defaults.
+    ``snapshot()`` returns the checkpoint payload of this moment."""
+
+    def after_step(self, steps: int, snapshot: Callable[[], dict]) -> None:
+        pass
+
+    def after_epoch(self, snapshot: Callable[[], dict]) -> None:
+        pass
+
 
 @dataclass
 class Loaders:
@@ -193,36 +265,128 @@ class Loaders:
 
 def fit(model: Classifier, phases: list[Phase], loaders: Loaders, train: TrainConfig,
         device: torch.device, num_classes: int, on_epoch: Callable[[EpochResult], None] = lambda r: None,
-        class_weights: torch.Tensor | None = None) -> EarlyStopping:
-    """Run every phase; calls ``on_epoch`` after each epoch (to write the metrics CSV).
+        class_weights: torch.Tensor | None = None, hooks: Hooks | None = None,
+        resume: dict | None = None) -> Progress:
+    """Run every phase, or what is left of them after ``resume`` (a checkpoint's payload); calls
+    ``on_epoch`` after each epoch (to write the metrics CSV) and ``hooks`` after each step and epoch.
     ``class_weights`` weight the training loss (``--balance weights``); validation is never weighted."""
     weight = class_weights.to(device) if class_weights is not None else None
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=train.label_smoothing)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and not torch.cuda.is_bf16_supported() \
         else None
-    stopper = EarlyStopping(train.monitor, train.early_stop, train.keep == "best")
-    epoch = 0
-    for phase in phases:
-        model.freeze_body(phase.body_frozen)
-        net, train_loader, val_loader = loaders.for_phase(model, phase)
-        optimizer = make_optimizer(model, phase, train)
-        steps = phase.epochs * max(1, len(train_loader))
-        warmup = round(train.warmup_epochs * len(train_loader)) if phase is phases[0] else 0
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, warmup))
-        for _ in range(phase.epochs):
-            epoch += 1
-            start = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
-            loss, acc = train_one_epoch(net, train_loader, optimizer, scheduler, loss_fn, device, scaler,
-                                        f"epoch {epoch} ({phase.name})")
-            probs, targets, _ = predict_probs(net, val_loader, device, "validating")
-            val = quick_metrics(targets, probs, num_classes)
-            result = EpochResult(epoch, phase.name, lr, loss, acc, val, time.perf_counter() - start)
-            log.info("epoch %d (%s): train loss %.4f acc %.4f | val loss %.4f acc %.4f macro-F1 %.4f | %.1fs",
-                     epoch, phase.name, loss, acc, val["loss"], val["accuracy"], val["macro_f1"], result.seconds)
-            on_epoch(result)
-            if stopper.update(epoch, val[train.monitor], model):
-                log.info("early stopping: val %s has not improved for %d epochs (best %.4f at epoch %d)",
-                         train.monitor, stopper.stale, stopper.best_value, stopper.best_epoch)
-                return stopper
-    return stopper
+    run = _Run(model, loaders, train, device, num_classes, loss_fn, scaler, on_epoch, hooks or Hooks(),
+               Progress(EarlyStopping(train.monitor, train.early_stop, train.keep == "best")))
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        run.progress.load_state_dict(resume)
+    for index, phase in enumerate(phases):
+        end = sum(p.epochs for p in phases[:index + 1])
+        if run.progress.stopped_early or run.progress.epochs_done >= end:
+            continue
+        run.start_phase(index, phase, train.warmup_epochs if index == 0 else 0.0)
+        if resume is not None:
+            run.restore(resume)
+            resume = None
+        while run.progress.epochs_done < end and not run.progress.stopped_early:
+            run.epoch()
+    return run.progress
+
+
+@dataclass
+class _Run:
+    """One call of :func:`fit`: what every epoch needs, and the current phase's optimizer and schedule."""
+
+    model: Classifier
+    loaders: Loaders
+    train: TrainConfig
+    device: torch.device
+    num_classes: int
+    loss_fn: nn.Module
+    scaler: torch.amp.GradScaler | None
+    on_epoch: Callable[[EpochResult], None]
+    hooks: Hooks
+    progress: Progress
+    phase_index: int = 0
+    phase: Phase | None = None
+    net: nn.Module | None = None
+    train_loader: object = None
+    val_loader: object = None
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+    schedule_steps: int = 0
+
+    def start_phase(self, index: int, phase: Phase, warmup_epochs: float) -> None:
+        self.phase_index, self.phase = index, phase
+        self.model.freeze_body(phase.body_frozen)
+        self.net, self.train_loader, self.val_loader = self.loaders.for_phase(self.model, phase)
+        self.optimizer = make_optimizer(self.model, phase, self.train)
+        per_epoch = max(1, len(self.train_loader))  # a full epoch's batches (EpochSampler's length)
+        self.schedule_steps = phase.epochs * per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(self.schedule_steps, round(warmup_epochs * per_epoch)))
+
+    def restore(self, saved: dict) -> None:
+        """Continue from a checkpoint: the optimizer and schedule if it was taken in this phase (not
+        at the end of the one before), then the random generators, as they were when it was taken."""
+        if saved["phase"] > self.phase_index:
+            raise DataError(f"the checkpoint was taken in phase {saved['phase'] + 1} but its epoch belongs to phase "
+                            f"{self.phase_index + 1}: the run's config.yaml no longer matches its checkpoints")
+        if saved["phase"] == self.phase_index:
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+            if saved["schedule_steps"] != self.schedule_steps:  # --epochs raised: follow the longer schedule
+                self._apply_schedule()
+        if self.scaler is not None and saved["scaler"] is not None:
+            self.scaler.load_state_dict(saved["scaler"])
+        checkpoint.restore_rng(saved["rng"])
+
+    def _apply_schedule(self) -> None:
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * factor
+
+    def epoch(self) -> None:
+        progress, epoch = self.progress, self.progress.epochs_done + 1
+        if progress.tally is None:
+            progress.tally = Tally(self.optimizer.param_groups[0]["lr"])
+        progress.tally.since = time.perf_counter()
+        _position(self.train_loader, epoch, progress.tally.batches)
+        loss, acc = train_one_epoch(self.net, self.train_loader, self.optimizer, self.scheduler, self.loss_fn,
+                                    self.device, self.scaler, f"epoch {epoch} ({self.phase.name})",
+                                    progress.tally, self._after_step)
+        probs, targets, _ = predict_probs(self.net, self.val_loader, self.device, "validating")
+        val = quick_metrics(targets, probs, self.num_classes)
+        result = EpochResult(epoch, self.phase.name, progress.tally.lr, loss, acc, val, progress.tally.elapsed())
+        log.info("epoch %d (%s): train loss %.4f acc %.4f | val loss %.4f acc %.4f macro-F1 %.4f | %.1fs",
+                 epoch, self.phase.name, loss, acc, val["loss"], val["accuracy"], val["macro_f1"], result.seconds)
+        progress.rows.append(result.row())
+        progress.tally, progress.epochs_done = None, epoch
+        self.on_epoch(result)
+        progress.stopped_early = progress.stopper.update(epoch, val[self.train.monitor], self.model)
+        if progress.stopped_early:
+            stopper = progress.stopper
+            log.info("early stopping: val %s has not improved for %d epochs (best %.4f at epoch %d)",
+                     self.train.monitor, stopper.stale, stopper.best_value, stopper.best_epoch)
+        self.hooks.after_epoch(self.snapshot)
+
+    def _after_step(self) -> None:
+        self.progress.steps += 1
+        self.hooks.after_step(self.progress.steps, self.snapshot)
+
+    def snapshot(self) -> dict:
+        """The checkpoint payload of this moment: plain containers and tensors only."""
+        progress = self.progress.state_dict()
+        batch_size = getattr(self.train_loader, "batch_size", None) or 1
+        return {"format": checkpoint.FORMAT, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "schedule_steps": self.schedule_steps,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "phase": self.phase_index, "rng": checkpoint.capture_rng(),
+                "sampler": {"epoch": progress["epoch"], "start": progress["step"] * batch_size}, **progress}
+
+
+def _position(loader, epoch: int, batches_done: int) -> None:
+    """Point the training sampler at ``epoch``, past the batches already trained on."""
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch, batches_done * (loader.batch_size or 1))

@@ -31,6 +31,16 @@ class ModelError(ImgtuneError):
     exit_code = 4
 
 
+class Interrupted(ImgtuneError):
+    """Training stopped by SIGINT or SIGTERM after writing a checkpoint; the exit code is the shell's
+    convention for a signal: 128 + its number (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1
 EXIT_CODES = {
@@ -39,4 +49,6 @@ EXIT_CODES = {
     "usage or configuration error": UsageError.exit_code,
     "data error": DataError.exit_code,
     "model or weights error": ModelError.exit_code,
+    "training stopped by SIGINT (after a checkpoint)": 130,
+    "training stopped by SIGTERM (after a checkpoint)": 143,
 }

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .cache import ArrayStore, file_sha256, feature_store
 from .data.dataset import ImageDataset, make_loader
+from .data.sampler import EpochSampler
 from .data.scan import Sample
 from .data.transforms import eval_transform
 from .engine import autocast, to_channels_last
@@ -41,10 +42,11 @@ class FeatureSet:
     positions: torch.Tensor  # (n,) index of each row in the split's sample list
 
     def loader(self, batch_size: int, shuffle: bool, seed: int, drop_last: bool = False, sampler=None):
-        """``sampler`` (e.g. a class-balanced one) replaces shuffling."""
+        """``shuffle``: a resumable :class:`EpochSampler`; ``sampler`` (e.g. a class-balanced one) replaces it."""
         dataset = torch.utils.data.TensorDataset(self.features, self.targets, self.positions)
-        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
-                                           sampler=sampler, drop_last=drop_last,
+        if shuffle and sampler is None:
+            sampler = EpochSampler(len(dataset), seed)
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                                            generator=torch.Generator().manual_seed(seed))
 
 

@@ -2,11 +2,14 @@
 
 1. resolve the config; 2. find, check and split the data (errors stop here, before anything is
 written); 3. build the model and find its weights (likewise); 4. create the run folder; 5. train the
-strategy's phases, writing metrics.csv after every epoch; 6. save weights and the final metrics.
+strategy's phases, writing metrics.csv and a checkpoint after every epoch; 6. save weights and the
+final metrics. :func:`resume` replaces 1 and 4 by reading the run folder's config.yaml and newest
+usable checkpoint, and continues at 5 where the checkpoint left off.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -17,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import artifact, balance, features, models
-from .config import RunConfig, resolve, save_yaml, to_dict
+from . import artifact, balance, checkpoint, features, models
+from .config import RunConfig, load_yaml, resolve, save_yaml, to_dict
 from .data import load_splits
 from .data.dataset import ImageDataset, make_loader
 from .data.duplicates import exact_groups, leaks_into
@@ -27,7 +30,9 @@ from .data.transforms import eval_transform, train_transform
 from .cache import default_cache_dir, pixel_store
 from .errors import DataError
 from .engine import Loaders, fit, predict_probs, select_device
+from .errors import DataError, UsageError
 from .evaluation import full_report
+from .interrupt import StopRequest
 from .strategies import plan
 
 log = logging.getLogger(__name__)
@@ -73,11 +78,87 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
     config = replace(config, out=str(out))
     save_yaml(config, out / artifact.CONFIG)
     artifact.write_json(out / artifact.META, _meta(config, built, splits))
+    return _train_and_save(config, splits, built, device, start)
 
+
+def resume(run_dir: str | Path, epochs: int | None = None, progress: bool = True) -> TrainResult:
+    """Continue the run in ``run_dir`` from its newest usable checkpoint, with its saved config.
+    ``epochs`` may only raise the run's epoch count (the extra epochs go to the last phase), which also
+    trains a finished run further."""
+    start = time.perf_counter()
+    run_dir = Path(run_dir)
+    config = _resumed_config(run_dir, epochs)
+    found = checkpoint.newest_usable(run_dir / checkpoint.FOLDER)
+    _check_resumable(found, config, epochs)
+    seed_everything(config.train.seed)
+    splits = load_splits(config.data.source, config.data.val_fraction, config.data.test_fraction,
+                         config.train.seed, progress)
+    _log_data(splits)
+    _check_same_data(run_dir, config.data.source, splits)
+    built = models.create(config.model, len(splits.classes), offline=config.offline)
+    device = select_device(config.train.device)
+    for path, _ in found.rejected:  # out of the way of the checkpoints the resumed run writes
+        path.replace(path.with_name(path.name + ".unusable"))
+    checkpoint.remove_partial(run_dir / checkpoint.FOLDER)
+    save_yaml(config, run_dir / artifact.CONFIG)
+    artifact.write_json(run_dir / artifact.META, _meta(config, built, splits))
+    artifact.remove_final_results(run_dir)
+    (run_dir / artifact.METRICS_CSV).unlink(missing_ok=True)  # rows after the checkpoint go
+    artifact.write_metrics_csv(run_dir / artifact.METRICS_CSV, found.payload["rows"])
+    log.info("resuming %s from %s", run_dir, found.path)
+    return _train_and_save(config, splits, built, device, start, found.payload)
+
+
+def _resumed_config(run_dir: Path, epochs: int | None) -> RunConfig:
+    path = run_dir / artifact.CONFIG
+    if not path.is_file():
+        raise DataError(f"{run_dir} is not an imgtune run folder (no {artifact.CONFIG}); pass the --out folder "
+                        "of the run to continue")
+    config = replace(load_yaml(path), out=str(run_dir))
+    if epochs is not None:
+        if epochs < config.train.epochs:
+            raise UsageError(f"--epochs {epochs}: {run_dir} was set to train {config.train.epochs} epochs; with "
+                             "--resume, --epochs may only raise that number")
+        config = replace(config, train=replace(config.train, epochs=epochs))
+    return resolve(config)
+
+
+def _check_resumable(found: checkpoint.Found, config: RunConfig, epochs: int | None) -> None:
+    payload = found.payload
+    done = payload["epoch"] - (not payload["epoch_done"])
+    if payload["stopped_early"] and epochs is not None:
+        raise UsageError(f"the run stopped early after epoch {done} (--early-stop): it is finished, and --epochs "
+                         "does not continue it (--resume without --epochs writes its results again)")
+    if done > config.train.epochs:
+        raise DataError(f"{found.path} is past epoch {config.train.epochs}, the run's last: config.yaml does "
+                        "not match the checkpoints")
+    if payload["stopped_early"]:
+        log.warning("the run stopped early after epoch %d (--early-stop); writing its results again", done)
+    elif payload["epoch_done"] and done == config.train.epochs:
+        log.warning("the run has trained all its %d epochs; writing its results again (pass a higher --epochs "
+                    "to train it further)", done)
+
+
+def _check_same_data(run_dir: Path, source: str, splits: DataSplits) -> None:
+    """A checkpoint's position in an epoch means nothing if the images changed."""
+    meta = json.loads((run_dir / artifact.META).read_text())
+    then, now = (meta["classes"], meta["data"]["counts"]), (splits.classes, splits.counts())
+    if then != now:
+        raise DataError(f"the data in {source} changed since the run started (then {_sizes(*then)}; now "
+                        f"{_sizes(*now)}); a run can only be resumed on the data it started on")
+
+
+def _sizes(classes: list[str], counts: dict[str, dict[str, int]]) -> str:
+    return f"{len(classes)} classes, " + ", ".join(f"{name} {sum(c.values())}" for name, c in counts.items())
+
+
+def _train_and_save(config: RunConfig, splits: DataSplits, built: models.BuiltModel, device, start: float,
+                    resume: dict | None = None) -> TrainResult:
+    out = Path(config.out)
     model = built.model.to(device, memory_format=torch.channels_last)
     phases = plan(config.train)
     loaders = _loaders(config, splits, built, phases, device)
-    rows: list[dict] = []
+    rows: list[dict] = list(resume["rows"]) if resume else []
 
     def on_epoch(result) -> None:
         rows.append(result.row())
@@ -86,7 +167,10 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
     log.info("training %s with strategy %s on %s (run folder %s)", built.spec, config.train.strategy, device, out)
     weights = balance.class_weights(loaders.train.dataset.targets(), len(splits.classes)) \
         if config.train.balance == "weights" else None
-    stopper = fit(model, phases, loaders, config.train, device, len(splits.classes), on_epoch, weights)
+    with StopRequest() as stop:
+        hooks = checkpoint.Checkpointer(out, config.train.checkpoint_every, stop)
+        stopper = fit(model, phases, loaders, config.train, device, len(splits.classes), on_epoch, weights,
+                      hooks, resume).stopper
     if config.train.keep == "best" and stopper.best_state is not None:
         log.warning("keeping the weights of epoch %d, chosen on val %s: the val metrics below are optimistic; "
                     "trust the test split (--test-fraction) for an unbiased figure", stopper.best_epoch,

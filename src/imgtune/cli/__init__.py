@@ -1,7 +1,8 @@
 """The ``imgtune`` command: one module per subcommand, each registering its own parser.
 
 Exit codes: 0 success, 1 unexpected failure, 2 usage or configuration error, 3 data error,
-4 model or weights error (see ``imgtune.errors``).
+4 model or weights error, 130/143 training stopped by SIGINT/SIGTERM after a checkpoint (see
+``imgtune.errors``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ log = logging.getLogger("imgtune")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imgtune", description=__doc__.splitlines()[0],
                                      epilog="exit codes: 0 success, 1 unexpected failure, 2 usage error, "
-                                            "3 data error, 4 model/weights error")
+                                            "3 data error, 4 model/weights error, 130/143 stopped by "
+                                            "SIGINT/SIGTERM after a checkpoint (imgtune train --resume RUN)")
     parser.add_argument("--version", action="version", version=f"imgtune {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug messages and full tracebacks")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")

@@ -5,14 +5,18 @@ from __future__ import annotations
 import argparse
 
 from .. import config as cfg
+from ..errors import UsageError
 from .output import console, print_metrics
 
 
 def register(commands) -> None:
     p = commands.add_parser("train", help="train a classifier on a folder of images or a CSV",
                             description=__doc__)
-    p.add_argument("data", help="folder with train/ and val/ (and test/), a class-per-folder tree, or a CSV "
-                                "with columns path,label[,split]")
+    p.add_argument("data", nargs="?", help="folder with train/ and val/ (and test/), a class-per-folder tree, or "
+                                           "a CSV with columns path,label[,split]")
+    p.add_argument("--resume", metavar="RUN", help="continue the interrupted run in folder RUN from its newest "
+                                                   "checkpoint, with its saved config (only --epochs may be given, "
+                                                   "to raise the epoch count)")
     p.add_argument("--preset", choices=sorted(cfg.PRESETS), help="a classic tutorial recipe (docs/recipes.md)")
     p.add_argument("--config", dest="config_file", metavar="YAML", help="a config file (e.g. a run's config.yaml)")
     g = p.add_argument_group("model")
@@ -46,6 +50,8 @@ def register(commands) -> None:
                         f"{cfg.IMBALANCE_THRESHOLD:g}x the images of the smallest, else none")
     g.add_argument("--seed", type=int)
     g.add_argument("--device", choices=cfg.DEVICES)
+    g.add_argument("--checkpoint-every", type=int, metavar="STEPS",
+                   help="also write a checkpoint every STEPS optimizer steps (one is written after every epoch)")
     g = p.add_argument_group("data")
     g.add_argument("--val-fraction", type=float, help="share of each class held out for validation (default 0.2)")
     g.add_argument("--test-fraction", type=float, help="share of each class held out for testing (default 0)")
@@ -68,16 +74,23 @@ def register(commands) -> None:
 OPTION_KEYS = ("model", "pretrained", "weights", "img_size", "body", "head", "head_hidden", "dropout", "strategy",
                "epochs", "freeze_epochs", "lr", "backbone_lr_factor", "optimizer", "momentum", "weight_decay",
                "warmup_epochs", "label_smoothing", "early_stop", "monitor", "keep", "balance", "seed", "device",
-               "val_fraction", "test_fraction", "batch_size", "num_workers", "augment", "cache", "cache_dir", "allow_leakage", "out",
-               "overwrite", "offline")
+               "checkpoint_every", "val_fraction", "test_fraction", "batch_size", "num_workers", "augment", "cache",
+               "cache_dir", "allow_leakage", "out", "overwrite", "offline")
+
+
+# flags whose name is not the option's key with dashes
+FLAG_NAMES = {"num_workers": "--workers", "config_file": "--config"}
 
 
 def run(args) -> int:
-    from ..training import train
+    from ..training import resume, train
 
-    options = {key: getattr(args, key) for key in OPTION_KEYS}
-    config = cfg.build(args.data, args.preset, args.config_file, **options)
-    result = train(config)
+    if args.resume is not None:
+        _refuse_flags_with_resume(args)
+        result = resume(args.resume, args.epochs)
+    else:
+        options = {key: getattr(args, key) for key in OPTION_KEYS}
+        result = train(cfg.build(args.data, args.preset, args.config_file, **options))
     data = result.data
     console.print(f"data: {len(data['classes'])} classes, formats {data['formats_text']}, "
                   f"{len(data['skipped'])} unreadable file(s) skipped")
@@ -88,3 +101,19 @@ def run(args) -> int:
         print_metrics(result.metrics["test"], "test")
     console.print(f"run folder: {result.run_dir}  ({result.seconds:.0f} s)")
     return 0
+
+
+def _refuse_flags_with_resume(args) -> None:
+    """A resumed run is the run its config.yaml describes; only its epoch count may be raised."""
+    given = [_flag(key, getattr(args, key)) for key in ("preset", "config_file", *OPTION_KEYS)
+             if key != "epochs" and getattr(args, key) is not None]
+    if args.data is not None:
+        given.insert(0, f"DATA ({args.data})")
+    if given:
+        raise UsageError(f"--resume continues the run with its saved config.yaml: only --epochs may be given with "
+                         f"it, not {', '.join(given)}")
+
+
+def _flag(key: str, value) -> str:
+    name = FLAG_NAMES.get(key, "--" + key.replace("_", "-"))
+    return name.replace("--", "--no-", 1) if value is False else name

@@ -14,6 +14,7 @@ from torchvision.transforms.v2 import functional as F
 from ..cache import ArrayStore
 
 from .decode import DecodeError, load_rgb
+from .sampler import EpochSampler
 from .scan import Sample
 from .transforms import Preprocessing
 
@@ -72,10 +73,14 @@ def collate_skipping_none(batch):
 
 def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, num_workers: int,
                 seed: int = 0, drop_last: bool = False, sampler=None) -> torch.utils.data.DataLoader:
-    """``sampler`` (e.g. a class-balanced one) replaces shuffling."""
+    """``shuffle``: a new order every epoch from an :class:`EpochSampler` (resumable, unlike the
+    DataLoader's own shuffling); ``sampler`` (e.g. a class-balanced one) replaces it. The private
+    ``generator`` only seeds worker processes: iterating never draws from the global torch RNG."""
     generator = torch.Generator().manual_seed(seed)
+    if shuffle and sampler is None:
+        sampler = EpochSampler(len(dataset), seed)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+        dataset, batch_size=batch_size, sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate_skipping_none, generator=generator, drop_last=drop_last,
         persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
