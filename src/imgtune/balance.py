@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .config import IMBALANCE_THRESHOLD
-from .data.sampler import EpochSampler
+from .data.sampler import EpochSampler, training_sampler
 
 
 def imbalance_ratio(counts: dict[str, int]) -> float:
@@ -53,4 +53,4 @@ def balanced_sampler(targets: torch.Tensor, num_classes: int, seed: int) -> Epoc
     of an epoch depend only on ``seed`` and the epoch, so an interrupted run resumes them exactly."""
     counts = _class_counts(targets, num_classes)
     per_item = torch.where(targets >= 0, 1.0 / counts.clamp(min=1)[targets.clamp(min=0)], 0.0)
-    return EpochSampler(len(targets), seed, weights=per_item)
+    return training_sampler(len(targets), seed, weights=per_item)

@@ -19,6 +19,7 @@ import io
 import logging
 import random
 import re
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import distributed
 from .artifact import CHECKPOINTS, atomic_write_bytes
 from .errors import DataError, Interrupted
 
@@ -161,18 +163,32 @@ class Checkpointer:
     def after_step(self, steps: int, snapshot: Callable[[], dict]) -> None:
         stopping = self._stopping()
         if stopping or (self.every and steps % self.every == 0):
-            path = save(self.folder, snapshot())
+            path = self._save(snapshot())
             if stopping:
                 raise self._interrupted(path)
 
     def after_epoch(self, snapshot: Callable[[], dict]) -> None:
-        path = save(self.folder, snapshot())
+        path = self._save(snapshot())
         if self._stopping():
             raise self._interrupted(path)
 
+    def _save(self, payload: dict) -> Path:
+        """Rank 0 writes (distributed: every rank took the snapshot, which gathers running sums)."""
+        path = self.folder / file_name(payload["epoch"], payload["step"], payload["epoch_done"])
+        if distributed.current().is_main:
+            path = save(self.folder, payload)
+        distributed.barrier()  # nobody runs ahead of a checkpoint that is not yet on disk
+        return path
+
     def _stopping(self) -> bool:
-        return self.stop is not None and self.stop.signum is not None
+        """A signal to any rank stops every rank at the same step (torchrun forwards signals to all,
+        but a scheduler may signal one)."""
+        local = self.stop is not None and self.stop.signum is not None
+        return distributed.any_rank(local)
 
     def _interrupted(self, path: Path) -> Interrupted:
+        if self.stop is None or self.stop.signum is None:  # distributed: another rank was signalled
+            return Interrupted(f"training stopped because another rank was signalled; checkpoint {path} written; "
+                               f"continue with: imgtune train --resume {self.run_dir}", signal.SIGTERM)
         return Interrupted(f"training stopped by signal {self.stop.name}; checkpoint {path} written; continue "
                            f"with: imgtune train --resume {self.run_dir}", self.stop.signum)

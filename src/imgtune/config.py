@@ -72,6 +72,7 @@ class TrainConfig:
     balance: str | None = None  # none | weights | sampler; None: chosen from the data
     seed: int = 0
     device: str = "auto"
+    accumulate: int = 1  # batches whose gradients are summed before one optimizer step
     checkpoint_every: int | None = None  # optimizer steps between mid-epoch checkpoints (every epoch's end: always)
 
 
@@ -221,6 +222,7 @@ def validate(config: RunConfig) -> None:
         raise UsageError("train.early_stop (patience in epochs) must be at least 1")
     if t.backbone_lr_factor < 0:
         raise UsageError("train.backbone_lr_factor must be 0 or more")
+    _check_positive("train.accumulate", t.accumulate)
     if t.checkpoint_every is not None:
         _check_positive("train.checkpoint_every", t.checkpoint_every)
 

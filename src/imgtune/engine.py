@@ -19,7 +19,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checkpoint
+from . import checkpoint, distributed
+from .data.sampler import ShardSampler
+from .distributed import quiet_rank
 from .config import TrainConfig
 from .errors import DataError, UsageError
 from .metrics import quick_metrics
@@ -121,38 +123,57 @@ class Tally:
                 "seen": self.seen, "seconds": self.elapsed()}
 
 
+def optimizer_steps(batches: int, accumulate: int = 1) -> int:
+    """Optimizer steps in an epoch of ``batches`` batches, stepping every ``accumulate`` batches (and
+    after the last)."""
+    return max(1, -(-batches // max(1, accumulate)))
+
+
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, device: torch.device,
                     scaler: torch.amp.GradScaler | None, description: str, tally: Tally | None = None,
-                    after_step: Callable[[], None] = lambda: None) -> tuple[float, float]:
+                    after_step: Callable[[], None] = lambda: None, accumulate: int = 1) -> tuple[float, float]:
     """Train on what ``loader`` yields, adding to ``tally`` (a resumed epoch's sums); ``after_step`` runs
-    after every optimizer step. Returns the epoch's mean loss and accuracy."""
+    after every optimizer step. With ``accumulate`` N, gradients of N batches are summed (each loss
+    divided by N) before one optimizer step, as one batch N times larger would give; under DDP the
+    gradients are only averaged across ranks on the step's last batch (``no_sync``). Returns the
+    epoch's mean loss and accuracy."""
     tally = tally or Tally(optimizer.param_groups[0]["lr"])
     model.train()
-    bar = tqdm(loader, desc=description, unit="batch", leave=False, disable=None, initial=tally.batches)
+    total = len(loader)
+    bar = tqdm(loader, desc=description, unit="batch", leave=False, disable=quiet_rank(), initial=tally.batches)
+    optimizer.zero_grad(set_to_none=True)
     for batch in bar:
         tally.batches += 1
-        if batch is None:
-            continue
-        images, targets, _ = batch
-        images, targets = to_channels_last(images.to(device, non_blocking=True)), targets.to(device, non_blocking=True)
-        with autocast(device):
-            logits = model(images)
-            loss = loss_fn(logits, targets)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        scheduler.step()
-        tally.loss_sum += loss.item() * len(targets)
-        tally.correct += (logits.argmax(1) == targets).sum().item()
-        tally.seen += len(targets)
-        bar.set_postfix(loss=f"{tally.loss_sum / tally.seen:.3f}", acc=f"{tally.correct / tally.seen:.3f}")
-        after_step()
+        boundary = tally.batches % accumulate == 0 or tally.batches >= total
+        if batch is not None:
+            images, targets, _ = batch
+            images = to_channels_last(images.to(device, non_blocking=True))
+            targets = targets.to(device, non_blocking=True)
+            defer = model.no_sync() if not boundary and hasattr(model, "no_sync") else contextlib.nullcontext()
+            with defer:
+                with autocast(device):
+                    logits = model(images)
+                    loss = loss_fn(logits, targets)
+                scaled = loss / accumulate if accumulate > 1 else loss
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            tally.loss_sum += loss.item() * len(targets)
+            tally.correct += (logits.argmax(1) == targets).sum().item()
+            tally.seen += len(targets)
+            bar.set_postfix(loss=f"{tally.loss_sum / tally.seen:.3f}", acc=f"{tally.correct / tally.seen:.3f}")
+        if boundary:
+            _step(optimizer, scaler)
+            scheduler.step()
+            after_step()
     return tally.loss_sum / max(tally.seen, 1), tally.correct / max(tally.seen, 1)
+
+
+def _step(optimizer, scaler) -> None:
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 @torch.inference_mode()
@@ -160,7 +181,7 @@ def predict_probs(model: nn.Module, loader, device: torch.device, description: s
     """Softmax probabilities, targets and dataset indices for every item the loader yields."""
     model.eval()
     probs, targets, indices = [], [], []
-    for batch in tqdm(loader, desc=description, unit="batch", leave=False, disable=None):
+    for batch in tqdm(loader, desc=description, unit="batch", leave=False, disable=quiet_rank()):
         if batch is None:
             continue
         images, target, index = batch
@@ -169,9 +190,21 @@ def predict_probs(model: nn.Module, loader, device: torch.device, description: s
         probs.append(torch.softmax(logits.float(), dim=1).cpu())
         targets.append(target)
         indices.append(index)
-    if not probs:
+    local = (torch.cat(probs).numpy(), torch.cat(targets).numpy(), torch.cat(indices).numpy()) if probs else \
+        (np.zeros((0, 0)), np.zeros(0, dtype=int), np.zeros(0, dtype=int))
+    if isinstance(getattr(loader, "sampler", None), ShardSampler):  # distributed: every rank's share
+        return _merge(distributed.gather(local))
+    return local
+
+
+def _merge(shares: list[tuple[np.ndarray, np.ndarray, np.ndarray]]):
+    """Every rank's predictions in dataset order (each image once: evaluation shards are unpadded)."""
+    shares = [share for share in shares if len(share[1])]
+    if not shares:
         return np.zeros((0, 0)), np.zeros(0, dtype=int), np.zeros(0, dtype=int)
-    return torch.cat(probs).numpy(), torch.cat(targets).numpy(), torch.cat(indices).numpy()
+    probs, targets, indices = (np.concatenate(parts) for parts in zip(*shares))
+    order = np.argsort(indices, kind="stable")
+    return probs[order], targets[order], indices[order]
 
 
 @dataclass
@@ -318,9 +351,10 @@ class _Run:
     def start_phase(self, index: int, phase: Phase, warmup_epochs: float) -> None:
         self.phase_index, self.phase = index, phase
         self.model.freeze_body(phase.body_frozen)
-        self.net, self.train_loader, self.val_loader = self.loaders.for_phase(self.model, phase)
+        net, self.train_loader, self.val_loader = self.loaders.for_phase(self.model, phase)
+        self.net = distributed.wrap(net, self.device)
         self.optimizer = make_optimizer(self.model, phase, self.train)
-        per_epoch = max(1, len(self.train_loader))  # a full epoch's batches (EpochSampler's length)
+        per_epoch = optimizer_steps(len(self.train_loader), self.train.accumulate)  # a full epoch's
         self.schedule_steps = phase.epochs * per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(self.schedule_steps, round(warmup_epochs * per_epoch)))
@@ -339,6 +373,11 @@ class _Run:
         if self.scaler is not None and saved["scaler"] is not None:
             self.scaler.load_state_dict(saved["scaler"])
         checkpoint.restore_rng(saved["rng"])
+        rank = distributed.current().rank
+        if rank:  # rank 0's generators and running sums were saved; the others start afresh
+            torch.manual_seed(self.train.seed + rank * 1_000_003 + saved["steps"])
+            if self.progress.tally is not None:
+                self.progress.tally.loss_sum, self.progress.tally.correct, self.progress.tally.seen = 0.0, 0, 0
 
     def _apply_schedule(self) -> None:
         factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
@@ -353,7 +392,11 @@ class _Run:
         _position(self.train_loader, epoch, progress.tally.batches)
         loss, acc = train_one_epoch(self.net, self.train_loader, self.optimizer, self.scheduler, self.loss_fn,
                                     self.device, self.scaler, f"epoch {epoch} ({self.phase.name})",
-                                    progress.tally, self._after_step)
+                                    progress.tally, self._after_step, self.train.accumulate)
+        if distributed.current().enabled:  # the epoch's figures over every rank's images
+            loss_sum, correct, seen = distributed.sum_across([progress.tally.loss_sum, progress.tally.correct,
+                                                              progress.tally.seen])
+            loss, acc = loss_sum / max(seen, 1), correct / max(seen, 1)
         probs, targets, _ = predict_probs(self.net, self.val_loader, self.device, "validating")
         val = quick_metrics(targets, probs, self.num_classes)
         result = EpochResult(epoch, self.phase.name, progress.tally.lr, loss, acc, val, progress.tally.elapsed())
@@ -374,8 +417,13 @@ class _Run:
         self.hooks.after_step(self.progress.steps, self.snapshot)
 
     def snapshot(self) -> dict:
-        """The checkpoint payload of this moment: plain containers and tensors only."""
+        """The checkpoint payload of this moment: plain containers and tensors only. (Distributed: every
+        rank calls it at the same step; the epoch's running sums are those of all ranks.)"""
         progress = self.progress.state_dict()
+        tally = progress["tally"]
+        if distributed.current().enabled and tally is not None:
+            sums = distributed.sum_across([tally["loss_sum"], tally["correct"], tally["seen"]])
+            tally["loss_sum"], tally["correct"], tally["seen"] = sums[0], int(sums[1]), int(sums[2])
         batch_size = getattr(self.train_loader, "batch_size", None) or 1
         return {"format": checkpoint.FORMAT, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),

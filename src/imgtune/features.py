@@ -15,9 +15,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .distributed import quiet_rank
+
 from .cache import ArrayStore, file_sha256, feature_store
 from .data.dataset import ImageDataset, make_loader
-from .data.sampler import EpochSampler
+from .data.sampler import training_sampler
 from .data.scan import Sample
 from .data.transforms import eval_transform
 from .engine import autocast, to_channels_last
@@ -45,7 +47,7 @@ class FeatureSet:
         """``shuffle``: a resumable :class:`EpochSampler`; ``sampler`` (e.g. a class-balanced one) replaces it."""
         dataset = torch.utils.data.TensorDataset(self.features, self.targets, self.positions)
         if shuffle and sampler is None:
-            sampler = EpochSampler(len(dataset), seed)
+            sampler = training_sampler(len(dataset), seed)
         return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                                            generator=torch.Generator().manual_seed(seed))
 
@@ -82,7 +84,7 @@ def _compute(built, samples, positions, classes, store, device, batch_size, work
                            preprocessing=built.preprocessing)
     loader = make_loader(dataset, batch_size, False, workers)
     out: dict[int, np.ndarray] = {}
-    for batch in tqdm(loader, desc=description, unit="batch", leave=False, disable=None):
+    for batch in tqdm(loader, desc=description, unit="batch", leave=False, disable=quiet_rank()):
         if batch is None:
             continue
         images, _, index = batch

@@ -20,17 +20,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import artifact, balance, checkpoint, features, models
+from . import artifact, balance, checkpoint, distributed, features, models
 from .config import RunConfig, load_yaml, resolve, save_yaml, to_dict
 from .data import load_splits
 from .data.dataset import ImageDataset, make_loader
 from .data.duplicates import exact_groups, leaks_into
+from .data.sampler import evaluation_sampler
 from .data.scan import DataSplits, Sample
 from .data.transforms import eval_transform, train_transform
 from .cache import default_cache_dir, pixel_store
-from .errors import DataError
 from .engine import Loaders, fit, predict_probs, select_device
-from .errors import DataError, UsageError
+from .errors import DataError, ImgtuneError, UsageError
 from .evaluation import full_report
 from .interrupt import StopRequest
 from .strategies import plan
@@ -62,41 +62,81 @@ def auto_workers(num_images: int, device: torch.device) -> int:
 
 
 def train(config: RunConfig, progress: bool = True) -> TrainResult:
+    """Train and write the run folder. Under torchrun (``WORLD_SIZE`` > 1) every rank calls this; they
+    join one process group (``imgtune.distributed``) and rank 0 writes."""
+    with distributed.session(config.train.device):
+        return _train(config, progress)
+
+
+def _train(config: RunConfig, progress: bool) -> TrainResult:
     start = time.perf_counter()
     config = resolve(config)
     # stored absolute, so that `imgtune evaluate RUN` finds the data from any working directory
     config = replace(config, data=replace(config.data, source=str(Path(config.data.source).resolve())))
-    seed_everything(config.train.seed)
+    _check_batch(config)
+    seed_everything(config.train.seed + distributed.current().rank)
     splits = load_splits(config.data.source, config.data.val_fraction, config.data.test_fraction,
                          config.train.seed, progress)
     _log_data(splits)
     check_duplicates(splits, config.data.source, config.data.allow_leakage)
     config = _choose_balance(config, splits)
     built = models.create(config.model, len(splits.classes), offline=config.offline)
-    device = select_device(config.train.device)
-    out = artifact.prepare_out_dir(config.out, config.overwrite)
+    device = distributed.device_for(distributed.current(), select_device(config.train.device))
+    out = distributed.on_main(artifact.prepare_out_dir, config.out, config.overwrite)
     config = replace(config, out=str(out))
+    distributed.on_main(_write_start, config, built, splits)
+    return _train_and_save(config, splits, built, device, start)
+
+
+def _write_start(config: RunConfig, built: models.BuiltModel, splits: DataSplits) -> None:
+    out = Path(config.out)
     save_yaml(config, out / artifact.CONFIG)
     artifact.write_json(out / artifact.META, _meta(config, built, splits))
-    return _train_and_save(config, splits, built, device, start)
+
+
+def _check_batch(config: RunConfig) -> None:
+    world = distributed.current().world
+    if config.data.batch_size % world:
+        raise UsageError(f"--batch-size {config.data.batch_size} is the global batch; with {world} processes it "
+                         f"must be a multiple of {world}")
 
 
 def resume(run_dir: str | Path, epochs: int | None = None, progress: bool = True) -> TrainResult:
     """Continue the run in ``run_dir`` from its newest usable checkpoint, with its saved config.
     ``epochs`` may only raise the run's epoch count (the extra epochs go to the last phase), which also
     trains a finished run further."""
+    with distributed.session(_saved_device(Path(run_dir))):
+        return _resume(Path(run_dir), epochs, progress)
+
+
+def _saved_device(run_dir: Path) -> str:
+    try:
+        return load_yaml(run_dir / artifact.CONFIG).train.device
+    except ImgtuneError:
+        return "auto"  # _resumed_config says what is wrong
+
+
+def _resume(run_dir: Path, epochs: int | None, progress: bool) -> TrainResult:
     start = time.perf_counter()
     run_dir = Path(run_dir)
     config = _resumed_config(run_dir, epochs)
     found = checkpoint.newest_usable(run_dir / checkpoint.FOLDER)
     _check_resumable(found, config, epochs)
-    seed_everything(config.train.seed)
+    _check_batch(config)
+    seed_everything(config.train.seed + distributed.current().rank)
     splits = load_splits(config.data.source, config.data.val_fraction, config.data.test_fraction,
                          config.train.seed, progress)
     _log_data(splits)
     _check_same_data(run_dir, config.data.source, splits)
     built = models.create(config.model, len(splits.classes), offline=config.offline)
-    device = select_device(config.train.device)
+    device = distributed.device_for(distributed.current(), select_device(config.train.device))
+    distributed.barrier()  # every rank has read its checkpoint before rank 0 moves unusable ones away
+    distributed.on_main(_prepare_resume, run_dir, config, built, splits, found)
+    log.info("resuming %s from %s", run_dir, found.path)
+    return _train_and_save(config, splits, built, device, start, found.payload)
+
+
+def _prepare_resume(run_dir: Path, config: RunConfig, built, splits: DataSplits, found) -> None:
     for path, _ in found.rejected:  # out of the way of the checkpoints the resumed run writes
         path.replace(path.with_name(path.name + ".unusable"))
     checkpoint.remove_partial(run_dir / checkpoint.FOLDER)
@@ -105,8 +145,6 @@ def resume(run_dir: str | Path, epochs: int | None = None, progress: bool = True
     artifact.remove_final_results(run_dir)
     (run_dir / artifact.METRICS_CSV).unlink(missing_ok=True)  # rows after the checkpoint go
     artifact.write_metrics_csv(run_dir / artifact.METRICS_CSV, found.payload["rows"])
-    log.info("resuming %s from %s", run_dir, found.path)
-    return _train_and_save(config, splits, built, device, start, found.payload)
 
 
 def _resumed_config(run_dir: Path, epochs: int | None) -> RunConfig:
@@ -155,14 +193,16 @@ def _sizes(classes: list[str], counts: dict[str, dict[str, int]]) -> str:
 def _train_and_save(config: RunConfig, splits: DataSplits, built: models.BuiltModel, device, start: float,
                     resume: dict | None = None) -> TrainResult:
     out = Path(config.out)
-    model = built.model.to(device, memory_format=torch.channels_last)
+    model = distributed.sync_batchnorm(built.model).to(device, memory_format=torch.channels_last)
     phases = plan(config.train)
     loaders = _loaders(config, splits, built, phases, device)
     rows: list[dict] = list(resume["rows"]) if resume else []
+    main = distributed.current().is_main
 
     def on_epoch(result) -> None:
         rows.append(result.row())
-        artifact.write_metrics_csv(out / artifact.METRICS_CSV, rows)
+        if main:
+            artifact.write_metrics_csv(out / artifact.METRICS_CSV, rows)
 
     log.info("training %s with strategy %s on %s (run folder %s)", built.spec, config.train.strategy, device, out)
     weights = balance.class_weights(loaders.train.dataset.targets(), len(splits.classes)) \
@@ -178,11 +218,14 @@ def _train_and_save(config: RunConfig, splits: DataSplits, built: models.BuiltMo
         model.load_state_dict(stopper.best_state)
     final_frozen = phases[-1].body_frozen and loaders.frozen_val is not None
     model.freeze_body(False)
-    artifact.save_weights(model.cpu(), out / artifact.WEIGHTS)
+    if main:
+        artifact.save_weights(model.cpu(), out / artifact.WEIGHTS)
     model.to(device)
 
     metrics = _final_metrics(model, loaders, splits, device, config, stopper, final_frozen)
-    artifact.write_json(out / artifact.METRICS_JSON, metrics)
+    if main:
+        artifact.write_json(out / artifact.METRICS_JSON, metrics)
+    distributed.barrier()
     return TrainResult(out, metrics, splits.summary(), time.perf_counter() - start)
 
 
@@ -192,7 +235,8 @@ def _loaders(config: RunConfig, splits: DataSplits, built: models.BuiltModel, ph
     workers = config.data.num_workers
     if workers is None:
         workers = auto_workers(len(splits.samples), device)
-    bs, seed, classes, pre = config.data.batch_size, config.train.seed, splits.classes, built.preprocessing
+    bs = config.data.batch_size // distributed.current().world  # the global batch, split across ranks
+    seed, classes, pre = config.train.seed, splits.classes, built.preprocessing
     cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else default_cache_dir()
     use_disk = config.data.cache
     pixels = pixel_store(cache_dir, pre.resize_size, pre.interpolation) \
@@ -204,7 +248,8 @@ def _loaders(config: RunConfig, splits: DataSplits, built: models.BuiltModel, ph
         members = splits.split(name)
         dataset = ImageDataset(members, classes, transform, draft_size=pre.resize_size, pixels=pixels,
                                preprocessing=pre)
-        sampler = balance.balanced_sampler(dataset.targets(), len(classes), seed) if shuffle and balanced else None
+        sampler = balance.balanced_sampler(dataset.targets(), len(classes), seed) if shuffle and balanced else \
+            None if shuffle else evaluation_sampler(len(dataset))
         return make_loader(dataset, bs, shuffle, workers, seed, drop_last=shuffle and _drop_last(len(members), bs),
                            sampler=sampler)
 
@@ -214,15 +259,30 @@ def _loaders(config: RunConfig, splits: DataSplits, built: models.BuiltModel, ph
     if any(p.body_frozen for p in phases):
         store = features.store_for(built, config.model.body, cache_dir) if use_disk and built.weights else None
         names = ("train", "val", "test") if phases[-1].body_frozen else ("train", "val")  # test: final metrics
-        sets = {name: features.extract(built, splits.split(name), classes, store, device, bs, workers,
-                                       description=f"{name} features")
+        sets = {name: _shared_features(built, splits.split(name), classes, store, device, bs, workers, name)
                 for name in names if splits.split(name)}
         targets = sets["train"].targets
         sampler = balance.balanced_sampler(targets, len(classes), seed) if balanced else None
         loaders.frozen_train = sets["train"].loader(bs, True, seed, _drop_last(len(targets), bs), sampler)
-        loaders.frozen_val = sets["val"].loader(bs, False, seed)
-        loaders.frozen_test = sets["test"].loader(bs, False, seed) if "test" in sets else None
+        loaders.frozen_val = _frozen_eval(sets["val"], bs, seed)
+        loaders.frozen_test = _frozen_eval(sets["test"], bs, seed) if "test" in sets else None
     return loaders
+
+
+def _frozen_eval(found: features.FeatureSet, batch_size: int, seed: int):
+    return found.loader(batch_size, False, seed, sampler=evaluation_sampler(len(found.targets)))
+
+
+def _shared_features(built, samples, classes, store, device, batch_size, workers, name) -> features.FeatureSet:
+    """Features of a split. In distributed training with the disk cache, each rank first computes its
+    share into the cache, so the work is split and nobody waits for one rank computing everything."""
+    ctx = distributed.current()
+    if ctx.enabled and store is not None:
+        features.extract(built, samples[ctx.rank::ctx.world], classes, store, device, batch_size, workers,
+                         description=f"{name} features (share of rank {ctx.rank})")
+        distributed.barrier()
+    return features.extract(built, samples, classes, store, device, batch_size, workers,
+                            description=f"{name} features")
 
 
 def check_duplicates(splits: DataSplits, source: str = "DATA", allow_leakage: bool = False) -> None:

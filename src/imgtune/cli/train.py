@@ -48,6 +48,9 @@ def register(commands) -> None:
                    help="class imbalance: none, weights (class-weighted loss) or sampler (class-balanced "
                         f"sampling); default: weights when the largest training class has over "
                         f"{cfg.IMBALANCE_THRESHOLD:g}x the images of the smallest, else none")
+    g.add_argument("--accumulate", type=int, metavar="N",
+                   help="sum the gradients of N batches per optimizer step (an N times larger batch in memory "
+                        "of one; default 1)")
     g.add_argument("--seed", type=int)
     g.add_argument("--device", choices=cfg.DEVICES)
     g.add_argument("--checkpoint-every", type=int, metavar="STEPS",
@@ -74,7 +77,7 @@ def register(commands) -> None:
 OPTION_KEYS = ("model", "pretrained", "weights", "img_size", "body", "head", "head_hidden", "dropout", "strategy",
                "epochs", "freeze_epochs", "lr", "backbone_lr_factor", "optimizer", "momentum", "weight_decay",
                "warmup_epochs", "label_smoothing", "early_stop", "monitor", "keep", "balance", "seed", "device",
-               "checkpoint_every", "val_fraction", "test_fraction", "batch_size", "num_workers", "augment", "cache",
+               "accumulate", "checkpoint_every", "val_fraction", "test_fraction", "batch_size", "num_workers", "augment", "cache",
                "cache_dir", "allow_leakage", "out", "overwrite", "offline")
 
 

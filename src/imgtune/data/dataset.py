@@ -14,7 +14,7 @@ from torchvision.transforms.v2 import functional as F
 from ..cache import ArrayStore
 
 from .decode import DecodeError, load_rgb
-from .sampler import EpochSampler
+from .sampler import training_sampler
 from .scan import Sample
 from .transforms import Preprocessing
 
@@ -78,7 +78,7 @@ def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, num_worke
     ``generator`` only seeds worker processes: iterating never draws from the global torch RNG."""
     generator = torch.Generator().manual_seed(seed)
     if shuffle and sampler is None:
-        sampler = EpochSampler(len(dataset), seed)
+        sampler = training_sampler(len(dataset), seed)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler,
         num_workers=num_workers,

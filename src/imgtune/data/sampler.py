@@ -54,3 +54,54 @@ class EpochSampler(torch.utils.data.Sampler[int]):
 
     def load_state_dict(self, state: dict) -> None:
         self.set_epoch(int(state["epoch"]), int(state["start"]))
+
+
+class ShardedEpochSampler(EpochSampler):
+    """One rank's share of :class:`EpochSampler`'s order (distributed training): items ``rank``,
+    ``rank + world``, ... of the whole order, padded by wrapping around so every rank takes the same
+    number of steps. Together, step k of all ranks covers the same items as step k of one process
+    whose batch is ``world`` times larger."""
+
+    def __init__(self, n: int, seed: int, rank: int, world: int, weights: torch.Tensor | None = None):
+        super().__init__(n, seed, weights)
+        self.rank, self.world = rank, world
+
+    def order(self) -> list[int]:
+        full = super().order()
+        per_rank = -(-len(full) // self.world)
+        padded = (full * (1 + per_rank * self.world // max(1, len(full))))[:per_rank * self.world]
+        return padded[self.rank::self.world]
+
+    def __len__(self) -> int:
+        return -(-self.n // self.world)
+
+
+class ShardSampler(torch.utils.data.Sampler[int]):
+    """Evaluation in distributed training: items ``rank``, ``rank + world``, ... in order, unpadded, so
+    gathering every rank's predictions counts each image exactly once."""
+
+    def __init__(self, n: int, rank: int, world: int):
+        self.n, self.rank, self.world = n, rank, world
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.n, self.world))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world))
+
+
+def training_sampler(n: int, seed: int, weights: torch.Tensor | None = None) -> EpochSampler:
+    """The training order for this process: the whole order, or this rank's share of it."""
+    from ..distributed import current
+
+    ctx = current()
+    if ctx.enabled:
+        return ShardedEpochSampler(n, seed, ctx.rank, ctx.world, weights)
+    return EpochSampler(n, seed, weights)
+
+
+def evaluation_sampler(n: int) -> ShardSampler | None:
+    from ..distributed import current
+
+    ctx = current()
+    return ShardSampler(n, ctx.rank, ctx.world) if ctx.enabled else None

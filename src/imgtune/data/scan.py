@@ -209,8 +209,12 @@ def inspect_files(samples: list[Sample], progress: bool = True, min_for_bar: int
 
 def check_files(samples: list[Sample], progress: bool = True) -> tuple[list[Sample], list[tuple[str, str]], Counter]:
     """Decode every file once; returns (readable samples, skipped (path, reason), formats found)."""
+    return _summarise(inspect_files(samples, progress))
+
+
+def _summarise(checks: list[FileCheck]) -> tuple[list[Sample], list[tuple[str, str]], Counter]:
     good, skipped, formats = [], [], Counter()
-    for check in inspect_files(samples, progress):
+    for check in checks:
         if check.info is None:
             log.warning("skipping %s: %s", check.sample.path, check.reason)
             skipped.append((str(check.sample.path), check.reason))
@@ -218,6 +222,18 @@ def check_files(samples: list[Sample], progress: bool = True) -> tuple[list[Samp
             good.append(check.sample)
             formats[check.info.format] += 1
     return good, skipped, formats
+
+
+def _check_files_shared(samples: list[Sample], progress: bool):
+    """:func:`check_files`; in distributed training each rank checks its share and all get the whole."""
+    from ..distributed import current, gather
+
+    ctx = current()
+    if not ctx.enabled:
+        return check_files(samples, progress)
+    shares = gather(inspect_files(samples[ctx.rank::ctx.world], progress and ctx.is_main))
+    checks = [shares[i % ctx.world][i // ctx.world] for i in range(len(samples))]  # back in order
+    return _summarise(checks)
 
 
 def file_digest(data: bytes) -> str:
@@ -265,7 +281,7 @@ def load_splits(source: str | Path, val_fraction: float = 0.2, test_fraction: fl
                 progress: bool = True) -> DataSplits:
     """Find, check and split a dataset; raises DataError before any training could start."""
     samples, layout = find_samples(source)
-    good, skipped, formats = check_files(samples, progress)
+    good, skipped, formats = _check_files_shared(samples, progress)
     assigned = split_readable(good, layout, val_fraction, test_fraction, seed, source, samples)
     classes = _check_classes(assigned, {s.label for s in samples}, source, skipped)
     return DataSplits(classes, sorted(assigned, key=lambda s: (s.split, s.label, str(s.path))), layout,
