@@ -75,6 +75,11 @@ def on_main(function, *args, **kwargs):
     return value
 
 
+def launched_rank() -> int:
+    """This process's rank as the launcher set it (0 when not launched): for output after training."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def launched() -> bool:
     """True in a process started by torchrun (or another launcher) with more than one rank."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -40,23 +40,32 @@ class SmallCNN(nn.Module):
 
     Its ``classifier`` is the last dense layer, replaced by imgtune's head like any other model's."""
 
-    def __init__(self, num_classes: int = 1000, widths: tuple[int, ...] = (32, 64, 128), hidden: int = 256):
+    def __init__(self, num_classes: int = 1000, widths: tuple[int, ...] = (32, 64, 128), hidden: int = 256,
+                 norm: str = "batch", dropout: float = 0.5):
         super().__init__()
         blocks, channels = [], 3
         for width in widths:
-            blocks += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            layer = nn.BatchNorm2d(width) if norm == "batch" else nn.GroupNorm(8, width)
+            blocks += [nn.Conv2d(channels, width, 3, padding=1, bias=False), layer, nn.ReLU(inplace=True),
+                       nn.MaxPool2d(2)]
             channels = width
         self.features = nn.Sequential(*blocks)
         self.dense = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(channels * 16, hidden),
-                                   nn.ReLU(inplace=True), nn.Dropout(0.5))
+                                   nn.ReLU(inplace=True), nn.Dropout(dropout))
         self.classifier = nn.Linear(hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dense(self.features(x)))
 
 
-IMGTUNE_MODELS = {"small_cnn": SmallCNN}
+def small_cnn_gn() -> SmallCNN:
+    """SmallCNN with group norm and no dropout: each image's output depends on no other image in the
+    batch and on no random draw, so training it with N processes (each with 1/N of the batch) gives
+    the same weights as one process, up to float rounding (``tests/test_distributed.py``)."""
+    return SmallCNN(norm="group", dropout=0.0)
+
+
+IMGTUNE_MODELS = {"small_cnn": SmallCNN, "small_cnn_gn": small_cnn_gn}
 
 
 class FusedHead(nn.Module):

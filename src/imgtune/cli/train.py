@@ -86,6 +86,7 @@ FLAG_NAMES = {"num_workers": "--workers", "config_file": "--config"}
 
 
 def run(args) -> int:
+    from ..distributed import launched_rank
     from ..training import resume, train
 
     if args.resume is not None:
@@ -94,6 +95,8 @@ def run(args) -> int:
     else:
         options = {key: getattr(args, key) for key in OPTION_KEYS}
         result = train(cfg.build(args.data, args.preset, args.config_file, **options))
+    if launched_rank() != 0:  # under torchrun: rank 0 reports
+        return 0
     data = result.data
     console.print(f"data: {len(data['classes'])} classes, formats {data['formats_text']}, "
                   f"{len(data['skipped'])} unreadable file(s) skipped")
