@@ -107,8 +107,8 @@ def setup(device_name: str = "auto") -> Context:
     _set_threads(local_world)
     if rank != 0:  # one voice: rank 0 logs, the others only warn about themselves
         logging.getLogger("imgtune").setLevel(logging.WARNING)
-    log.info("distributed: %d processes (%s), rank %d of them on this machine: %d", world, backend, rank,
-             local_world)
+    log.info("distributed: %d processes (%s backend), %d of them on this machine, %d CPU thread(s) each",
+             world, backend, local_world, torch.get_num_threads())
     return _context
 
 
