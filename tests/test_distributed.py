@@ -107,3 +107,21 @@ def test_evaluation_shards_are_unpadded_and_disjoint():
     parts = [list(ShardSampler(7, rank, 3)) for rank in range(3)]
     assert sorted(sum(parts, [])) == list(range(7))
     assert [len(ShardSampler(7, rank, 3)) for rank in range(3)] == [3, 2, 2]
+
+
+@pytest.mark.slow
+def test_accumulating_two_half_batches_equals_one_whole_batch(tmp_path):
+    """--accumulate 2 with batches of 4 takes the same steps as batches of 8 (same order, same
+    schedule length, the summed halves' gradient equals the whole batch's)."""
+    from imgtune.cli import main
+
+    data = make_split_dataset(tmp_path / "data", train=16, val=3)
+    common = [arg for arg in TRAIN if arg not in ("--batch-size", "8")] + ["--workers", "0"]
+    assert main(["-q", "train", str(data), *common, "--batch-size", "8", "--out", str(tmp_path / "whole")]) == 0
+    assert main(["-q", "train", str(data), *common, "--batch-size", "4", "--accumulate", "2",
+                 "--out", str(tmp_path / "halves")]) == 0
+    assert main(["-q", "train", str(data), *common, "--batch-size", "4", "--out", str(tmp_path / "small")]) == 0
+    whole, halves, small = (weights(tmp_path / name) for name in ("whole", "halves", "small"))
+    for name in whole:
+        torch.testing.assert_close(halves[name], whole[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert any(not torch.allclose(small[name], whole[name], atol=1e-4) for name in whole)  # it matters
