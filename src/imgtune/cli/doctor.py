@@ -55,7 +55,7 @@ def _print(diagnosis) -> None:
 
     console.print(f"[bold]{diagnosis.source}[/]: {diagnosis.files} files ({diagnosis.layout}), "
                   f"{diagnosis.readable} readable, {len(diagnosis.classes)} classes, imbalance "
-                  f"{diagnosis.imbalance_ratio:.1f}:1, {diagnosis.seconds.get('total', 0):.1f} s")
+                  f"{_ratio(diagnosis.imbalance_ratio)}, {diagnosis.seconds.get('total', 0):.1f} s")
     for check in CHECKS:
         found = diagnosis.by_check(check)
         if not found:
@@ -68,3 +68,7 @@ def _print(diagnosis) -> None:
             console.print(f"  ... and {len(found) - SHOWN} more (doctor.json)")
     if not diagnosis.findings:
         console.print("no problems found")
+
+
+def _ratio(ratio: float | None) -> str:
+    return "n/a (a class has no training images)" if ratio is None else f"{ratio:.1f}:1"

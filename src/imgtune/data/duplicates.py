@@ -64,7 +64,8 @@ def near_groups(samples: list[Sample]) -> list[DuplicateGroup]:
     for i, sample in enumerate(distinct):
         members.setdefault(root(i), []).append(sample)
     copies = _copies(samples)
-    return [DuplicateGroup("near", tuple(c for s in group for c in copies[s.digest]), worst.get(r, 0))
+    return [DuplicateGroup("near", tuple(c for s in group for c in copies.get(s.digest, [s])),
+                           worst.get(r, 0))
             for r, group in members.items() if len(group) > 1]
 
 
@@ -82,9 +83,11 @@ def _one_per_digest(samples: list[Sample]) -> list[Sample]:
     return list(seen.values())
 
 
-def _copies(samples: list[Sample]) -> dict[str | None, list[Sample]]:
-    out: dict[str | None, list[Sample]] = {}
+def _copies(samples: list[Sample]) -> dict[str, list[Sample]]:
+    """Byte-identical copies by digest (samples without a digest have no copies)."""
+    out: dict[str, list[Sample]] = {}
     for sample in samples:
-        out.setdefault(sample.digest, []).append(sample)
+        if sample.digest:
+            out.setdefault(sample.digest, []).append(sample)
     return out
 

@@ -283,7 +283,7 @@ def load_splits(source: str | Path, val_fraction: float = 0.2, test_fraction: fl
     samples, layout = find_samples(source)
     good, skipped, formats = _check_files_shared(samples, progress)
     assigned = split_readable(good, layout, val_fraction, test_fraction, seed, source, samples)
-    classes = _check_classes(assigned, {s.label for s in samples}, source, skipped)
+    classes = check_classes(assigned, {s.label for s in samples}, source, skipped)
     return DataSplits(classes, sorted(assigned, key=lambda s: (s.split, s.label, str(s.path))), layout,
                       skipped, formats)
 
@@ -305,7 +305,7 @@ def split_readable(good: list[Sample], layout: str, val_fraction: float, test_fr
     return assigned
 
 
-def _check_classes(samples: list[Sample], found_labels: set[str], source, skipped) -> list[str]:
+def check_classes(samples: list[Sample], found_labels: set[str], source, skipped) -> list[str]:
     """``found_labels`` are the labels of every file found, readable or not: a class whose files are all
     unreadable must fail here rather than vanish from the classifier."""
     counts = {split: Counter(s.label for s in samples if s.split == split) for split in SPLITS}

@@ -14,13 +14,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..balance import imbalance_ratio
 from ..config import IMBALANCE_THRESHOLD
 from ..data.duplicates import DuplicateGroup, exact_groups, near_groups
-from ..data.scan import FileCheck, Sample, find_samples, inspect_files, split_readable
+from ..data.scan import FileCheck, Sample, check_classes, find_samples, inspect_files, split_readable
 from ..errors import DataError
 from .outliers import find_outliers
 
@@ -45,7 +45,7 @@ class Diagnosis:
     readable: int
     classes: list[str]
     counts: dict[str, dict[str, int]]
-    imbalance_ratio: float
+    imbalance_ratio: float | None  # None when a class has no training images (a `split` finding says so)
     formats: dict[str, int]
     findings: list[Finding] = field(default_factory=list)
     label_errors: dict | None = None  # model, folds, out-of-fold accuracy, or why it was skipped
@@ -82,7 +82,7 @@ def diagnose(source: str | Path, val_fraction: float = 0.2, test_fraction: float
     clock.lap("files")
     good = [c.sample for c in checks if c.info is not None]
     findings = [_unreadable(c) for c in checks if c.info is None]
-    split, split_problem = _split(good, layout, val_fraction, test_fraction, seed, source)
+    split, split_problem = _split(good, samples, layout, val_fraction, test_fraction, seed, source)
     findings += split_problem
     findings += find_outliers([c for c in checks if c.info is not None])
     clock.lap("outliers")
@@ -91,6 +91,7 @@ def diagnose(source: str | Path, val_fraction: float = 0.2, test_fraction: float
     classes = sorted({s.label for s in split})
     counts = _counts(split, classes)
     ratio = imbalance_ratio(counts.get("train", {}))
+    ratio = None if ratio == float("inf") else ratio
     findings += _imbalance(counts, ratio)
     diagnosis = Diagnosis(str(source), layout, len(samples), len(good), classes, counts, ratio,
                           dict(Counter(c.info.format for c in checks if c.info).most_common()), findings)
@@ -122,16 +123,21 @@ def _unreadable(check: FileCheck) -> Finding:
                    {"problem": check.problem, "label": check.sample.label, "bytes": check.size})
 
 
-def _split(good: list[Sample], layout: str, val_fraction: float, test_fraction: float, seed: int, source
-           ) -> tuple[list[Sample], list[Finding]]:
-    """The splits ``imgtune train`` would use; where it could not split, everything counts as train."""
+def _split(good: list[Sample], found: list[Sample], layout: str, val_fraction: float, test_fraction: float,
+           seed: int, source) -> tuple[list[Sample], list[Finding]]:
+    """The splits ``imgtune train`` would use, with its checks of them (every class in train and in
+    val, at least two classes ...); what it would refuse is a finding, and the doctor goes on (where
+    it could not split at all, everything counts as train)."""
     try:
-        return split_readable(good, layout, val_fraction, test_fraction, seed, source), []
+        split = split_readable(good, layout, val_fraction, test_fraction, seed, source, found)
     except DataError as exc:
-        from dataclasses import replace
-
         finding = Finding("split", "error", f"cannot split the data as imgtune train would: {exc}", [])
         return [replace(s, split=s.split or "train") for s in good], [finding]
+    try:
+        check_classes(split, {s.label for s in found}, source, [None] * (len(found) - len(good)))
+    except DataError as exc:
+        return split, [Finding("split", "error", f"imgtune train would refuse this data: {exc}", [])]
+    return split, []
 
 
 def _counts(samples: list[Sample], classes: list[str]) -> dict[str, dict[str, int]]:
@@ -144,7 +150,7 @@ def _counts(samples: list[Sample], classes: list[str]) -> dict[str, dict[str, in
 
 
 def _imbalance(counts: dict[str, dict[str, int]], ratio: float) -> list[Finding]:
-    if ratio <= IMBALANCE_THRESHOLD:
+    if ratio is None or ratio <= IMBALANCE_THRESHOLD:
         return []
     train = counts["train"]
     big, small = max(train, key=train.get), min(train, key=train.get)
