@@ -1,7 +1,8 @@
 """Class imbalance: measuring it, choosing a treatment, and the two treatments.
 
-``weights``: the loss of each class is weighted by ``n / (k * n_c)`` (scikit-learn's "balanced"), so every
-class contributes as much to the gradient as the others; ``sampler``: batches are drawn with
+``weights``: the loss of each class is weighted by ``n / (k * n_c)`` (scikit-learn's "balanced"), so over
+an epoch every class carries the same total weight in the loss (PyTorch normalises each batch by the
+sum of its weights, so within one batch this holds only on average); ``sampler``: batches are drawn with
 replacement, each image with probability proportional to ``1 / n_c``, so every class is seen equally
 often. Validation and test metrics are never weighted; balanced accuracy and macro F1 are reported
 beside accuracy so that imbalance cannot hide behind it.

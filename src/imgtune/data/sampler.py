@@ -2,7 +2,7 @@
 need only say which epoch it is in and how many items were used to continue with the same batches.
 
 Like torch's ``DistributedSampler``, each epoch's order comes from a generator seeded with
-``seed + epoch``; call :meth:`EpochSampler.set_epoch` before iterating. ``start`` skips the items an
+``(seed, epoch)``; call :meth:`EpochSampler.set_epoch` before iterating. ``start`` skips the items an
 interrupted epoch had already trained on. A sharded variant (one slice of the order per process)
 would override :meth:`EpochSampler.order` only, e.g. ``return super().order()[rank::world_size]``
 after padding the order to a multiple of ``world_size``.
@@ -13,6 +13,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Distinct for every (seed, epoch): ``seed + epoch`` would give seed 1 the orders of seed 0 shifted
+    by one epoch."""
+    return (seed * 1_000_003 + epoch) % 2**63
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):
@@ -34,7 +40,7 @@ class EpochSampler(torch.utils.data.Sampler[int]):
 
     def order(self) -> list[int]:
         """The whole order of the current epoch, ``start`` ignored."""
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         if self.weights is None:
             return torch.randperm(self.n, generator=generator).tolist()
         if self.n == 0:
