@@ -43,11 +43,12 @@ def resume(run: str | Path, *, epochs: int | None = None, progress: bool = True)
     return resume_training(run, epochs, progress=progress)
 
 
-def load(run: str | Path, device: str = "auto") -> "Predictor":
-    """A :class:`~imgtune.predict.Predictor` for a run folder written by :func:`train`."""
+def load(run: str | Path, device: str = "auto", calibrated: bool = False) -> "Predictor":
+    """A :class:`~imgtune.predict.Predictor` for a run folder written by :func:`train`; ``calibrated``:
+    probabilities scaled by the temperature stored with the run."""
     from .predict import Predictor
 
-    return Predictor.from_run(run, device)
+    return Predictor.from_run(run, device, calibrated)
 
 
 def evaluate(run: str | Path, data: str | Path | None = None, split: str | None = None,

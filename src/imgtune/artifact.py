@@ -6,7 +6,10 @@ model.safetensors  weights (never pickled objects)
 meta.json          classes, preprocessing, model name and library, weights source, strategy, data summary,
                    versions
 metrics.csv        one row per epoch
-metrics.json       validation results at top level, test results under "test"
+metrics.json       validation results at top level, test results under "test", calibration under
+                   "calibration"
+calibration.json   the temperature fitted on val and ECE before/after it (imgtune.calibration)
+tensorboard/       per-epoch scalars as TensorBoard event files (only with --log tensorboard)
 checkpoints/       the newest two checkpoints, to continue an interrupted run (imgtune.checkpoint)
 ```
 Every file is written atomically (temporary file, fsync, rename), so a crash never leaves half a file.
@@ -33,11 +36,13 @@ from .config import RunConfig, from_dict
 from .data.transforms import Preprocessing
 from .errors import DataError, UsageError
 
-CONFIG, WEIGHTS, META, METRICS_CSV, METRICS_JSON = (
-    "config.yaml", "model.safetensors", "meta.json", "metrics.csv", "metrics.json")
-ARTIFACT_FILES = (CONFIG, WEIGHTS, META, METRICS_CSV, METRICS_JSON)
+CONFIG, WEIGHTS, META, METRICS_CSV, METRICS_JSON, CALIBRATION = (
+    "config.yaml", "model.safetensors", "meta.json", "metrics.csv", "metrics.json", "calibration.json")
+ARTIFACT_FILES = (CONFIG, WEIGHTS, META, METRICS_CSV, METRICS_JSON, CALIBRATION)
 CHECKPOINTS = "checkpoints"  # see imgtune.checkpoint
-EVALUATION_FILES = ("evaluation_*.json", "confusion_matrix_*.csv", "confusion_matrix_*.png")  # imgtune evaluate
+TENSORBOARD = "tensorboard"  # event files of --log tensorboard
+EVALUATION_FILES = ("evaluation_*.json", "confusion_matrix_*.csv", "confusion_matrix_*.png",
+                    "reliability_*.png")  # imgtune evaluate
 
 
 def default_out_dir() -> Path:
@@ -68,12 +73,17 @@ def _remove_results(path: Path) -> None:
         file.unlink(missing_ok=True)
     with contextlib.suppress(OSError):  # kept if something else lives there
         folder.rmdir()
+    events = path / TENSORBOARD
+    for file in events.glob("events.out.tfevents.*"):
+        file.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        events.rmdir()
 
 
 def remove_final_results(path: Path) -> None:
     """The weights, final metrics and evaluations, which a resumed run is about to replace: until it
     does, none may sit beside a config and metrics they do not belong to."""
-    stale = [path / WEIGHTS, path / METRICS_JSON]
+    stale = [path / WEIGHTS, path / METRICS_JSON, path / CALIBRATION]
     stale += [p for pattern in EVALUATION_FILES for p in path.glob(pattern)]
     for file in stale:
         file.unlink(missing_ok=True)
@@ -164,6 +174,24 @@ def read_run(path: str | Path) -> RunInfo:
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise DataError(f"{path}: damaged run metadata ({exc})") from exc
     return RunInfo(path, config, meta)
+
+
+def read_calibration(path: Path) -> dict:
+    """The run's calibration.json; a DataError saying how to get one when the run has none."""
+    file = Path(path) / CALIBRATION
+    if not file.is_file():
+        raise DataError(f"{path} has no {CALIBRATION}: it was trained before imgtune fitted a temperature "
+                        "(or its training did not finish). Train it again, or write its results again with "
+                        f"`imgtune train --resume {path}` if it still has its checkpoints; without "
+                        "--calibrated the probabilities are the model's own")
+    try:
+        values = json.loads(file.read_text())
+        temperature = float(values["temperature"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{file} is damaged ({exc}); train the run again") from exc
+    if not temperature > 0:
+        raise DataError(f"{file}: the temperature must be positive, got {temperature}")
+    return values
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:

@@ -61,6 +61,12 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
     return float(np.exp(found.x))
 
 
+def at_bound(temperature: float) -> bool:
+    """T stopped at an end of ``T_BOUNDS``: typically a validation split the model gets 100% right
+    (the likelihood keeps rising as T shrinks), where the fitted T says little."""
+    return bool(min(abs(np.log(temperature / bound)) for bound in T_BOUNDS) < 1e-3)
+
+
 @dataclass
 class Reliability:
     """Per-bin figures for a reliability diagram; ``confidence`` and ``accuracy`` are NaN in empty bins."""
@@ -152,7 +158,8 @@ def assess(val_probs: np.ndarray, val_y: np.ndarray, test_probs: np.ndarray | No
     if not len(val_y):
         return None
     temperature = fit_temperature(val_logits, val_y)
-    result = {"temperature": temperature, "fitted_on": "val", "n_fit": int(len(val_y)), "n_bins": n_bins,
+    result = {"temperature": temperature, "at_bound": at_bound(temperature), "fitted_on": "val",
+              "n_fit": int(len(val_y)), "n_bins": n_bins,
               "binning": "equal-width bins (lo, hi] of the top-label confidence; 0 in the first"}
     if test_probs is not None and test_y is not None and len(test_y):
         test_logits = logits_from_probs(test_probs)

@@ -25,6 +25,7 @@ MONITORS = ("accuracy", "macro_f1", "loss")
 KEEPS = ("final", "best")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 BALANCES = ("none", "weights", "sampler")
+LOGS = ("csv", "tensorboard")  # where per-epoch metrics go besides metrics.csv (which is always written)
 # Above this ratio of the largest to the smallest training class, --balance defaults to "weights".
 IMBALANCE_THRESHOLD = 3.0
 
@@ -74,6 +75,7 @@ class TrainConfig:
     device: str = "auto"
     accumulate: int = 1  # batches whose gradients are summed before one optimizer step
     checkpoint_every: int | None = None  # optimizer steps between mid-epoch checkpoints (every epoch's end: always)
+    log: str = "csv"  # csv: metrics.csv only; tensorboard: also RUN/tensorboard/ event files
 
 
 @dataclass(frozen=True)
@@ -197,6 +199,7 @@ def validate(config: RunConfig) -> None:
     _check_choice("train.monitor", t.monitor, MONITORS)
     _check_choice("train.keep", t.keep, KEEPS)
     _check_choice("train.device", t.device, DEVICES)
+    _check_choice("train.log", t.log, LOGS)
     if t.balance is not None:
         _check_choice("train.balance", t.balance, BALANCES)
     _check_range("data.val_fraction", d.val_fraction, 0.0, 1.0, low_open=True)

@@ -1,4 +1,5 @@
-"""``imgtune evaluate``: metrics with confidence intervals, and the confusion matrix as CSV and PNG."""
+"""``imgtune evaluate``: metrics with confidence intervals, the confusion matrix as CSV and PNG, and
+calibration (ECE before and after the run's temperature) with a reliability diagram PNG."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import artifact
+from . import artifact, calibration
 from .data.scan import SPLITS, Sample, check_files, find_samples, load_splits
 from .errors import DataError, UsageError
 from .metrics import bootstrap_ci, classification_report
@@ -79,10 +80,74 @@ def evaluate(run_dir: str | Path, data: str | None = None, split: str | None = N
     index = {c: i for i, c in enumerate(run.classes)}
     y_true = np.array([index[samples[i].label] for i in ok])
     report = full_report(y_true, probs[ok], run.classes)
+    report["calibration"] = split_calibration(run, y_true, probs[ok], own_val=data is None and name == "val")
     files = write_confusion(run.path, name, run.classes, np.array(report["confusion_matrix"]))
+    files["reliability"] = write_reliability(run.path, name, report["calibration"])
     artifact.write_json(run.path / f"evaluation_{name}.json", {"split": name, "data": data or run.config.data.source,
                                                                  **report})
     return EvaluationResult(name, data or run.config.data.source, report, skipped + failed, files)
+
+
+def split_calibration(run: artifact.RunInfo, y_true: np.ndarray, probs: np.ndarray, own_val: bool) -> dict:
+    """ECE of these predictions, and with the run's stored temperature when it has one; the reliability
+    tables of both."""
+    table = calibration.reliability(probs, y_true)
+    found: dict = {"n_bins": calibration.N_BINS, "ece": table.ece, "reliability": table.to_dict(),
+                   "temperature": None, "ece_calibrated": None}
+    if not (run.path / artifact.CALIBRATION).is_file():
+        found["note"] = (f"no {artifact.CALIBRATION} in the run (trained before imgtune fitted a temperature): "
+                         "no calibrated ECE")
+        return found
+    temperature = float(artifact.read_calibration(run.path)["temperature"])
+    scaled = calibration.reliability(calibration.scale(calibration.logits_from_probs(probs), temperature), y_true)
+    found.update(temperature=temperature, ece_calibrated=scaled.ece, reliability_calibrated=scaled.to_dict())
+    if own_val:
+        found["note"] = ("the temperature was fitted on this split, so the calibrated ECE is in-sample "
+                         "(optimistic); metrics.json's calibration block holds the held-out figure")
+    return found
+
+
+def write_reliability(run_dir: Path, split: str, found: dict) -> Path:
+    path = run_dir / f"reliability_{split}.png"
+    artifact.atomic_write_bytes(path, reliability_png(found["reliability"], found["ece"], f"Reliability ({split})",
+                                                      found.get("reliability_calibrated"), found["temperature"]))
+    return path
+
+
+def reliability_png(table: dict, ece: float, title: str, calibrated: dict | None = None,
+                    temperature: float | None = None) -> bytes:
+    """A reliability diagram as PNG bytes (for files and for HTML reports): accuracy per confidence bin
+    as bars against the diagonal of perfect calibration, ECE in the title; with ``calibrated`` (a
+    second :meth:`calibration.Reliability.to_dict`), the temperature-scaled accuracies as steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edges = np.array(table["edges"])
+    width = np.diff(edges)
+
+    def values(key: str, source: dict) -> np.ndarray:
+        return np.array([np.nan if v is None else v for v in source[key]], dtype=float)
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.bar(edges[:-1], np.nan_to_num(values("accuracy", table)), width=width, align="edge", color="#4c72b0",
+           edgecolor="white", label="accuracy (model)")
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    heading = f"{title}: ECE {ece:.3f}"
+    if calibrated is not None:
+        ece_after = calibration.Reliability(edges, np.array(calibrated["count"]), values("confidence", calibrated),
+                                            values("accuracy", calibrated)).ece
+        ax.stairs(np.nan_to_num(values("accuracy", calibrated)), edges, baseline=None, color="#dd8452", linewidth=2,
+                  label=f"accuracy at T = {temperature:.2f}")
+        heading += f", {ece_after:.3f} at T = {temperature:.2f}"
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top label)", ylabel="accuracy", title=heading)
+    ax.legend(loc="upper left", fontsize="small")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 def write_confusion(run_dir: Path, split: str, classes: list[str], matrix: np.ndarray) -> dict[str, Path]:

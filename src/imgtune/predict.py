@@ -21,7 +21,7 @@ from .data.decode import DecodeError, load_rgb
 from .data.scan import IMAGE_EXTENSIONS
 from .data.transforms import Preprocessing, eval_transform
 from .engine import autocast, select_device, to_channels_last
-from .errors import DataError
+from .errors import DataError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,19 @@ class Prediction:
 
 
 class Predictor:
+    """``calibrated``: probabilities softmax(logits / T) with the temperature T stored in the run folder
+    (calibration.json, fitted on val after training); ``temperature`` gives T directly."""
+
     def __init__(self, model: torch.nn.Module, classes: list[str], preprocessing: Preprocessing,
-                 device: str | torch.device = "auto", run: artifact.RunInfo | None = None):
+                 device: str | torch.device = "auto", run: artifact.RunInfo | None = None,
+                 calibrated: bool = False, temperature: float | None = None):
+        if calibrated and temperature is None:
+            if run is None:
+                raise UsageError("calibrated=True needs the run folder (Predictor.from_run) or a temperature")
+            temperature = float(artifact.read_calibration(run.path)["temperature"])
+        if temperature is not None and not temperature > 0:
+            raise UsageError(f"the temperature must be positive; got {temperature}")
+        self.temperature = temperature
         self.device = device if isinstance(device, torch.device) else select_device(device)
         self.model = model.to(self.device, memory_format=torch.channels_last).eval()
         self.inference_model = _fuse_batch_norm(self.model)
@@ -56,11 +67,13 @@ class Predictor:
         self.run = run
 
     @classmethod
-    def from_run(cls, path: str | Path, device: str = "auto") -> "Predictor":
+    def from_run(cls, path: str | Path, device: str = "auto", calibrated: bool = False) -> "Predictor":
         run = artifact.read_run(path)
+        if calibrated:
+            artifact.read_calibration(run.path)  # before the model is built: a missing file fails fast
         built = models.create(run.config.model, len(run.classes), load_pretrained=False)
         artifact.load_weights(built.model, run.path / artifact.WEIGHTS)
-        return cls(built.model, run.classes, run.preprocessing, device, run)
+        return cls(built.model, run.classes, run.preprocessing, device, run, calibrated)
 
     def probabilities(self, paths: list[Path], batch_size: int = 32) -> tuple[np.ndarray, list[str | None]]:
         """Class probabilities for each path (rows of NaN where the file failed) and the errors."""
@@ -73,7 +86,10 @@ class Predictor:
             if keep:
                 batch = to_channels_last(torch.stack([tensors[i] for i in keep]).to(self.device))
                 with torch.inference_mode(), autocast(self.device):
-                    out = torch.softmax(self.inference_model(batch).float(), dim=1).cpu().numpy()
+                    logits = self.inference_model(batch).float()
+                    if self.temperature is not None:
+                        logits = logits / self.temperature
+                    out = torch.softmax(logits, dim=1).cpu().numpy()
                 probs[[start + i for i in keep]] = out
         return probs, errors
 

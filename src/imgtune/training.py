@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import artifact, balance, checkpoint, distributed, features, models
+from . import artifact, balance, calibration, checkpoint, distributed, experiment_log, features, models
 from .config import RunConfig, load_yaml, resolve, save_yaml, to_dict
 from .data import load_splits
 from .data.dataset import ImageDataset, make_loader
@@ -74,6 +74,7 @@ def _train(config: RunConfig, progress: bool) -> TrainResult:
     # stored absolute, so that `imgtune evaluate RUN` finds the data from any working directory
     config = replace(config, data=replace(config.data, source=str(Path(config.data.source).resolve())))
     _check_batch(config)
+    experiment_log.require(config.train.log)
     seed_everything(config.train.seed + distributed.current().rank)
     splits = load_splits(config.data.source, config.data.val_fraction, config.data.test_fraction,
                          config.train.seed, progress)
@@ -123,6 +124,7 @@ def _resume(run_dir: Path, epochs: int | None, progress: bool) -> TrainResult:
     found = checkpoint.newest_usable(run_dir / checkpoint.FOLDER)
     _check_resumable(found, config, epochs)
     _check_batch(config)
+    experiment_log.require(config.train.log)
     seed_everything(config.train.seed + distributed.current().rank)
     splits = load_splits(config.data.source, config.data.val_fraction, config.data.test_fraction,
                          config.train.seed, progress)
@@ -199,15 +201,16 @@ def _train_and_save(config: RunConfig, splits: DataSplits, built: models.BuiltMo
     rows: list[dict] = list(resume["rows"]) if resume else []
     main = distributed.current().is_main
 
-    def on_epoch(result) -> None:
-        rows.append(result.row())
-        if main:
-            artifact.write_metrics_csv(out / artifact.METRICS_CSV, rows)
-
     log.info("training %s with strategy %s on %s (run folder %s)", built.spec, config.train.strategy, device, out)
     weights = balance.class_weights(loaders.train.dataset.targets(), len(splits.classes)) \
         if config.train.balance == "weights" else None
-    with StopRequest() as stop:
+    with StopRequest() as stop, experiment_log.epoch_logger(config.train.log, out, len(rows) + 1, main) as extra:
+        def on_epoch(result) -> None:
+            rows.append(result.row())
+            if main:
+                artifact.write_metrics_csv(out / artifact.METRICS_CSV, rows)
+                extra(result.epoch, result.row())
+
         hooks = checkpoint.Checkpointer(out, config.train.checkpoint_every, stop)
         stopper = fit(model, phases, loaders, config.train, device, len(splits.classes), on_epoch, weights,
                       hooks, resume).stopper
@@ -224,6 +227,8 @@ def _train_and_save(config: RunConfig, splits: DataSplits, built: models.BuiltMo
 
     metrics = _final_metrics(model, loaders, splits, device, config, stopper, final_frozen)
     if main:
+        if metrics["calibration"] is not None:
+            artifact.write_json(out / artifact.CALIBRATION, metrics["calibration"])
         artifact.write_json(out / artifact.METRICS_JSON, metrics)
     distributed.barrier()
     return TrainResult(out, metrics, splits.summary(), time.perf_counter() - start)
@@ -339,24 +344,45 @@ def _drop_last(n: int, batch_size: int) -> bool:
 def _final_metrics(model, loaders: Loaders, splits: DataSplits, device, config: RunConfig, stopper,
                    final_frozen: bool) -> dict:
     """Validation (and test) metrics of the saved model; from cached features when the backbone
-    was frozen throughout the last phase (the same numbers, without running the backbone again)."""
+    was frozen throughout the last phase (the same numbers, without running the backbone again).
+    Also the temperature fitted on val and its effect on calibration (``metrics["calibration"]``)."""
     metrics: dict = {}
+    predictions: dict[str, tuple] = {}
     sources = {"val": (loaders.frozen_val, loaders.val), "test": (loaders.frozen_test, loaders.test)}
     for name, (frozen, images) in sources.items():
         net, loader = (model.head, frozen) if final_frozen and frozen is not None else (model, images)
         if loader is None:
             continue
         probs, targets, _ = predict_probs(net, loader, device, f"evaluating {name}")
+        predictions[name] = (probs, targets)
         report = full_report(targets, probs, splits.classes, seed=config.train.seed)
         if name == "val":
             metrics.update(report)
         else:
             metrics["test"] = report
+    metrics["calibration"] = _calibrate(predictions, config.train.seed)
     metrics["kept"] = config.train.keep
     if config.train.keep == "best":
         metrics["best_epoch"] = stopper.best_epoch
         metrics["note"] = "weights chosen on val: val metrics are optimistic"
     return metrics
+
+
+def _calibrate(predictions: dict[str, tuple], seed: int) -> dict | None:
+    """T fitted on val; ECE before and after it on test, else by 2-fold cross-fitting on val."""
+    if "val" not in predictions:
+        return None
+    val_probs, val_y = predictions["val"]
+    test_probs, test_y = predictions.get("test", (None, None))
+    found = calibration.assess(val_probs, val_y, test_probs, test_y, seed=seed)
+    if found is not None and "ece_before" in found:
+        log.info("calibration: temperature %.3f (fitted on %d val images); ECE on %s: %.4f before, %.4f after",
+                 found["temperature"], found["n_fit"], found["assessed_on"].split(",")[0], found["ece_before"],
+                 found["ece_after"])
+    if found is not None and found["at_bound"]:
+        log.warning("calibration: the temperature stopped at the end of its range (%g); the validation split "
+                    "(%d images) is too easy or too small to fit it well", found["temperature"], found["n_fit"])
+    return found
 
 
 def _meta(config: RunConfig, built: models.BuiltModel, splits: DataSplits) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .output import console, print_confusion, print_metrics, print_per_class
+from .output import console, print_confusion, print_metrics, print_per_class, print_split_calibration
 
 
 def register(commands) -> None:
@@ -31,7 +31,9 @@ def run(args) -> int:
     print_metrics(result.report, f"{result.split} of {result.source}")
     print_per_class(result.report)
     print_confusion(result.report["confusion_matrix"], classes)
+    print_split_calibration(result.report["calibration"])
     for path, reason in result.skipped:
         console.print(f"skipped {path}: {reason}")
-    console.print(f"confusion matrix written to {result.files['csv']} and {result.files['png']}")
+    console.print(f"confusion matrix written to {result.files['csv']} and {result.files['png']}; reliability "
+                  f"diagram to {result.files['reliability']}")
     return 0

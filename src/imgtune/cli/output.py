@@ -49,3 +49,24 @@ def print_confusion(matrix: list[list[int]], classes: list[str], limit: int = 20
     for name, row in zip(classes, matrix):
         table.add_row(name, *map(str, row))
     console.print(table)
+
+
+def print_calibration(found: dict) -> None:
+    """The temperature stored with a run and the ECE before and after it (``metrics["calibration"]``)."""
+    console.print(f"calibration: temperature {found['temperature']:.3f}, fitted on {found['n_fit']} val images "
+                  f"(predict --calibrated uses it)" + (" - at the end of its range: fitted on too few or too "
+                                                       "easy images" if found.get("at_bound") else ""))
+    if "ece_before" in found:
+        console.print(f"  ECE ({found['n_bins']} bins) on {found['assessed_on']}, {found['n_assessed']} images: "
+                      f"{found['ece_before']:.4f} before, {found['ece_after']:.4f} after; NLL "
+                      f"{found['nll_before']:.4f} before, {found['nll_after']:.4f} after")
+
+
+def print_split_calibration(found: dict) -> None:
+    """ECE of the split ``imgtune evaluate`` measured (``report["calibration"]``)."""
+    line = f"ECE ({found['n_bins']} bins): {found['ece']:.4f}"
+    if found.get("ece_calibrated") is not None:
+        line += f"; with the run's temperature {found['temperature']:.3f}: {found['ece_calibrated']:.4f}"
+    console.print(line)
+    if found.get("note"):
+        console.print(f"  {found['note']}")

@@ -23,13 +23,16 @@ def register(commands) -> None:
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--calibrated", action="store_true",
+                   help="temperature-scaled probabilities, softmax(logits / T) with the T fitted on the run's "
+                        "validation split (calibration.json); the labels are the same")
     p.set_defaults(handler=run)
 
 
 def run(args) -> int:
     from ..predict import Predictor, expand_paths
 
-    predictor = Predictor.from_run(args.run, args.device)
+    predictor = Predictor.from_run(args.run, args.device, calibrated=args.calibrated)
     results = predictor.predict(expand_paths(args.paths), args.top_k, args.batch_size)
     {"table": _table, "csv": _csv, "json": _json}[args.format](results)
     failed = sum(not r.ok for r in results)

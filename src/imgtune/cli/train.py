@@ -6,7 +6,7 @@ import argparse
 
 from .. import config as cfg
 from ..errors import UsageError
-from .output import console, print_metrics
+from .output import console, print_calibration, print_metrics
 
 
 def register(commands) -> None:
@@ -71,6 +71,9 @@ def register(commands) -> None:
     g.add_argument("--out", help="run folder (default runs/<timestamp>); must be new or empty")
     g.add_argument("--overwrite", action="store_true", default=None, help="reuse a non-empty --out")
     g.add_argument("--offline", action="store_true", default=None, help="never download (also IMGTUNE_OFFLINE=1)")
+    g.add_argument("--log", choices=cfg.LOGS, help="per-epoch metrics: csv (metrics.csv, default) or tensorboard "
+                                                  "(also RUN/tensorboard/ event files; pip install "
+                                                  "'imgtune[tensorboard]')")
     p.set_defaults(handler=run)
 
 
@@ -78,7 +81,7 @@ OPTION_KEYS = ("model", "pretrained", "weights", "img_size", "body", "head", "he
                "epochs", "freeze_epochs", "lr", "backbone_lr_factor", "optimizer", "momentum", "weight_decay",
                "warmup_epochs", "label_smoothing", "early_stop", "monitor", "keep", "balance", "seed", "device",
                "accumulate", "checkpoint_every", "val_fraction", "test_fraction", "batch_size", "num_workers", "augment", "cache",
-               "cache_dir", "allow_leakage", "out", "overwrite", "offline")
+               "cache_dir", "allow_leakage", "out", "overwrite", "offline", "log")
 
 
 # flags whose name is not the option's key with dashes
@@ -105,6 +108,8 @@ def run(args) -> int:
     print_metrics(result.metrics, "validation")
     if "test" in result.metrics:
         print_metrics(result.metrics["test"], "test")
+    if result.metrics.get("calibration"):
+        print_calibration(result.metrics["calibration"])
     console.print(f"run folder: {result.run_dir}  ({result.seconds:.0f} s)")
     return 0
 
