@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from scipy.special import softmax
 
-from datagen import SCRATCH_ARGS, make_split_dataset
+from datagen import CLASSES, SCRATCH_ARGS, make_split_dataset
 from imgtune import calibration
 from imgtune.cli import main
+
+CLASS_NAMES = sorted(CLASSES)
 
 # ---- ECE and the reliability table -------------------------------------------------------------
 
@@ -154,3 +156,142 @@ def test_assess_without_test_split_cross_fits_on_val():
     assert len(report["fold_temperatures"]) == 2 and report["temperature"] > 3
     assert report["ece_after"] < report["ece_before"] / 3
     assert calibration.assess(np.zeros((0, 3)), np.zeros(0, dtype=int)) is None
+
+
+# ---- end to end: the run folder, evaluate, predict --calibrated, --log tensorboard -------------
+
+
+def train(data: Path, out: Path, *args: str) -> int:
+    return main(["-q", "train", str(data), *SCRATCH_ARGS, "--workers", "0", "--device", "cpu", "--out", str(out),
+                 *args])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_split_dataset(tmp_path_factory.mktemp("data"), train=10, val=5, test=4)
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "run"
+    tensorboard = "tensorboard" if _has_tensorboard() else "csv"
+    assert train(data, out, "--epochs", "2", "--log", tensorboard) == 0
+    return out
+
+
+def _has_tensorboard() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cli_json(capsys, argv: list[str], code: int = 0):
+    assert main(argv) == code
+    return json.loads(capsys.readouterr().out)
+
+
+def test_run_stores_calibration(run):
+    stored = json.loads((run / "calibration.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["calibration"] == stored
+    assert stored["temperature"] > 0 and (stored["fitted_on"], stored["n_fit"]) == ("val", 15)
+    assert (stored["assessed_on"], stored["n_assessed"]) == ("test", 12)  # the test split, not val
+    assert 0 <= stored["ece_before"] <= 1 and 0 <= stored["ece_after"] <= 1
+
+
+def test_run_without_test_split_cross_fits(tmp_path):
+    data = make_split_dataset(tmp_path / "data", train=6, val=4)
+    assert train(data, tmp_path / "run", "--epochs", "1") == 0
+    stored = json.loads((tmp_path / "run" / "metrics.json").read_text())["calibration"]
+    assert stored["assessed_on"].startswith("val, 2-fold cross-fitting") and stored["n_assessed"] == 12
+    assert len(stored["fold_temperatures"]) == 2
+
+
+def test_evaluate_reports_ece_and_writes_reliability_diagram(run, capsys):
+    report = cli_json(capsys, ["evaluate", str(run), "--split", "test", "--device", "cpu", "--format", "json"])
+    found = report["calibration"]
+    assert found["temperature"] == json.loads((run / "calibration.json").read_text())["temperature"]
+    assert found["ece"] == pytest.approx(json.loads((run / "calibration.json").read_text())["ece_before"], abs=1e-5)
+    assert sum(found["reliability"]["count"]) == report["n"] == 12
+    assert (run / "reliability_test.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert main(["evaluate", str(run), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "ECE (15 bins)" in out and "in-sample" in out  # val: where T was fitted
+
+
+def predicted(capsys, run: Path, paths: list[Path], *args: str) -> np.ndarray:
+    """Probabilities from ``imgtune predict``, one row per path, columns in class order."""
+    rows = cli_json(capsys, ["predict", str(run), *map(str, paths), "--format", "json", "--top-k", "3",
+                             "--device", "cpu", *args])
+    return np.array([[next(t["prob"] for t in row["top"] if t["label"] == name) for name in CLASS_NAMES]
+                     for row in rows])
+
+
+def test_predict_calibrated_is_temperature_scaled(run, data, tmp_path, capsys):
+    paths = sorted((data / "test").rglob("*.png"))
+    plain = predicted(capsys, run, paths)
+    temperature = json.loads((run / "calibration.json").read_text())["temperature"]
+    expected = softmax(np.log(np.clip(plain, 1e-12, 1)) / temperature, axis=1)
+    assert predicted(capsys, run, paths, "--calibrated") == pytest.approx(expected, abs=1e-4)
+    # with a temperature that moves the probabilities a lot (the tiny run's may sit at a bound)
+    (run / "calibration.json").rename(tmp_path / "saved.json")
+    try:
+        (run / "calibration.json").write_text(json.dumps({"temperature": 2.5}))
+        scaled = predicted(capsys, run, paths, "--calibrated")
+    finally:
+        (tmp_path / "saved.json").replace(run / "calibration.json")
+    assert scaled == pytest.approx(softmax(np.log(np.clip(plain, 1e-12, 1)) / 2.5, axis=1), abs=1e-5)
+    assert not np.allclose(scaled, plain, atol=1e-3)
+    assert (scaled.argmax(1) == plain.argmax(1)).all()
+
+
+def test_predict_calibrated_without_calibration_is_a_clear_error(run, data, tmp_path, capsys):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    (old / "calibration.json").unlink()  # as a run folder written before calibration existed
+    image = next((data / "test").rglob("*.png"))
+    assert main(["predict", str(old), str(image), "--calibrated", "--device", "cpu"]) == 3
+    err = capsys.readouterr().err
+    assert "no calibration.json" in err and "--resume" in err
+    assert main(["predict", str(old), str(image), "--device", "cpu"]) == 0  # without --calibrated: fine
+    capsys.readouterr()
+    import imgtune
+    from imgtune.errors import DataError
+
+    with pytest.raises(DataError, match="no calibration.json"):
+        imgtune.load(old, device="cpu", calibrated=True)
+    assert imgtune.load(run, device="cpu", calibrated=True).temperature == pytest.approx(
+        json.loads((run / "calibration.json").read_text())["temperature"])
+
+
+def test_tensorboard_event_files_hold_the_epoch_scalars(run):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert files
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/accuracy", "val/loss", "val/accuracy", "val/macro_f1", "lr"} <= tags
+    import csv
+
+    with (run / "metrics.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    loss = events.Scalars("val/loss")
+    assert [e.step for e in loss] == [1, 2]
+    assert [e.value for e in loss] == pytest.approx([float(r["val_loss"]) for r in rows], rel=1e-5)
+
+
+def test_log_tensorboard_without_the_package_is_a_usage_error(data, tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    out = tmp_path / "run"
+    assert train(data, out, "--epochs", "1", "--log", "tensorboard") == 2
+    assert "pip install 'imgtune[tensorboard]'" in capsys.readouterr().err
+    assert not out.exists()  # refused before the run folder was created
