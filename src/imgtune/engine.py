@@ -438,3 +438,5 @@ def _position(loader, epoch: int, batches_done: int) -> None:
     sampler = getattr(loader, "sampler", None)
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch, batches_done * (loader.batch_size or 1))
+    elif hasattr(getattr(loader, "dataset", None), "set_epoch"):  # a stream (data.shards)
+        loader.dataset.set_epoch(epoch)

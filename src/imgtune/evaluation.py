@@ -13,6 +13,7 @@ import numpy as np
 
 from . import artifact, calibration
 from .data.scan import SPLITS, Sample, check_files, find_samples, load_splits
+from .data.shards import is_shards, load_manifest, read_split
 from .errors import DataError, UsageError
 from .metrics import bootstrap_ci, classification_report
 
@@ -39,6 +40,8 @@ def select_samples(run: artifact.RunInfo, data: str | None, split: str | None) -
     given data's ``split`` (test if it has one, else val), or all of it when it has no splits."""
     if split is not None and split not in SPLITS:
         raise UsageError(f"--split must be one of {', '.join(SPLITS)}; got {split!r}")
+    if data is None and is_shards(run.config.data.source):
+        return _from_shards(run.config.data.source, split or "val")
     if data is None:
         cfg = run.config
         splits = load_splits(cfg.data.source, cfg.data.val_fraction, cfg.data.test_fraction, cfg.train.seed)
@@ -62,6 +65,23 @@ def select_samples(run: artifact.RunInfo, data: str | None, split: str | None) -
         raise DataError(f"{data} has class(es) {unknown} that the model was not trained on "
                         f"(its classes: {run.classes})")
     return good, name, skipped
+
+
+def _from_shards(source: str, name: str) -> tuple[list[Sample], str, list]:
+    """The split read from the run's shards; each sample's ``path`` is its bytes (a file object), which
+    is all the predictor needs; the name of the original file is kept for messages."""
+    splits = load_manifest(source)
+    samples = [Sample(_NamedBytes(data, path), label, name) for path, label, data in read_split(splits, name)]
+    return samples, name, splits.skipped
+
+
+class _NamedBytes(io.BytesIO):
+    def __init__(self, data: bytes, name: str):
+        super().__init__(data)
+        self.name = name
+
+    def __str__(self) -> str:
+        return self.name
 
 
 def evaluate(run_dir: str | Path, data: str | None = None, split: str | None = None, device: str = "auto",

@@ -99,3 +99,20 @@ def _compute(built, samples, positions, classes, store, device, batch_size, work
 
 def store_for(built: BuiltModel, body: str, cache_dir) -> ArrayStore:
     return feature_store(cache_dir, describe_model(built, body))
+
+
+@torch.inference_mode()
+def from_stream(built: BuiltModel, loader, device: torch.device, description: str = "features") -> FeatureSet:
+    """Features of every item a (non-shuffling) stream loader yields, in its order."""
+    body = built.model.body.eval()
+    vectors, targets = [], []
+    for batch in tqdm(loader, desc=description, unit="batch", leave=False, disable=quiet_rank()):
+        if batch is None:
+            continue
+        images, target, _ = batch
+        with autocast(device):
+            vectors.append(body(to_channels_last(images.to(device))).float().cpu())
+        targets.append(target)
+    features = torch.cat(vectors) if vectors else torch.zeros(0, 0)
+    labels = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)
+    return FeatureSet(features, labels, torch.arange(len(labels)))

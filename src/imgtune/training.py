@@ -27,6 +27,7 @@ from .data.dataset import ImageDataset, make_loader
 from .data.duplicates import exact_groups, leaks_into
 from .data.sampler import evaluation_sampler
 from .data.scan import DataSplits, Sample
+from .data.shards import ShardSplits, is_shards, load_manifest, refuse_for_streams, stream_loader
 from .data.transforms import eval_transform, train_transform
 from .cache import default_cache_dir, pixel_store
 from .engine import Loaders, fit, predict_probs, select_device
@@ -72,21 +73,32 @@ def _train(config: RunConfig, progress: bool) -> TrainResult:
     start = time.perf_counter()
     config = resolve(config)
     # stored absolute, so that `imgtune evaluate RUN` finds the data from any working directory
-    config = replace(config, data=replace(config.data, source=str(Path(config.data.source).resolve())))
+    if not config.data.source.startswith(("http://", "https://")):
+        config = replace(config, data=replace(config.data, source=str(Path(config.data.source).resolve())))
     _check_batch(config)
     experiment_log.require(config.train.log)
     seed_everything(config.train.seed + distributed.current().rank)
-    splits = load_splits(config.data.source, config.data.val_fraction, config.data.test_fraction,
-                         config.train.seed, progress)
+    splits = load_data(config, progress)
     _log_data(splits)
-    check_duplicates(splits, config.data.source, config.data.allow_leakage)
+    if not isinstance(splits, ShardSplits):  # shards were checked when `imgtune shard` wrote them
+        check_duplicates(splits, config.data.source, config.data.allow_leakage)
     config = _choose_balance(config, splits)
+    if isinstance(splits, ShardSplits):
+        refuse_for_streams(config.train.balance, config.train.checkpoint_every)
     built = models.create(config.model, len(splits.classes), offline=config.offline)
     device = distributed.device_for(distributed.current(), select_device(config.train.device))
     out = distributed.on_main(artifact.prepare_out_dir, config.out, config.overwrite)
     config = replace(config, out=str(out))
     distributed.on_main(_write_start, config, built, splits)
     return _train_and_save(config, splits, built, device, start)
+
+
+def load_data(config: RunConfig, progress: bool = True) -> DataSplits | ShardSplits:
+    """A folder or CSV (checked and split), or the manifest of WebDataset shards (streamed)."""
+    source = config.data.source
+    if is_shards(source):
+        return load_manifest(source)
+    return load_splits(source, config.data.val_fraction, config.data.test_fraction, config.train.seed, progress)
 
 
 def _write_start(config: RunConfig, built: models.BuiltModel, splits: DataSplits) -> None:
@@ -126,8 +138,7 @@ def _resume(run_dir: Path, epochs: int | None, progress: bool) -> TrainResult:
     _check_batch(config)
     experiment_log.require(config.train.log)
     seed_everything(config.train.seed + distributed.current().rank)
-    splits = load_splits(config.data.source, config.data.val_fraction, config.data.test_fraction,
-                         config.train.seed, progress)
+    splits = load_data(config, progress)
     _log_data(splits)
     _check_same_data(run_dir, config.data.source, splits)
     built = models.create(config.model, len(splits.classes), offline=config.offline)
@@ -239,7 +250,8 @@ def _loaders(config: RunConfig, splits: DataSplits, built: models.BuiltModel, ph
     for the phases where the backbone is frozen."""
     workers = config.data.num_workers
     if workers is None:
-        workers = auto_workers(len(splits.samples), device)
+        total = sum(map(splits.size, splits.urls)) if isinstance(splits, ShardSplits) else len(splits.samples)
+        workers = auto_workers(total, device)
     bs = config.data.batch_size // distributed.current().world  # the global batch, split across ranks
     seed, classes, pre = config.train.seed, splits.classes, built.preprocessing
     cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else default_cache_dir()
@@ -248,6 +260,8 @@ def _loaders(config: RunConfig, splits: DataSplits, built: models.BuiltModel, ph
         if use_disk and not all(p.body_frozen for p in phases) else None
 
     balanced = config.train.balance == "sampler"
+    if isinstance(splits, ShardSplits):
+        return _stream_loaders(config, splits, built, phases, device, bs, workers)
 
     def images(name: str, transform, shuffle: bool):
         members = splits.split(name)
@@ -269,6 +283,27 @@ def _loaders(config: RunConfig, splits: DataSplits, built: models.BuiltModel, ph
         targets = sets["train"].targets
         sampler = balance.balanced_sampler(targets, len(classes), seed) if balanced else None
         loaders.frozen_train = sets["train"].loader(bs, True, seed, _drop_last(len(targets), bs), sampler)
+        loaders.frozen_val = _frozen_eval(sets["val"], bs, seed)
+        loaders.frozen_test = _frozen_eval(sets["test"], bs, seed) if "test" in sets else None
+    return loaders
+
+
+def _stream_loaders(config: RunConfig, splits: ShardSplits, built, phases, device, bs: int, workers: int) -> Loaders:
+    """Loaders reading WebDataset shards; while the backbone is frozen, its features of each split are
+    computed once by streaming the split (kept in memory: the disk feature cache is keyed by files)."""
+    pre, seed = built.preprocessing, config.train.seed
+
+    def stream(name: str, transform, shuffle: bool):
+        return stream_loader(splits, name, transform, bs, shuffle, workers, seed, pre.resize_size)
+
+    loaders = Loaders(stream("train", train_transform(pre, config.data.augment), True),
+                      stream("val", eval_transform(pre), False))
+    loaders.test = stream("test", eval_transform(pre), False) if "test" in splits.urls else None
+    if any(p.body_frozen for p in phases):
+        names = [n for n in ("train", "val", "test") if n in splits.urls]
+        sets = {n: features.from_stream(built, stream(n, eval_transform(pre), False), device, f"{n} features")
+                for n in names}
+        loaders.frozen_train = sets["train"].loader(bs, True, seed, _drop_last(len(sets["train"].targets), bs))
         loaders.frozen_val = _frozen_eval(sets["val"], bs, seed)
         loaders.frozen_test = _frozen_eval(sets["test"], bs, seed) if "test" in sets else None
     return loaders
