@@ -125,3 +125,21 @@ def test_accumulating_two_half_batches_equals_one_whole_batch(tmp_path):
     for name in whole:
         torch.testing.assert_close(halves[name], whole[name], rtol=1e-4, atol=1e-6, msg=name)
     assert any(not torch.allclose(small[name], whole[name], atol=1e-4) for name in whole)  # it matters
+
+
+@pytest.mark.slow
+def test_two_ranks_stream_uneven_shards(tmp_path):
+    """3 training shards over 2 ranks: a rank whose shards hold fewer images reads them again, so both
+    take the same number of steps (DDP would wait for ever otherwise)."""
+    from imgtune.cli import main
+
+    data = make_split_dataset(tmp_path / "data", train=16, val=7)
+    shards = tmp_path / "shards"
+    assert main(["shard", str(data), str(shards), "--max-count", "20"]) == 0
+    assert len(list(shards.glob("train-*.tar"))) == 3
+    args = [a for a in TRAIN if a not in ("--optimizer", "sgd")]
+    done = run_imgtune([str(shards), *args, "--out", str(tmp_path / "run"), "--workers", "0"], tmp_path, ranks=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["n"] == 21

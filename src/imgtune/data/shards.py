@@ -153,18 +153,42 @@ class ShardStream(torch.utils.data.IterableDataset):
         return -(-self.size // world)
 
     def __iter__(self):
+        from ..distributed import current
+
+        items = self._items(0)
+        if self.shuffle and current().enabled:
+            items = self._exactly(len(self))
+        for position, item in enumerate(items):
+            yield (*item, position)
+
+    def _items(self, rerun: int):
         import webdataset as wds
 
         urls = list(self.urls)
         if self.shuffle:
-            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(urls)
-        splitter = wds.split_by_node if self.shuffle else wds.single_node_only
+            random.Random(self.seed * 1_000_003 + self.epoch + rerun * 7).shuffle(urls)
+        splitter = wds.split_by_node if self.shuffle else _every_node
         stream = wds.WebDataset(urls, shardshuffle=False, nodesplitter=splitter, empty_check=False)
         items = self._decoded(stream)
         if self.shuffle:
-            items = _buffer_shuffle(items, SHUFFLE_BUFFER, random.Random(self.seed * 7919 + self.epoch))
-        for position, item in enumerate(items):
-            yield (*item, position)
+            items = _buffer_shuffle(items, SHUFFLE_BUFFER, random.Random(self.seed * 7919 + self.epoch + rerun))
+        return items
+
+    def _exactly(self, count: int):
+        """Distributed: every rank must take the same number of steps, but shards split over ranks
+        rarely hold equal numbers of images; a rank that runs short reads its shards again."""
+        given, rerun = 0, 0
+        while given < count:
+            before = given
+            for item in self._items(rerun):
+                yield item
+                given += 1
+                if given == count:
+                    return
+            if given == before:
+                raise DataError(f"this rank got no training shard: {len(self.urls)} shard(s) for more ranks "
+                                "(and loader workers); write smaller shards (imgtune shard --max-count)")
+            rerun += 1
 
     def _decoded(self, stream):
         for sample in stream:
@@ -176,6 +200,11 @@ class ShardStream(torch.utils.data.IterableDataset):
                 log.warning("skipping %s in %s: %s", sample.get("__key__"), sample.get("__url__"), exc)
                 continue
             yield self.transform(image), label
+
+
+def _every_node(urls):
+    """Evaluation: every rank reads every shard (the metrics need every image)."""
+    return urls
 
 
 def _buffer_shuffle(items, size: int, rng: random.Random):
@@ -207,7 +236,7 @@ def read_split(splits: ShardSplits, name: str) -> list[tuple[str, str, bytes]]:
     if name not in splits.urls:
         raise DataError(f"the shards have no {name} split (splits: {sorted(splits.urls)})")
     out = []
-    for sample in wds.WebDataset(splits.urls[name], shardshuffle=False, nodesplitter=wds.single_node_only,
+    for sample in wds.WebDataset(splits.urls[name], shardshuffle=False, nodesplitter=_every_node,
                                  empty_check=False):
         meta = json.loads(sample["json"])
         payload = next(v for k, v in sample.items() if not k.startswith("__") and k not in ("cls", "json"))
