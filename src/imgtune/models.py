@@ -162,11 +162,13 @@ def default_preprocessing(spec: ModelSpec) -> Preprocessing:
     return Preprocessing()
 
 
-def build_base(spec: ModelSpec, resolved: weights_lib.ResolvedWeights | None) -> nn.Module:
-    """The library's model with its original classifier, loaded with ``resolved`` weights if any."""
+def build_base(spec: ModelSpec, resolved: weights_lib.ResolvedWeights | None,
+               img_size: int | None = None) -> nn.Module:
+    """The library's model with its original classifier, loaded with ``resolved`` weights if any.
+    ``img_size`` reaches timm models whose layers depend on it (vision transformers)."""
     try:
         if spec.library == "timm":
-            return _build_timm(spec, resolved)
+            return _build_timm(spec, resolved, img_size)
         if spec.library == "torchvision":
             return _build_torchvision(spec, resolved)
         return IMGTUNE_MODELS[spec.name]()
@@ -177,17 +179,28 @@ def build_base(spec: ModelSpec, resolved: weights_lib.ResolvedWeights | None) ->
         raise ModelError(f"cannot load weights{source} into {spec}: {str(exc).splitlines()[0]}") from exc
 
 
-def _build_timm(spec: ModelSpec, resolved) -> nn.Module:
+def _build_timm(spec: ModelSpec, resolved, img_size: int | None = None) -> nn.Module:
+    if img_size is not None:
+        try:  # ViT-style models fix their patch grid at build time (timm resamples position embeddings)
+            return _create_timm(spec, resolved, {"img_size": img_size})
+        except TypeError as exc:  # convolutional models take any size and have no such argument
+            if "img_size" not in str(exc):
+                raise
+    return _create_timm(spec, resolved, {})
+
+
+def _create_timm(spec: ModelSpec, resolved, kwargs: dict) -> nn.Module:
     import timm
 
     if resolved is None:
-        return timm.create_model(spec.name, pretrained=False)
+        return timm.create_model(spec.name, pretrained=False, **kwargs)
     state_dict = weights_lib.load_file(resolved.path)
     if resolved.convert is not None:
         state_dict = resolved.convert(state_dict, timm.create_model(spec.name, pretrained=False))
     name = resolved.entry.tag if resolved.entry else spec.name
     # timm's own loading path (its checkpoint filters), fed with the state dict we found
-    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"state_dict": state_dict, "source": ""})
+    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"state_dict": state_dict, "source": ""},
+                             **kwargs)
 
 
 def _build_torchvision(spec: ModelSpec, resolved) -> nn.Module:
@@ -300,7 +313,7 @@ def create(config: ModelConfig, num_classes: int, offline: bool = False,
     pre = resolved.entry.preprocessing if resolved and resolved.entry else default_preprocessing(spec)
     if config.img_size:
         pre = pre.with_size(config.img_size)
-    body, old = split_base(build_base(spec, resolved), spec, config.body)
+    body, old = split_base(build_base(spec, resolved, config.img_size), spec, config.body)
     num_features = _feature_size(body, pre)
     head = make_head(config, num_features, num_classes, old)
     return BuiltModel(Classifier(body, head, num_features), spec, pre, resolved)
