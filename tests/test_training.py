@@ -223,3 +223,11 @@ def test_head_shapes(head, pretrained_classifier):
         assert torch.equal(linears[0].bias, pretrained_classifier["bias"])
     with torch.no_grad():
         assert model.eval()(torch.zeros(2, 3, 64, 64)).shape == (2, 3)
+
+
+def test_vit_takes_a_smaller_img_size():
+    """timm ViTs fix their position embeddings at creation: --img-size must reach the constructor."""
+    built = models.create(ModelConfig(name="vit_tiny_patch16_224", pretrained=False, img_size=64), 3)
+    assert built.preprocessing.img_size == 64
+    with torch.no_grad():
+        assert built.model(torch.zeros(2, 3, 64, 64)).shape == (2, 3)
