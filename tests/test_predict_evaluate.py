@@ -62,6 +62,10 @@ def test_evaluate_json_has_confidence_intervals(run, capsys):
         lower, upper = report["ci95"][key]
         assert 0 <= lower <= report[key] <= upper <= 1
     assert list(report["per_class"]) == CLASS_NAMES
+    for row in report["per_class"].values():
+        for key in ("precision", "recall", "f1"):
+            lower, upper = row["ci95"][key]
+            assert 0 <= lower <= row[key] <= upper <= 1
     assert sum(map(sum, report["confusion_matrix"])) == report["n"]
 
 
@@ -160,16 +164,19 @@ def test_python_api_matches_cli(run, data, capsys):
 
 
 def test_bootstrap_scores_match_scikit_learn():
-    """The vectorised bootstrap gives, resample by resample, scikit-learn's accuracy and macro F1."""
-    from sklearn.metrics import f1_score
+    """The vectorised bootstrap gives, resample by resample, scikit-learn's accuracy and per-class
+    precision, recall and F1 (whose mean is the macro F1)."""
+    from sklearn.metrics import precision_recall_fscore_support
 
-    from imgtune.metrics import rowwise_accuracy_macro_f1
+    from imgtune.metrics import rowwise_scores
 
     rng = np.random.default_rng(0)
     true = rng.integers(0, 4, (40, 9))
     pred = np.where(rng.random(true.shape) < 0.6, true, rng.integers(0, 4, true.shape))
-    accuracy, macro_f1 = rowwise_accuracy_macro_f1(true, pred, 4)
+    accuracy, precision, recall, f1 = rowwise_scores(true, pred, 4)
+    assert precision.shape == recall.shape == f1.shape == (40, 4)
     for i in range(len(true)):
         assert accuracy[i] == (true[i] == pred[i]).mean()
-        assert macro_f1[i] == pytest.approx(f1_score(true[i], pred[i], labels=range(4), average="macro",
-                                                     zero_division=0), abs=1e-12)
+        expected = precision_recall_fscore_support(true[i], pred[i], labels=range(4), zero_division=0)[:3]
+        for ours, theirs in zip((precision[i], recall[i], f1[i]), expected):
+            np.testing.assert_allclose(ours, theirs, atol=1e-12)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +21,14 @@ log = logging.getLogger(__name__)
 
 
 def full_report(y_true: np.ndarray, probs: np.ndarray, classes: list[str], seed: int = 0) -> dict:
+    """The classification report with 95% bootstrap intervals: ``ci95`` for accuracy and macro F1, and
+    each class's ``per_class[c]["ci95"]`` for its precision, recall and F1."""
     report = classification_report(y_true, probs, classes)
-    report["ci95"] = bootstrap_ci(y_true, probs.argmax(axis=1), len(classes), seed=seed)
+    ci = bootstrap_ci(y_true, probs.argmax(axis=1), len(classes), seed=seed)
+    per_class = ci.pop("per_class")
+    report["ci95"] = ci
+    for i, name in enumerate(classes):
+        report["per_class"][name]["ci95"] = {key: values[i] for key, values in per_class.items()}
     return report
 
 
@@ -33,6 +39,10 @@ class EvaluationResult:
     report: dict
     skipped: list[tuple[str, str]]
     files: dict[str, Path]
+    paths: list[str] = field(default_factory=list)  # the images measured, in the order of the rows below
+    inputs: list = field(default_factory=list)  # what opens each (a path, or a file object for shards)
+    y_true: np.ndarray | None = None  # class indices
+    probs: np.ndarray | None = None  # (images, classes), the model's own (uncalibrated) probabilities
 
 
 def select_samples(run: artifact.RunInfo, data: str | None, split: str | None) -> tuple[list[Sample], str, list]:
@@ -105,7 +115,8 @@ def evaluate(run_dir: str | Path, data: str | None = None, split: str | None = N
     files["reliability"] = write_reliability(run.path, name, report["calibration"])
     artifact.write_json(run.path / f"evaluation_{name}.json", {"split": name, "data": data or run.config.data.source,
                                                                  **report})
-    return EvaluationResult(name, data or run.config.data.source, report, skipped + failed, files)
+    return EvaluationResult(name, data or run.config.data.source, report, skipped + failed, files,
+                            [str(samples[i].path) for i in ok], [samples[i].path for i in ok], y_true, probs[ok])
 
 
 def split_calibration(run: artifact.RunInfo, y_true: np.ndarray, probs: np.ndarray, own_val: bool) -> dict:

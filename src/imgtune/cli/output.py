@@ -25,17 +25,22 @@ def print_metrics(report: dict, title: str) -> None:
 
 
 def print_per_class(report: dict) -> None:
-    table = Table(title="per class")
+    table = Table(title="per class (95% bootstrap intervals)")
     for column in ("class", "precision", "recall", "f1", "support"):
         table.add_column(column, justify="left" if column == "class" else "right")
     for name, row in report["per_class"].items():
-        table.add_row(name, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))
+        table.add_row(name, *(_with_ci(row, key) for key in ("precision", "recall", "f1")), str(row["support"]))
     table.add_section()
     table.add_row("macro avg", f"{report['macro_precision']:.3f}", f"{report['macro_recall']:.3f}",
                   f"{report['macro_f1']:.3f}", str(report["n"]))
     table.add_row("weighted avg", f"{report['weighted_precision']:.3f}", f"{report['weighted_recall']:.3f}",
                   f"{report['weighted_f1']:.3f}", str(report["n"]))
     console.print(table)
+
+
+def _with_ci(row: dict, key: str) -> str:
+    ci = row.get("ci95", {}).get(key)
+    return f"{row[key]:.3f} ({ci[0]:.2f}-{ci[1]:.2f})" if ci else f"{row[key]:.3f}"
 
 
 def print_confusion(matrix: list[list[int]], classes: list[str], limit: int = 20) -> None:
