@@ -1,0 +1,28 @@
+"""imgtune report RUN [DATA]: one self-contained HTML page about a run (figures embedded).
+
+Configuration and data, training curves, confusion matrix, per-class table with 95% intervals, ROC and
+precision-recall curves, reliability diagram and calibration, and the most confident mistakes with
+Grad-CAM overlays. Measured on the run's validation split, or on DATA (its test split, else val)."""
+
+from __future__ import annotations
+
+
+def register(commands) -> None:
+    p = commands.add_parser("report", help="write an HTML report of a run (figures, mistakes, calibration)",
+                            description=__doc__)
+    p.add_argument("run", help="run folder written by imgtune train")
+    p.add_argument("data", nargs="?", help="data to measure on (default: the run's own data)")
+    p.add_argument("--split", choices=("train", "val", "test"),
+                   help="which split (default: val for the run's data; test, else val, for other data)")
+    p.add_argument("--out", help="HTML file to write (default: RUN/report.html, RUN/report_<split>.html for "
+                                 "other data or splits)")
+    p.add_argument("--gallery", type=int, default=12, metavar="N", help="how many mistakes to show (default 12)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from ..report import write_report
+
+    print(write_report(args.run, args.data, args.split, args.out, args.device, args.gallery))
+    return 0

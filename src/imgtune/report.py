@@ -1,0 +1,169 @@
+"""``imgtune report``: one self-contained HTML page about a trained run (every figure embedded, nothing
+fetched when it is opened).
+
+It measures the run again (:func:`imgtune.evaluation.evaluate`, so the figures and ``evaluate``'s files
+agree) and shows: configuration and data, training curves, the confusion matrix (a table of the top
+confusions above :data:`MATRIX_LIMIT` classes), per-class precision/recall/F1 with bootstrap intervals,
+ROC and precision-recall curves, the reliability diagram, and the most confident mistakes with their
+Grad-CAM overlays. The page comes from ``templates/report.html.j2``; figures from :mod:`imgtune.figures`.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import artifact, figures
+from .evaluation import EvaluationResult, evaluate, reliability_png
+
+log = logging.getLogger(__name__)
+
+MATRIX_LIMIT = 30  # above this many classes the confusion matrix is replaced by a table of top confusions
+GALLERY_SIZE = 12
+THUMBNAIL_SIDE = 320
+
+
+@dataclass
+class Mistake:
+    path: str
+    true: str
+    predicted: str
+    prob: float  # of the predicted class
+    true_prob: float
+    image: str | None  # data: URI of the Grad-CAM overlay (None when the image could not be read again)
+    note: str = ""
+
+
+def write_report(run_dir: str | Path, data: str | None = None, split: str | None = None, out: str | Path | None = None,
+                 device: str = "auto", gallery: int = GALLERY_SIZE) -> Path:
+    """Evaluate the run (its own val split by default; see :func:`imgtune.evaluation.evaluate`) and write
+    the report; returns its path (default ``RUN/report.html``, ``RUN/report_<split>.html`` for another
+    split or other data)."""
+    started = time.perf_counter()
+    result = evaluate(run_dir, data, split, device)
+    run = artifact.read_run(run_dir)
+    path = Path(out) if out else run.path / ("report.html" if data is None and split is None else
+                                             f"report_{result.split}.html")
+    context = _context(run, result, data, gallery)
+    context["seconds"] = time.perf_counter() - started
+    html = render(context)
+    artifact.atomic_write_text(path, html)
+    log.info("report written to %s (%.0f KB)", path, len(html.encode()) / 1024)
+    return path
+
+
+def render(context: dict) -> str:
+    from .doctor.render import environment
+
+    return environment().get_template("report.html.j2").render(**context)
+
+
+def _context(run: artifact.RunInfo, result: EvaluationResult, data: str | None, gallery: int) -> dict:
+    classes = run.classes
+    report = result.report
+    matrix = np.array(report["confusion_matrix"])
+    curves = figures.roc_pr(result.y_true, result.probs, classes)
+    cal = report["calibration"]
+    return {
+        "title": f"imgtune report: {run.path.name}",
+        "run": run, "meta": run.meta, "classes": classes, "result": result, "report": report,
+        "evaluated_on": f"{result.split} split of {result.source}" if result.split != "all" else result.source,
+        "settings": _settings(run.meta),
+        "config_text": (run.path / artifact.CONFIG).read_text(),
+        "data": run.meta["data"], "other_data": data is not None,
+        "curves_png": _uri(figures.training_curves(_metrics_rows(run.path))),
+        "matrix_limit": MATRIX_LIMIT,
+        "confusion_png": _uri(figures.confusion_png(matrix, classes, f"Confusion matrix ({result.split})"))
+        if len(classes) <= MATRIX_LIMIT else None,
+        "top_confusions": figures.top_confusions(matrix, classes, limit=30),
+        "roc": curves, "roc_png": _uri(curves["png"]),
+        "reliability_png": _uri(reliability_png(cal["reliability"], cal["ece"], f"Reliability ({result.split})",
+                                                cal.get("reliability_calibrated"), cal["temperature"])),
+        "calibration": cal, "held_out_calibration": _held_out_calibration(run.path),
+        "mistakes": _mistakes(run, result, gallery), "n_mistakes": int((result.probs.argmax(1) != result.y_true).sum()),
+        "skipped": result.skipped,
+    }
+
+
+def _settings(meta: dict) -> list[tuple[str, str]]:
+    config, model = meta["config"], meta["model"]
+    train = config.get("train", {})
+    weights = meta.get("weights")
+    rows = [("model", f"{model['name']} ({model['library']}; asked for {model['requested']}), "
+                      f"body {model['body']}, head {model['head']}"),
+            ("weights", f"{weights.get('tag') or weights.get('path')} from {weights.get('source')}" if weights
+             else "none (random initialisation)"),
+            ("strategy", str(meta.get("strategy"))),
+            ("input", "{img_size} px centre crop of the image resized to {resize_size} px".format(**meta["preprocessing"]))]
+    rows += [(key, str(train[key])) for key in ("epochs", "freeze_epochs", "lr", "backbone_lr_factor", "optimizer",
+                                                "balance", "seed") if key in train]
+    versions = meta.get("versions", {})
+    rows.append(("versions", ", ".join(f"{k} {v}" for k, v in versions.items())))
+    return rows
+
+
+def _metrics_rows(run_dir: Path) -> list[dict]:
+    path = run_dir / artifact.METRICS_CSV
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _held_out_calibration(run_dir: Path) -> dict | None:
+    path = run_dir / artifact.METRICS_JSON
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("calibration")
+
+
+def _mistakes(run: artifact.RunInfo, result: EvaluationResult, limit: int) -> list[Mistake]:
+    """The ``limit`` most confident wrong predictions, each with a Grad-CAM overlay of the predicted class
+    (what the model took for evidence)."""
+    predicted = result.probs.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != result.y_true)
+    wrong = wrong[np.argsort(-result.probs[wrong, predicted[wrong]], kind="stable")][:limit]
+    if not len(wrong):
+        return []
+    from .data.decode import DecodeError, load_rgb
+    from .explain import Explainer, explain_tensor, model_input, overlay
+
+    explainer = Explainer.from_run(run.path, "cpu")
+    classes, found = run.classes, []
+    for i in wrong:
+        mistake = Mistake(result.paths[i], classes[result.y_true[i]], classes[predicted[i]],
+                          float(result.probs[i, predicted[i]]), float(result.probs[i, result.y_true[i]]), None)
+        try:
+            source = result.inputs[i]
+            if hasattr(source, "seek"):
+                source.seek(0)
+            image = load_rgb(source)
+        except DecodeError as exc:
+            mistake.note = f"could not be read again: {exc}"
+            found.append(mistake)
+            continue
+        heat, _ = explain_tensor(explainer.model, explainer.preprocessing, model_input(image, explainer.preprocessing),
+                                 int(predicted[i]), "gradcam", explainer.layer)
+        picture = overlay(image, heat, explainer.preprocessing)
+        picture.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+        mistake.image = _uri(_jpeg(picture), "image/jpeg")
+        found.append(mistake)
+    return found
+
+
+def _jpeg(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
+
+
+def _uri(data: bytes | None, mime: str = "image/png") -> str | None:
+    return None if data is None else f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
