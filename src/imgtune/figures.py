@@ -43,6 +43,8 @@ def training_curves(rows: list[dict]) -> bytes | None:
     if not rows:
         return None
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     x = np.arange(1, len(rows) + 1)
 
     def column(name: str) -> np.ndarray | None:
@@ -66,6 +68,7 @@ def training_curves(rows: list[dict]) -> bytes | None:
                 ax.annotate(f" {phases[i]}", (i + 0.5 if i else x[0], 1), xycoords=("data", "axes fraction"),
                             va="top", fontsize="small", color="grey")
         ax.set_xlabel("epoch (all phases)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize="small")
     loss_ax.set(ylabel="loss", title="Loss")
     acc_ax.set(ylabel="score", title="Accuracy", ylim=(0, 1.02))

@@ -1,0 +1,238 @@
+"""``imgtune report``: the page holds what ``evaluate`` measured, every image is embedded and decodes, many
+classes get a table of top confusions instead of the matrix; and (slow) the hymenoptera and 40-class
+reports render in headless Chromium with no console errors and every image loaded."""
+
+from __future__ import annotations
+
+import base64
+import colorsys
+import csv
+import io
+import json
+import os
+import re
+import stat
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from datagen import SCRATCH_ARGS, make_split_dataset
+from imgtune.cli import main
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+HYMENOPTERA = Path(os.environ.get("IMGTUNE_HYMENOPTERA", REPO_ROOT / ".." / "shared" / "datasets" / "hymenoptera"))
+ARTIFACTS = Path(os.environ.get("IMGTUNE_TEST_ARTIFACTS", REPO_ROOT / "test-artifacts"))
+
+
+class _Page(HTMLParser):
+    """Every <img>'s src, every href/src that points anywhere, and the gallery's figures."""
+
+    def __init__(self):
+        super().__init__()
+        self.images: list[str] = []
+        self.links: list[str] = []
+        self.figures = 0
+        self.ids: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs.get("src", ""))
+        elif attrs.get("src") or attrs.get("href"):
+            self.links.append(attrs.get("src") or attrs.get("href"))
+        if tag == "figure":
+            self.figures += 1
+        if "id" in attrs:
+            self.ids.append(attrs["id"])
+
+
+def parse(path: Path) -> tuple[str, _Page]:
+    html = path.read_text()
+    page = _Page()
+    page.feed(html)
+    return html, page
+
+
+def decode_all(sources: list[str]) -> list[tuple[int, int]]:
+    sizes = []
+    for src in sources:
+        match = re.fullmatch(r"data:image/(png|jpeg);base64,([A-Za-z0-9+/=]+)", src)
+        assert match, f"not an embedded image: {src[:60]}"
+        with Image.open(io.BytesIO(base64.b64decode(match.group(2)))) as image:
+            image.load()
+            sizes.append(image.size)
+    return sizes
+
+
+def make_many_classes(root: Path, count: int = 40, train: int = 6, val: int = 3, size: int = 32) -> Path:
+    """``count`` classes: a disc, square, triangle or bar (by class number) in a hue of its own."""
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        colour = tuple(int(255 * c) for c in colorsys.hsv_to_rgb(i / count, 0.9, 0.9))
+        for split, n in (("train", train), ("val", val)):
+            folder = root / split / f"class_{i:02d}"
+            folder.mkdir(parents=True)
+            for j in range(n):
+                image = Image.fromarray(np.clip(128 + rng.normal(0, 10, (size, size, 3)), 0, 255).astype(np.uint8))
+                draw_shape(ImageDraw.Draw(image), i % 4, size / 2 + rng.uniform(-2, 2), size * 0.3, colour)
+                image.save(folder / f"{j}.png")
+    return root
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, kind: int, centre: float, radius: float, colour) -> None:
+    low, high = centre - radius, centre + radius
+    if kind == 0:
+        draw.ellipse([low, low, high, high], fill=colour)
+    elif kind == 1:
+        draw.rectangle([low, low, high, high], fill=colour)
+    elif kind == 2:
+        draw.polygon([(centre, low), (low, high), (high, high)], fill=colour)
+    else:
+        draw.rectangle([low, centre - radius / 3, high, centre + radius / 3], fill=colour)
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory) -> Path:
+    data = make_split_dataset(tmp_path_factory.mktemp("data"), train=8, val=4)
+    out = tmp_path_factory.mktemp("runs") / "small"
+    assert main(["-q", "train", str(data), *SCRATCH_ARGS, "--epochs", "2", "--workers", "0", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def many_run(tmp_path_factory) -> Path:
+    data = make_many_classes(tmp_path_factory.mktemp("many"))
+    out = tmp_path_factory.mktemp("runs") / "many"
+    assert main(["-q", "train", str(data), *SCRATCH_ARGS, "--epochs", "3", "--workers", "0", "--out", str(out)]) == 0
+    return out
+
+
+def test_report_holds_what_evaluate_measured(small_run, capsys):
+    assert main(["report", str(small_run)]) == 0
+    path = Path(capsys.readouterr().out.strip())
+    assert path == small_run / "report.html"
+    html, page = parse(path)
+    evaluation = json.loads((small_run / "evaluation_val.json").read_text())
+    assert {"summary", "run", "training", "confusion", "per-class", "roc", "calibration", "mistakes"} <= set(page.ids)
+    assert f"accuracy <b>{evaluation['accuracy']:.3f}</b>" in html
+    for name, row in evaluation["per_class"].items():
+        low, high = row["ci95"]["f1"]
+        assert f"{row['f1']:.3f} <span class=\"ci\">({low:.2f}–{high:.2f})</span>" in html
+    matrix = np.array(evaluation["confusion_matrix"])
+    wrong = int(matrix.sum() - np.trace(matrix))
+    assert page.figures == min(wrong, 12)
+    assert f"ECE <b>{evaluation['calibration']['ece']:.3f}</b>" in html
+    # curves, confusion, ROC/PR, reliability, and one overlay per mistake: all embedded and decodable
+    assert len(page.images) == 4 + page.figures
+    decode_all(page.images)
+    assert page.links == []  # no stylesheet, script or link to fetch
+    assert stat.S_IMODE(path.stat().st_mode) & 0o044  # readable by others under the usual umask, not 0600
+
+
+def test_report_out_and_gallery_options(small_run, tmp_path, capsys):
+    out = tmp_path / "r.html"
+    assert main(["report", str(small_run), "--out", str(out), "--gallery", "0"]) == 0
+    assert Path(capsys.readouterr().out.strip()) == out
+    html, page = parse(out)
+    assert page.figures == 0 and len(page.images) == 4
+
+
+def test_report_on_other_data_uses_its_test_split(small_run, tmp_path, capsys):
+    other = make_split_dataset(tmp_path / "other", train=2, val=2, test=3, seed=7)
+    assert main(["report", str(small_run), str(other)]) == 0
+    path = Path(capsys.readouterr().out.strip())
+    assert path == small_run / "report_test.html"
+    html, _ = parse(path)
+    assert "Evaluated on other data" in html and str(other) in html and "(9 images)" in html
+
+
+def test_report_of_a_missing_run_fails_clearly(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nothing")]) == 3
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_forty_classes_get_a_table_of_top_confusions(many_run, capsys):
+    assert main(["report", str(many_run)]) == 0
+    html, page = parse(Path(capsys.readouterr().out.strip()))
+    assert "confusion matrix, counts and row-normalised" not in html and "40 classes (more than 30)" in html
+    with (many_run / "confusion_matrix_val.csv").open(newline="") as handle:
+        header, *rows = csv.reader(handle)
+    cells = sorted(((int(v), r[0], header[j + 1]) for r in rows for j, v in enumerate(r[1:])
+                    if r[0] != header[j + 1] and int(v) > 0), key=lambda c: -c[0])
+    shown = re.findall(r"<tr><td>(class_\d+)</td><td>(class_\d+)</td><td>(\d+)</td>", html)
+    assert len(shown) == min(30, len(cells)) > 0
+    assert [int(n) for _, _, n in shown] == [c[0] for c in cells[:len(shown)]]
+    for true, predicted, n in shown:
+        assert int(rows[header.index(true) - 1][header.index(predicted)]) == int(n)
+    assert len(re.findall(r"<tr class=\"(?:weak)?\"><td>class_", html)) == 40  # the per-class table
+    decode_all(page.images)
+
+
+# --- headless Chromium (slow) --------------------------------------------------------------------
+
+def chromium_or_skip() -> str:
+    from browser import find_chromium
+
+    found = find_chromium(install=bool(os.environ.get("CI")))
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed and could not be installed (apt-get install chromium)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    return found
+
+
+def open_in_chromium(report: Path, name: str) -> None:
+    from browser import check_page
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / f"report-{name}.png"
+    _, page = parse(report)
+    result = check_page(report, shot, chromium=chromium_or_skip())
+    assert result.console_errors == [] and result.network_requests == [] and result.broken_images == []
+    assert result.image_count == len(page.images) > 0
+    with Image.open(shot) as image:
+        assert image.width == 1280 and image.height > 2000  # the whole page, not the first screen
+    print(f"screenshot: {shot}")
+
+
+@pytest.mark.slow
+def test_browser_harness_notices_errors_requests_and_broken_images(tmp_path):
+    from browser import check_page
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(buffer, "PNG")
+    good = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    page = tmp_path / "page.html"
+    page.write_text(f'<!DOCTYPE html><html><head><title>t</title></head><body><img src="{good}">'
+                    '<img src="data:image/png;base64,AAAA"><img src="https://example.com/x.png">'
+                    '<script>console.error("boom")</script></body></html>')
+    result = check_page(page, tmp_path / "page.png", chromium=chromium_or_skip())
+    assert "boom" in result.console_errors and not result.ok
+    assert result.network_requests == ["https://example.com/x.png"]  # blocked, never fetched
+    assert result.broken_images == ["data:image/png;base64,AAAA", "https://example.com/x.png"]
+    assert result.image_count == 3
+
+
+@pytest.mark.slow
+def test_hymenoptera_report_renders_in_chromium(tmp_path, capsys):
+    if not HYMENOPTERA.is_dir():
+        pytest.skip(f"{HYMENOPTERA} not found (set IMGTUNE_HYMENOPTERA)")
+    out = tmp_path / "hymenoptera"
+    # at the model's own 224 px, as a user would run it (PRETRAINED_ARGS' 64 px is for speed elsewhere)
+    assert main(["-q", "train", str(HYMENOPTERA), "--model", "mobilenet_v2", "--offline", "--strategy",
+                 "linear-probe", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["-q", "report", str(out)]) == 0
+    report = Path(capsys.readouterr().out.strip())
+    html, page = parse(report)
+    assert "397 JPEG, 1 GIF" in html  # the data summary names the GIF
+    open_in_chromium(report, "hymenoptera")
+
+
+@pytest.mark.slow
+def test_forty_class_report_renders_in_chromium(many_run, capsys):
+    assert main(["-q", "report", str(many_run)]) == 0
+    open_in_chromium(Path(capsys.readouterr().out.strip()), "forty-classes")
