@@ -216,14 +216,39 @@ def test_browser_harness_notices_errors_requests_and_broken_images(tmp_path):
     assert result.image_count == 3
 
 
-@pytest.mark.slow
-def test_hymenoptera_report_renders_in_chromium(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def hymenoptera_run(tmp_path_factory) -> Path:
     if not HYMENOPTERA.is_dir():
         pytest.skip(f"{HYMENOPTERA} not found (set IMGTUNE_HYMENOPTERA)")
-    out = tmp_path / "hymenoptera"
+    out = tmp_path_factory.mktemp("runs") / "hymenoptera"
     # at the model's own 224 px, as a user would run it (PRETRAINED_ARGS' 64 px is for speed elsewhere)
     assert main(["-q", "train", str(HYMENOPTERA), "--model", "mobilenet_v2", "--offline", "--strategy",
                  "linear-probe", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_gradcam_points_at_the_hand_boxed_insects(hymenoptera_run):
+    """bench/gradcam_boxes.json: for at least 15 of the 20 photos the share of Grad-CAM heat (true class)
+    inside the hand-drawn box exceeds the box's share of the image (bench/gradcam_boxes.py prints more)."""
+    from imgtune.data.decode import load_rgb
+    from imgtune.explain import Explainer, explain_tensor, model_input, to_original
+
+    explainer = Explainer.from_run(hymenoptera_run, "cpu")
+    hits = 0
+    for entry in json.loads((REPO_ROOT / "bench" / "gradcam_boxes.json").read_text())["images"]:
+        image = load_rgb(HYMENOPTERA / entry["path"])
+        heat, _ = explain_tensor(explainer.model, explainer.preprocessing, model_input(image, explainer.preprocessing),
+                                 explainer.class_index(entry["path"].split("/")[1]), "gradcam", explainer.layer)
+        full = to_original(heat, image.size, explainer.preprocessing)
+        left, top, right, bottom = entry["box"]
+        hits += full[top:bottom, left:right].sum() / full.sum() > (right - left) * (bottom - top) / full.size
+    assert hits >= 15
+
+
+@pytest.mark.slow
+def test_hymenoptera_report_renders_in_chromium(hymenoptera_run, capsys):
+    out = hymenoptera_run
     capsys.readouterr()
     assert main(["-q", "report", str(out)]) == 0
     report = Path(capsys.readouterr().out.strip())
