@@ -149,6 +149,27 @@ def test_report_on_other_data_uses_its_test_split(small_run, tmp_path, capsys):
     assert "Evaluated on other data" in html and str(other) in html and "(9 images)" in html
 
 
+def test_gallery_shows_the_most_confident_mistakes_with_overlays(small_run, tmp_path, capsys):
+    """Data whose folders are renamed around (every label wrong): the gallery holds the 12 most confident
+    mistakes, each an embedded Grad-CAM overlay, in falling order of probability."""
+    swapped = make_split_dataset(tmp_path / "swapped", train=1, val=5, seed=3)
+    names = sorted(p.name for p in (swapped / "val").iterdir())
+    for old, new in zip(names, names[1:] + names[:1]):
+        (swapped / "val" / old).rename(swapped / "val" / f"{new}.tmp")
+    for folder in (swapped / "val").iterdir():
+        folder.rename(folder.with_suffix(""))
+    assert main(["report", str(small_run), str(swapped), "--split", "val"]) == 0
+    html, page = parse(Path(capsys.readouterr().out.strip().splitlines()[-1]))
+    evaluation = json.loads((small_run / "evaluation_val.json").read_text())
+    matrix = np.array(evaluation["confusion_matrix"])
+    assert page.figures == min(12, matrix.sum() - np.trace(matrix)) > 0
+    overlays = [src for src in page.images if src.startswith("data:image/jpeg")]
+    assert len(overlays) == page.figures
+    assert all(size[0] <= 320 and size[1] <= 320 for size in decode_all(overlays))
+    probs = [float(p) for p in re.findall(r"<figcaption><b>[a-z_]+</b> ([0-9.]+)", html)]
+    assert probs == sorted(probs, reverse=True) and len(probs) == page.figures
+
+
 def test_report_of_a_missing_run_fails_clearly(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nothing")]) == 3
     assert "does not exist" in capsys.readouterr().err
