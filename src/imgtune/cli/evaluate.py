@@ -10,14 +10,19 @@ from .output import console, print_confusion, print_metrics, print_per_class, pr
 def register(commands) -> None:
     p = commands.add_parser("evaluate", help="measure a trained run on its validation split or on other data",
                             description=__doc__)
-    p.add_argument("run", help="run folder written by imgtune train")
-    p.add_argument("data", nargs="?", help="data to evaluate (default: the run's own data)")
-    p.add_argument("--split", choices=("train", "val", "test"),
-                   help="which split (default: val for the run's data; test, else val, for other data)")
+    add_run_data_split(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.set_defaults(handler=run)
+
+
+def add_run_data_split(p) -> None:
+    """RUN, optional DATA and --split: which images ``evaluate`` (and ``report``) measure."""
+    p.add_argument("run", help="run folder written by imgtune train")
+    p.add_argument("data", nargs="?", help="data to measure on (default: the run's own data)")
+    p.add_argument("--split", choices=("train", "val", "test"),
+                   help="which split (default: val for the run's data; test, else val, for other data)")
 
 
 def run(args) -> int:

@@ -6,14 +6,13 @@ Grad-CAM overlays. Measured on the run's validation split, or on DATA (its test 
 
 from __future__ import annotations
 
+from .evaluate import add_run_data_split
+
 
 def register(commands) -> None:
     p = commands.add_parser("report", help="write an HTML report of a run (figures, mistakes, calibration)",
                             description=__doc__)
-    p.add_argument("run", help="run folder written by imgtune train")
-    p.add_argument("data", nargs="?", help="data to measure on (default: the run's own data)")
-    p.add_argument("--split", choices=("train", "val", "test"),
-                   help="which split (default: val for the run's data; test, else val, for other data)")
+    add_run_data_split(p)
     p.add_argument("--out", help="HTML file to write (default: RUN/report.html, RUN/report_<split>.html for "
                                  "other data or splits)")
     p.add_argument("--gallery", type=int, default=12, metavar="N", help="how many mistakes to show (default 12)")
