@@ -95,3 +95,20 @@ def test_training_curves_across_phases_and_gaps():
     width, height = png_size(figures.training_curves(rows))
     assert width > height
     assert figures.training_curves([]) is None
+
+
+def test_nothing_to_draw_gives_a_png_without_warnings():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an empty legend used to warn "No artists with labels found"
+        png_size(figures.training_curves([{"epoch": "1", "phase": "head", "train_loss": "", "val_loss": "n/a"}]))
+        found = figures.roc_pr(np.zeros(4, dtype=int), np.full((4, 3), 1 / 3), ["a", "b", "c"])
+    assert found["macro_over"] == 0 and found["macro_roc_auc"] is None and found["micro_roc_auc"] is None
+    png_size(found["png"])
+
+
+def test_confusion_png_takes_float_counts_and_shares_are_plain_floats():
+    png_size(figures.confusion_png(np.array([[3.0, 1.0], [0.0, 4.0]]), ["ant", "bee"], "t"))  # read back from a CSV
+    share = figures.top_confusions(np.array([[3, 1], [0, 4]]), ["ant", "bee"])[0]["share_of_true"]
+    assert type(share) is float and share == 0.25

@@ -30,6 +30,12 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
+def _legend(ax, **options) -> None:
+    """A legend only where something has a label (matplotlib warns about an empty one)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**options)
+
+
 def _number(value) -> float:
     try:
         return float(value)
@@ -69,7 +75,7 @@ def training_curves(rows: list[dict]) -> bytes | None:
                             va="top", fontsize="small", color="grey")
         ax.set_xlabel("epoch (all phases)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(fontsize="small")
+        _legend(ax, fontsize="small")
     loss_ax.set(ylabel="loss", title="Loss")
     acc_ax.set(ylabel="score", title="Accuracy", ylim=(0, 1.02))
     fig.tight_layout()
@@ -92,7 +98,9 @@ def confusion_png(matrix, classes: list[str], title: str) -> bytes:
     side = min(3.5 + 0.4 * len(classes), 16)
     fig, axes = plt.subplots(1, 2, figsize=(2 * side, side))
     show_values = len(classes) <= 30
-    for ax, values, name, fmt in ((axes[0], matrix, "counts", "d"), (axes[1], normalise_rows(matrix), "share of the row", ".2f")):
+    count_format = "d" if np.issubdtype(matrix.dtype, np.integer) else ".3g"  # float counts, e.g. read from a CSV
+    for ax, values, name, fmt in ((axes[0], matrix, "counts", count_format),
+                                  (axes[1], normalise_rows(matrix), "share of the row", ".2f")):
         ConfusionMatrixDisplay(values, display_labels=classes).plot(
             ax=ax, cmap="Blues", colorbar=False, xticks_rotation="vertical", include_values=show_values,
             values_format=fmt)
@@ -108,7 +116,8 @@ def top_confusions(matrix, classes: list[str], limit: int = 20) -> list[dict]:
     cells = [(int(matrix[t, p]), t, p) for t in range(len(classes)) for p in range(len(classes))
              if t != p and matrix[t, p] > 0]
     cells.sort(key=lambda cell: (-cell[0], cell[1], cell[2]))
-    return [{"true": classes[t], "predicted": classes[p], "count": count, "share_of_true": count / totals[t]}
+    return [{"true": classes[t], "predicted": classes[p], "count": count,
+             "share_of_true": float(count / totals[t])}
             for count, t, p in cells[:limit]]
 
 
@@ -179,6 +188,6 @@ def _curves_png(onehot: np.ndarray, probs: np.ndarray, classes: list[str], defin
     pr_ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision",
               title="Precision-recall (dotted: prevalence)")
     for ax in (roc_ax, pr_ax):
-        ax.legend(fontsize="x-small", loc="lower right" if ax is roc_ax else "lower left")
+        _legend(ax, fontsize="x-small", loc="lower right" if ax is roc_ax else "lower left")
     fig.tight_layout()
     return _png(fig)
