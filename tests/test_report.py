@@ -219,24 +219,6 @@ def open_in_chromium(report: Path, name: str) -> None:
     print(f"screenshot: {shot}")
 
 
-@pytest.mark.slow
-def test_browser_harness_notices_errors_requests_and_broken_images(tmp_path):
-    from browser import check_page
-
-    buffer = io.BytesIO()
-    Image.new("RGB", (8, 8), (200, 0, 0)).save(buffer, "PNG")
-    good = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-    page = tmp_path / "page.html"
-    page.write_text(f'<!DOCTYPE html><html><head><title>t</title></head><body><img src="{good}">'
-                    '<img src="data:image/png;base64,AAAA"><img src="https://example.com/x.png">'
-                    '<script>console.error("boom")</script></body></html>')
-    result = check_page(page, tmp_path / "page.png", chromium=chromium_or_skip())
-    assert "boom" in result.console_errors and not result.ok
-    assert result.network_requests == ["https://example.com/x.png"]  # blocked, never fetched
-    assert result.broken_images == ["data:image/png;base64,AAAA", "https://example.com/x.png"]
-    assert result.image_count == 3
-
-
 @pytest.fixture(scope="module")
 def hymenoptera_run(tmp_path_factory) -> Path:
     if not HYMENOPTERA.is_dir():
