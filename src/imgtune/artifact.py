@@ -21,9 +21,7 @@ import contextlib
 import csv
 import io
 import json
-import os
 import platform
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -32,6 +30,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from . import __version__
+from .atomic import atomic_write, atomic_write_bytes, atomic_write_text  # noqa: F401 (re-exported)
 from .config import RunConfig, from_dict
 from .data.transforms import Preprocessing
 from .errors import DataError, UsageError
@@ -89,45 +88,12 @@ def remove_final_results(path: Path) -> None:
         file.unlink(missing_ok=True)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private (0600); give it the usual mode
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def write_json(path: Path, values: dict) -> None:
     atomic_write_text(path, json.dumps(values, indent=2, sort_keys=False) + "\n")
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_model(model, tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: save_model(model, str(tmp)))
 
 
 def write_metrics_csv(path: Path, rows: list[dict]) -> None:

@@ -17,10 +17,11 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from .atomic import atomic_write, atomic_write_bytes
 
 FORMAT_VERSION = 1
 
@@ -55,7 +56,7 @@ class ArrayStore:
         self.root.mkdir(parents=True, exist_ok=True)
         info = self.root / "key.json"  # what the folder's key stands for, for people looking at the cache
         if not info.exists():
-            _atomic_save(info, lambda tmp: Path(tmp).write_text(json.dumps(description, indent=2, default=str)))
+            atomic_write_bytes(info, json.dumps(description, indent=2, default=str).encode(), fsync=False)
 
     def path(self, digest: str) -> Path:
         return self.root / digest[:2] / f"{digest}.npy"
@@ -69,18 +70,12 @@ class ArrayStore:
     def put(self, digest: str, array: np.ndarray) -> None:
         target = self.path(digest)
         target.parent.mkdir(exist_ok=True)
-        _atomic_save(target, lambda tmp: np.save(tmp, array, allow_pickle=False))
+        atomic_write(target, lambda tmp: _save_npy(tmp, array), fsync=False)  # get() treats damage as absent
 
 
-def _atomic_save(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=target.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with path.open("wb") as handle:  # a handle: np.save would append ".npy" to the temporary name
+        np.save(handle, array, allow_pickle=False)
 
 
 def feature_store(root: Path, model_description: dict) -> ArrayStore:

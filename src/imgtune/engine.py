@@ -1,132 +1,34 @@
-"""How training runs: devices, precision, optimisers, schedules, the epoch loops and early stopping.
+"""How training runs: the epoch loop, phases, validation after every epoch, hooks for checkpoints.
 
-*What* is trained (model, data, strategy) is decided by the caller (``training.py``); this module
-only runs it.
+*What* is trained (model, data, strategy) is decided by the caller (``training.py``); devices,
+precision and the forward pass are in ``inference.py``, optimisers and schedules in ``optim.py``,
+the state of a run in ``progress.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
-import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import checkpoint, distributed
-from .data.sampler import ShardSampler
-from .distributed import quiet_rank
 from .config import TrainConfig
-from .errors import DataError, UsageError
+from .distributed import quiet_rank
+from .errors import DataError
+from .inference import autocast, predict_probs, select_device, to_channels_last  # noqa: F401 (re-exported)
 from .metrics import quick_metrics
 from .models import Classifier
+from .optim import make_optimizer, optimizer_steps, warmup_cosine
+from .progress import EarlyStopping, EpochResult, Progress, Tally
 from .strategies import Phase
 
 log = logging.getLogger(__name__)
-
-
-def select_device(name: str = "auto") -> torch.device:
-    """``auto``: CUDA, then Apple MPS, then CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available; use --device auto or cpu")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UsageError("--device mps: Apple MPS is not available; use --device auto or cpu")
-    return torch.device(name)
-
-
-def autocast(device: torch.device):
-    """Mixed precision on CUDA (bfloat16 where supported, else float16); full precision elsewhere."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
-
-
-def to_channels_last(images: torch.Tensor) -> torch.Tensor:
-    """Convolutions run faster in channels-last layout on CPU (oneDNN) and on recent GPUs."""
-    return images.contiguous(memory_format=torch.channels_last) if images.dim() == 4 else images
-
-
-def make_optimizer(model: Classifier, phase: Phase, train: TrainConfig) -> torch.optim.Optimizer:
-    """Head and body get their own learning rates; biases and norm weights get no weight decay."""
-    groups = []
-    parts = [(model.head, phase.head_lr)] + ([] if phase.body_frozen else [(model.body, phase.body_lr)])
-    for module, lr in parts:
-        params = [p for p in module.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
-        groups += [{"params": decay, "lr": lr, "weight_decay": train.weight_decay},
-                   {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    if train.optimizer == "adamw":
-        return torch.optim.AdamW(groups)
-    if train.optimizer == "adam":  # classic Adam: weight decay added to the gradient (L2)
-        return torch.optim.Adam(groups)
-    return torch.optim.SGD(groups, momentum=train.momentum, nesterov=train.momentum > 0)
-
-
-def warmup_cosine(total_steps: int, warmup_steps: int, floor: float = 0.01) -> Callable[[int], float]:
-    """Learning-rate factor: linear warm-up to 1, then cosine decay to ``floor``."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return factor
-
-
-@dataclass
-class EpochResult:
-    epoch: int
-    phase: str
-    lr: float
-    train_loss: float
-    train_accuracy: float
-    val: dict
-    seconds: float
-
-    def row(self) -> dict:
-        return {"epoch": self.epoch, "phase": self.phase, "lr": self.lr, "train_loss": self.train_loss,
-                "train_accuracy": self.train_accuracy, **{f"val_{k}": v for k, v in self.val.items()},
-                "seconds": round(self.seconds, 2)}
-
-
-@dataclass
-class Tally:
-    """Running sums of the epoch in progress; a mid-epoch checkpoint keeps them."""
-
-    lr: float  # at the epoch's start (the metrics row reports it)
-    batches: int = 0  # taken from the loader, a batch whose files all failed included
-    loss_sum: float = 0.0
-    correct: int = 0
-    seen: int = 0
-    seconds: float = 0.0  # spent before the current session (a resumed epoch)
-    since: float = field(default_factory=time.perf_counter, repr=False)
-
-    def elapsed(self) -> float:
-        return self.seconds + time.perf_counter() - self.since
-
-    def state_dict(self) -> dict:
-        return {"lr": self.lr, "batches": self.batches, "loss_sum": self.loss_sum, "correct": self.correct,
-                "seen": self.seen, "seconds": self.elapsed()}
-
-
-def optimizer_steps(batches: int, accumulate: int = 1) -> int:
-    """Optimizer steps in an epoch of ``batches`` batches, stepping every ``accumulate`` batches (and
-    after the last)."""
-    return max(1, -(-batches // max(1, accumulate)))
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, device: torch.device,
@@ -134,9 +36,10 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, dev
                     after_step: Callable[[], None] = lambda: None, accumulate: int = 1) -> tuple[float, float]:
     """Train on what ``loader`` yields, adding to ``tally`` (a resumed epoch's sums); ``after_step`` runs
     after every optimizer step. With ``accumulate`` N, gradients of N batches are summed (each loss
-    divided by N) before one optimizer step, as one batch N times larger would give; under DDP the
-    gradients are only averaged across ranks on the step's last batch (``no_sync``). Returns the
-    epoch's mean loss and accuracy."""
+    divided by N) before one optimizer step, as one batch N times larger would give; a short last group
+    of k < N batches is divided by k (timm's ``last_accum_steps``), as its one larger batch would be.
+    Under DDP the gradients are only averaged across ranks on the step's last batch (``no_sync``).
+    Returns the epoch's mean loss and accuracy."""
     tally = tally or Tally(optimizer.param_groups[0]["lr"])
     model.train()
     total = len(loader)
@@ -154,7 +57,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, dev
                 with autocast(device):
                     logits = model(images)
                     loss = loss_fn(logits, targets)
-                scaled = loss / accumulate if accumulate > 1 else loss
+                group = min(accumulate, total - (tally.batches - 1) // accumulate * accumulate)
+                scaled = loss / group if group > 1 else loss
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
             tally.loss_sum += loss.item() * len(targets)
             tally.correct += (logits.argmax(1) == targets).sum().item()
@@ -174,97 +78,6 @@ def _step(optimizer, scaler) -> None:
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-
-
-@torch.inference_mode()
-def predict_probs(model: nn.Module, loader, device: torch.device, description: str = "predicting"):
-    """Softmax probabilities, targets and dataset indices for every item the loader yields."""
-    model.eval()
-    probs, targets, indices = [], [], []
-    for batch in tqdm(loader, desc=description, unit="batch", leave=False, disable=quiet_rank()):
-        if batch is None:
-            continue
-        images, target, index = batch
-        with autocast(device):
-            logits = model(to_channels_last(images.to(device, non_blocking=True)))
-        probs.append(torch.softmax(logits.float(), dim=1).cpu())
-        targets.append(target)
-        indices.append(index)
-    local = (torch.cat(probs).numpy(), torch.cat(targets).numpy(), torch.cat(indices).numpy()) if probs else \
-        (np.zeros((0, 0)), np.zeros(0, dtype=int), np.zeros(0, dtype=int))
-    if isinstance(getattr(loader, "sampler", None), ShardSampler):  # distributed: every rank's share
-        return _merge(distributed.gather(local))
-    return local
-
-
-def _merge(shares: list[tuple[np.ndarray, np.ndarray, np.ndarray]]):
-    """Every rank's predictions in dataset order (each image once: evaluation shards are unpadded)."""
-    shares = [share for share in shares if len(share[1])]
-    if not shares:
-        return np.zeros((0, 0)), np.zeros(0, dtype=int), np.zeros(0, dtype=int)
-    probs, targets, indices = (np.concatenate(parts) for parts in zip(*shares))
-    order = np.argsort(indices, kind="stable")
-    return probs[order], targets[order], indices[order]
-
-
-@dataclass
-class EarlyStopping:
-    """Stop after ``patience`` epochs without improvement of ``monitor``; remember the best weights."""
-
-    monitor: str
-    patience: int | None
-    keep_best: bool
-    best_value: float | None = None
-    best_epoch: int | None = None
-    best_state: dict | None = field(default=None, repr=False)
-    stale: int = 0
-
-    def update(self, epoch: int, value: float, model: nn.Module) -> bool:
-        """Record this epoch; returns True when training should stop."""
-        better = self.best_value is None or (value < self.best_value if self.monitor == "loss"
-                                             else value > self.best_value)
-        if better:
-            self.best_value, self.best_epoch, self.stale = value, epoch, 0
-            if self.keep_best:
-                self.best_state = copy.deepcopy(model.state_dict())
-        else:
-            self.stale += 1
-        return self.patience is not None and self.stale >= self.patience
-
-    def state_dict(self) -> dict:
-        return {"best_value": self.best_value, "best_epoch": self.best_epoch, "stale": self.stale,
-                "best_state": self.best_state}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
-        self.stale, self.best_state = state["stale"], state["best_state"]
-
-
-@dataclass
-class Progress:
-    """Where training stands, in plain values. With the model, optimizer, scheduler and scaler states
-    and the random generators' states it is what a checkpoint holds."""
-
-    stopper: EarlyStopping
-    epochs_done: int = 0
-    steps: int = 0  # optimizer steps over all phases (``checkpoint_every`` counts them)
-    tally: Tally | None = None  # the epoch in progress, if any
-    rows: list[dict] = field(default_factory=list)  # metrics.csv
-    stopped_early: bool = False
-
-    def state_dict(self) -> dict:
-        mid = self.tally is not None
-        return {"epoch": self.epochs_done + mid, "step": self.tally.batches if mid else 0, "epoch_done": not mid,
-                "steps": self.steps, "tally": self.tally.state_dict() if mid else None,
-                "rows": [dict(row) for row in self.rows], "stopped_early": self.stopped_early,
-                "stopper": self.stopper.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epochs_done = state["epoch"] - (not state["epoch_done"])
-        self.steps, self.stopped_early = state["steps"], state["stopped_early"]
-        self.tally = Tally(**state["tally"]) if state["tally"] is not None else None
-        self.rows = [dict(row) for row in state["rows"]]
-        self.stopper.load_state_dict(state["stopper"])
 
 
 class Hooks:
@@ -296,12 +109,13 @@ class Loaders:
         return model, self.train, self.val
 
 
-def fit(model: Classifier, phases: list[Phase], loaders: Loaders, train: TrainConfig,
-        device: torch.device, num_classes: int, on_epoch: Callable[[EpochResult], None] = lambda r: None,
+def fit(model: Classifier, phases: list[Phase], loaders: Loaders, train: TrainConfig, device: torch.device,
+        num_classes: int, on_epoch: Callable[[EpochResult, list[dict]], None] = lambda result, rows: None,
         class_weights: torch.Tensor | None = None, hooks: Hooks | None = None,
         resume: dict | None = None) -> Progress:
     """Run every phase, or what is left of them after ``resume`` (a checkpoint's payload); calls
-    ``on_epoch`` after each epoch (to write the metrics CSV) and ``hooks`` after each step and epoch.
+    ``on_epoch(result, rows)`` after each epoch with every row so far (to write the metrics CSV), and
+    ``hooks`` after each step and epoch.
     ``class_weights`` weight the training loss (``--balance weights``); validation is never weighted."""
     weight = class_weights.to(device) if class_weights is not None else None
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=train.label_smoothing)
@@ -336,7 +150,7 @@ class _Run:
     num_classes: int
     loss_fn: nn.Module
     scaler: torch.amp.GradScaler | None
-    on_epoch: Callable[[EpochResult], None]
+    on_epoch: Callable[[EpochResult, list[dict]], None]
     hooks: Hooks
     progress: Progress
     phase_index: int = 0
@@ -404,7 +218,7 @@ class _Run:
                  epoch, self.phase.name, loss, acc, val["loss"], val["accuracy"], val["macro_f1"], result.seconds)
         progress.rows.append(result.row())
         progress.tally, progress.epochs_done = None, epoch
-        self.on_epoch(result)
+        self.on_epoch(result, progress.rows)
         progress.stopped_early = progress.stopper.update(epoch, val[self.train.monitor], self.model)
         if progress.stopped_early:
             stopper = progress.stopper

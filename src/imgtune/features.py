@@ -13,16 +13,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
-from .distributed import quiet_rank
 
 from .cache import ArrayStore, file_sha256, feature_store
 from .data.dataset import ImageDataset, make_loader
 from .data.sampler import training_sampler
 from .data.scan import Sample
 from .data.transforms import eval_transform
-from .engine import autocast, to_channels_last
+from .inference import batched_outputs
 from .models import BuiltModel
 
 log = logging.getLogger(__name__)
@@ -52,7 +49,6 @@ class FeatureSet:
                                            generator=torch.Generator().manual_seed(seed))
 
 
-@torch.inference_mode()
 def extract(built: BuiltModel, samples: list[Sample], classes: list[str], store: ArrayStore | None,
             device: torch.device, batch_size: int, workers: int, pixels: ArrayStore | None = None,
             description: str = "features") -> FeatureSet:
@@ -78,19 +74,13 @@ def extract(built: BuiltModel, samples: list[Sample], classes: list[str], store:
 
 
 def _compute(built, samples, positions, classes, store, device, batch_size, workers, pixels, description):
-    body = built.model.body.eval()
     dataset = ImageDataset(samples, classes, eval_transform(built.preprocessing),
                            draft_size=built.preprocessing.resize_size, pixels=pixels,
                            preprocessing=built.preprocessing)
     loader = make_loader(dataset, batch_size, False, workers)
     out: dict[int, np.ndarray] = {}
-    for batch in tqdm(loader, desc=description, unit="batch", leave=False, disable=quiet_rank()):
-        if batch is None:
-            continue
-        images, _, index = batch
-        with autocast(device):
-            vectors = body(to_channels_last(images.to(device))).float().cpu().numpy()
-        for i, vector in zip(index.tolist(), vectors):
+    for vectors, _, index in batched_outputs(built.model.body, loader, device, description):
+        for i, vector in zip(index.tolist(), vectors.numpy()):
             out[positions[i]] = vector
             if store is not None and samples[i].digest:
                 store.put(samples[i].digest, vector)
@@ -101,17 +91,11 @@ def store_for(built: BuiltModel, body: str, cache_dir) -> ArrayStore:
     return feature_store(cache_dir, describe_model(built, body))
 
 
-@torch.inference_mode()
 def from_stream(built: BuiltModel, loader, device: torch.device, description: str = "features") -> FeatureSet:
     """Features of every item a (non-shuffling) stream loader yields, in its order."""
-    body = built.model.body.eval()
     vectors, targets = [], []
-    for batch in tqdm(loader, desc=description, unit="batch", leave=False, disable=quiet_rank()):
-        if batch is None:
-            continue
-        images, target, _ = batch
-        with autocast(device):
-            vectors.append(body(to_channels_last(images.to(device))).float().cpu())
+    for batch, target, _ in batched_outputs(built.model.body, loader, device, description):
+        vectors.append(batch)
         targets.append(target)
     features = torch.cat(vectors) if vectors else torch.zeros(0, 0)
     labels = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)

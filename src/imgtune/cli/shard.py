@@ -27,7 +27,7 @@ def run(args) -> int:
     from ..data import load_splits
     from ..data.shards import write_shards
     from ..errors import UsageError
-    from ..training import check_duplicates
+    from ..data.checks import check_duplicates
 
     if args.max_count < 1 or args.max_size <= 0:
         raise UsageError("--max-count and --max-size must be positive")

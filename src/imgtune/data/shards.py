@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DataError, UsageError
+from ..errors import DataError
 from .decode import DecodeError, load_rgb
 from .scan import SPLITS, DataSplits, format_counts
 
@@ -242,12 +242,3 @@ def read_split(splits: ShardSplits, name: str) -> list[tuple[str, str, bytes]]:
         payload = next(v for k, v in sample.items() if not k.startswith("__") and k not in ("cls", "json"))
         out.append((meta["path"], meta["label"], payload))
     return out
-
-
-def refuse_for_streams(balance: str | None, checkpoint_every: int | None) -> None:
-    if balance == "sampler":
-        raise UsageError("--balance sampler needs random access to the images; shards are read as a stream: "
-                         "use --balance weights (class weights from the manifest's counts)")
-    if checkpoint_every:
-        raise UsageError("--checkpoint-every: a stream cannot resume in the middle of an epoch; checkpoints "
-                         "are written at the end of every epoch (resume restarts at the next one)")

@@ -1,0 +1,47 @@
+"""Optimisers and learning-rate schedules: parameter groups (head and body learning rates, no weight
+decay on biases and norms), the optimiser named in the config, warm-up then cosine decay."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from .config import TrainConfig
+from .models import Classifier
+from .strategies import Phase
+
+
+def make_optimizer(model: Classifier, phase: Phase, train: TrainConfig) -> torch.optim.Optimizer:
+    """Head and body get their own learning rates; biases and norm weights get no weight decay."""
+    groups = []
+    parts = [(model.head, phase.head_lr)] + ([] if phase.body_frozen else [(model.body, phase.body_lr)])
+    for module, lr in parts:
+        params = [p for p in module.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        groups += [{"params": decay, "lr": lr, "weight_decay": train.weight_decay},
+                   {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if train.optimizer == "adamw":
+        return torch.optim.AdamW(groups)
+    if train.optimizer == "adam":  # classic Adam: weight decay added to the gradient (L2)
+        return torch.optim.Adam(groups)
+    return torch.optim.SGD(groups, momentum=train.momentum, nesterov=train.momentum > 0)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, floor: float = 0.01) -> Callable[[int], float]:
+    """Learning-rate factor: linear warm-up to 1, then cosine decay to ``floor``."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def optimizer_steps(batches: int, accumulate: int = 1) -> int:
+    """Optimizer steps in an epoch of ``batches`` batches, stepping every ``accumulate`` batches (and
+    after the last)."""
+    return max(1, -(-batches // max(1, accumulate)))
