@@ -20,11 +20,12 @@ from imgtune.config import ModelConfig
 
 STRATEGY_ARGS = {
     "scratch": (*SCRATCH_ARGS, "--epochs", "2"),
-    "linear-probe": (*PRETRAINED_ARGS, "--strategy", "linear-probe", "--epochs", "1"),
+    # 30 training images are one batch: an epoch on cached features is one optimizer step, and cheap
+    "linear-probe": (*PRETRAINED_ARGS, "--strategy", "linear-probe", "--epochs", "6"),
     "finetune": (*PRETRAINED_ARGS, "--strategy", "finetune", "--epochs", "1"),
     "gradual": (*PRETRAINED_ARGS, "--strategy", "gradual", "--epochs", "2", "--freeze-epochs", "1"),
 }
-EXPECTED_PHASES = {"scratch": ["all", "all"], "linear-probe": ["frozen"], "finetune": ["all"],
+EXPECTED_PHASES = {"scratch": ["all", "all"], "linear-probe": ["frozen"] * 6, "finetune": ["all"],
                    "gradual": ["frozen", "unfrozen"]}
 
 
@@ -91,7 +92,10 @@ def test_strategy_writes_complete_run_folder(runs, data, strategy):
     assert all(float(r["train_loss"]) > 0 for r in rows)
 
     metrics = json.loads((run / "metrics.json").read_text())
-    assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["macro_f1"] <= 1
+    # the three classes differ in colour and shape: a pretrained backbone separates them at once, and
+    # the small CNN from scratch is far above chance (1/3) after its two epochs
+    assert metrics["accuracy"] >= (0.9 if strategy != "scratch" else 0.6), metrics["accuracy"]
+    assert metrics["macro_f1"] >= (0.9 if strategy != "scratch" else 0.5), metrics["macro_f1"]
     assert metrics["n"] == 5 * len(CLASSES)
     assert "test" not in metrics and metrics["kept"] == "final"
 

@@ -23,8 +23,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], fsync: bool = 
     os.close(fd)
     tmp = Path(name)
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # after writing: a writer may replace the file (safetensors does)
         if fsync:
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
