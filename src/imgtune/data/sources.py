@@ -46,10 +46,11 @@ class LoaderOptions:
     cache_dir: Path | None  # the disk caches' folder; None: no disk caches (--no-cache)
 
 
-class FolderSource:
-    """A folder of class folders (split or not) or a CSV, checked and split."""
+class _Source:
+    """What every source has: the found splits' classes, layout, skipped files, counts and summary.
+    Each source adds ``size``, ``check``, ``images`` and ``features``."""
 
-    def __init__(self, splits: DataSplits, source: str):
+    def __init__(self, splits: DataSplits | ShardSplits, source: str):
         self.splits, self.source = splits, source
         self.classes, self.layout, self.skipped = splits.classes, splits.layout, splits.skipped
 
@@ -58,6 +59,10 @@ class FolderSource:
 
     def summary(self) -> dict:
         return self.splits.summary()
+
+
+class FolderSource(_Source):
+    """A folder of class folders (split or not) or a CSV, checked and split."""
 
     def size(self, split: str) -> int:
         return len(self.splits.split(split))
@@ -98,18 +103,8 @@ class FolderSource:
         return features.extract(*args, description=f"{split} features")
 
 
-class ShardSource:
+class ShardSource(_Source):
     """WebDataset shards listed by a manifest (a folder, a ``dataset.json``, or its URL)."""
-
-    def __init__(self, splits: ShardSplits):
-        self.splits = splits
-        self.classes, self.layout, self.skipped = splits.classes, splits.layout, splits.skipped
-
-    def counts(self) -> dict[str, dict[str, int]]:
-        return self.splits.counts()
-
-    def summary(self) -> dict:
-        return self.splits.summary()
 
     def size(self, split: str) -> int:
         return self.splits.size(split) if split in self.splits.urls else 0
@@ -144,7 +139,7 @@ def open_source(source: str, val_fraction: float, test_fraction: float, seed: in
                 progress: bool = True) -> DataSource:
     """A folder or CSV (checked and split), or the manifest of WebDataset shards (streamed)."""
     if is_shards(source):
-        return ShardSource(load_manifest(source))
+        return ShardSource(load_manifest(source), source)
     return FolderSource(load_splits(source, val_fraction, test_fraction, seed, progress), source)
 
 
