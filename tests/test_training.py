@@ -148,30 +148,6 @@ def test_early_stop_with_keep_best(data, tmp_path):
     assert "optimistic" in metrics["note"]
 
 
-PRESET_VALUES = {
-    "keras-vgg16": {"model.name": "torchvision:vgg16", "model.body": "conv", "model.head": "mlp",
-                    "model.head_hidden": 1024, "train.strategy": "linear-probe", "train.optimizer": "adam",
-                    "train.lr": 1e-3, "train.epochs": 8},
-    "resnet18-sgd": {"model.name": "torchvision:resnet18", "model.head": "linear", "train.strategy": "finetune",
-                     "train.optimizer": "sgd", "train.lr": 1e-3, "train.momentum": 0.9,
-                     "train.backbone_lr_factor": 1.0, "train.weight_decay": 0.0, "train.epochs": 25},
-    "resnet50-adam": {"model.name": "resnet50", "train.strategy": "finetune", "train.optimizer": "adam",
-                      "train.lr": 1e-4, "train.backbone_lr_factor": 1.0, "train.weight_decay": 0.0,
-                      "train.epochs": 5},
-    "small-cnn": {"model.name": "imgtune:small_cnn", "model.pretrained": False, "model.img_size": 128,
-                  "train.strategy": "scratch", "train.optimizer": "adam", "train.lr": 1e-3, "train.epochs": 30,
-                  "data.augment": "light"},
-}
-
-
-@pytest.mark.parametrize("preset", sorted(PRESET_VALUES))
-def test_preset_values(preset):
-    built = config.resolve(config.build("data", preset=preset))
-    for dotted, expected in PRESET_VALUES[preset].items():
-        section, name = dotted.split(".")
-        assert getattr(getattr(built, section), name) == expected, dotted
-
-
 def test_flags_override_preset():
     built = config.build("data", preset="resnet18-sgd", epochs=3, optimizer="adamw")
     assert (built.train.epochs, built.train.optimizer, built.train.lr) == (3, "adamw", 1e-3)
@@ -231,3 +207,4 @@ def test_vit_takes_a_smaller_img_size():
     assert built.preprocessing.img_size == 64
     with torch.no_grad():
         assert built.model(torch.zeros(2, 3, 64, 64)).shape == (2, 3)
+
