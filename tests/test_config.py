@@ -261,6 +261,20 @@ def test_resnet50_adam():
     assert hyper(optimizer, "weight_decay") == {0.0}
 
 
+def test_dlwp_vgg16():
+    """Deep Learning with Python 5.3: frozen VGG16 conv base at 150 px, Dense(256, relu), Dropout(0.5),
+    RMSprop lr 2e-5 with Keras' defaults (no momentum, rho 0.9), 30 epochs of batch 20."""
+    config, [(phase, optimizer, head_only)] = trained("dlwp-vgg16")
+    m = config.model
+    assert (m.name, m.body, m.head, m.head_hidden, m.dropout, m.img_size) == \
+        ("torchvision:vgg16", "conv", "mlp", 256, 0.5, 150)
+    assert config.train.strategy == "linear-probe" and phase.body_frozen and head_only
+    assert phase.epochs == 30 and config.data.batch_size == 20
+    assert type(optimizer) is torch.optim.RMSprop and lrs(optimizer) == {2e-5}
+    assert hyper(optimizer, "momentum") == {0.0} and hyper(optimizer, "alpha") == {0.9}
+    assert hyper(optimizer, "weight_decay") == {0.0}
+
+
 def test_small_cnn():
     """Baseline: imgtune's small CNN from random initialisation at 128 px, Adam lr 1e-3, 30 epochs."""
     config, [(phase, optimizer, head_only)] = trained("small-cnn")

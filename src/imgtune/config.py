@@ -24,7 +24,7 @@ import yaml
 from .errors import UsageError
 
 STRATEGIES = ("linear-probe", "finetune", "gradual", "scratch")
-OPTIMIZERS = ("adamw", "adam", "sgd")
+OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")  # built by engine.make_optimizer
 AUGMENTS = ("none", "light", "strong")
 HEADS = ("linear", "mlp", "fused")
 BODIES = ("penultimate", "conv")
@@ -89,9 +89,9 @@ class TrainConfig:
     freeze_epochs: int | None = option(None, "gradual: epochs with the backbone frozen", unset="half of --epochs")
     lr: float | None = option(None, "head learning rate")
     backbone_lr_factor: float | None = option(None, "backbone lr = lr x this (finetune, gradual, scratch)")
-    optimizer: str = option("adamw", "adamw, adam (weight decay as L2) or sgd (Nesterov momentum)",
-                            choices=OPTIMIZERS)
-    momentum: float = option(0.9, "momentum of sgd")
+    optimizer: str = option("adamw", "adamw, adam (weight decay as L2), sgd (Nesterov momentum) or rmsprop "
+                                     "(momentum --momentum, smoothing 0.9)", choices=OPTIMIZERS)
+    momentum: float = option(0.9, "momentum of sgd and rmsprop")
     weight_decay: float = option(0.01, "weight decay (none on biases and norm weights)")
     warmup_epochs: float = option(0.0, "epochs of linear learning-rate warm-up before the cosine decay")
     label_smoothing: float = option(0.0, "label smoothing of the cross-entropy loss")
@@ -211,6 +211,16 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "model": {"name": "resnet50"},
         "train": {"strategy": "finetune", "optimizer": "adam", "lr": 1e-4, "backbone_lr_factor": 1.0,
                   "weight_decay": 0.0, "epochs": 5},
+    },
+    # Deep Learning with Python (Chollet, 1st edition, 5.3, feature extraction): VGG16's conv base frozen at
+    # 150 px, Dense(256, relu), Dropout(0.5), Dense(classes), RMSprop lr 2e-5 (Keras: no momentum, no weight
+    # decay), 30 epochs of batch 20. The book flattens the 4x4x512 feature map; the conv body pools it.
+    "dlwp-vgg16": {
+        "model": {"name": "torchvision:vgg16", "body": "conv", "head": "mlp", "head_hidden": 256, "dropout": 0.5,
+                  "img_size": 150},
+        "train": {"strategy": "linear-probe", "optimizer": "rmsprop", "lr": 2e-5, "momentum": 0.0,
+                  "weight_decay": 0.0, "epochs": 30},
+        "data": {"batch_size": 20},
     },
     # Baseline: a small CNN (three conv+pool blocks, two dense layers) trained from scratch.
     "small-cnn": {
