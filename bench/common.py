@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,6 +18,13 @@ def child_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env.update(extra)
     return env
+
+
+def warm_imports() -> None:
+    """Import what ``imgtune train`` imports once, in a child process, so its bytecode is written and no
+    measured run pays for compiling its imports."""
+    subprocess.run([sys.executable, "-c", "import imgtune.training, imgtune.cli, timm, sklearn.metrics"],
+                   env=child_env(), check=True)
 
 
 def _tree_rss(pid: int) -> int:

@@ -24,16 +24,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "hymenoptera"
+from common import HYMENOPTERA, child_env, run_measured, warm_imports
+
 WEIGHTS_NAME = "mobilenet_v2-b0353104.pth"
 
 
@@ -42,32 +39,17 @@ def offline_weights() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "weights" / WEIGHTS_NAME
 
 
-def child_env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    env.update(extra)
-    return env
-
-
-def timed(command: list[str], env: dict) -> tuple[float, str]:
-    start = time.perf_counter()
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if result.returncode != 0:
-        raise RuntimeError(f"{command[:4]} failed:\n{result.stderr[-3000:]}")
-    return seconds, result.stdout
-
-
 def run_imgtune(data: Path, strategy: str, out: Path, cache: Path, extra: list[str]) -> dict:
     command = [sys.executable, "-m", "imgtune", "-q", "train", str(data), "--model", "mobilenet_v2",
                "--strategy", strategy, "--out", str(out), "--offline", "--overwrite", *extra]
-    seconds, _ = timed(command, child_env(IMGTUNE_CACHE=str(cache)))
+    seconds, _, _ = run_measured(command, child_env(IMGTUNE_CACHE=str(cache)))
     metrics = json.loads((out / "metrics.json").read_text())
     return {"accuracy": metrics["accuracy"], "seconds": seconds}
 
 
 def run_script(code: str, env: dict) -> dict:
-    seconds, stdout = timed([sys.executable, "-c", code], env)
-    return {"accuracy": float(stdout.strip().splitlines()[-1]), "seconds": seconds}
+    seconds, _, result = run_measured([sys.executable, "-c", code], env)
+    return {"accuracy": float(result.stdout.strip().splitlines()[-1]), "seconds": seconds}
 
 
 PLAIN_LOOP = """
@@ -116,13 +98,12 @@ print(float(learn.validate()[1]))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--data", type=Path, default=HYMENOPTERA)
     parser.add_argument("--strategies", nargs="+", default=["linear-probe", "gradual", "finetune"])
     parser.add_argument("--skip", nargs="*", default=[], choices=["plain", "fastai", "warm"])
     args = parser.parse_args()
     data = args.data.resolve()
-    subprocess.run([sys.executable, "-c", "import imgtune.training, imgtune.cli, timm, sklearn.metrics"],
-                   env=child_env(), check=True)  # compile bytecode once, for everyone
+    warm_imports()
     rows: dict[str, dict] = {}
 
     def record(name: str, row: dict) -> None:

@@ -24,7 +24,6 @@ import argparse
 import colorsys
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from common import child_env, run_measured
+from common import child_env, run_measured, warm_imports
 
 CLASSES = 10
 LARGEST, RATIO = 200, 20  # training images of the largest class; largest / smallest
@@ -101,8 +100,7 @@ def main() -> None:
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the generated images")
     parser.add_argument("--keep", type=Path, help="write data and run folders here instead of a temporary folder")
     args = parser.parse_args()
-    subprocess.run([sys.executable, "-c", "import imgtune.training, imgtune.cli, timm, sklearn.metrics"],
-                   env=child_env(), check=True)  # compile bytecode once, for everyone
+    warm_imports()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or Path(tmp)
         counts = make_dataset(work / "data", args.data_seed)

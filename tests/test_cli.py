@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,8 @@ import pytest
 from datagen import CLASSES, PRETRAINED_ARGS, SCRATCH_ARGS, make_class_folders, make_split_dataset
 from imgtune import training
 from imgtune.cli import main
+from imgtune.errors import (EXIT_CODES, EXIT_OK, EXIT_UNEXPECTED, DataError, Interrupted, ModelError,
+                            UsageError)
 
 FAST = (*SCRATCH_ARGS, "--epochs", "1", "--workers", "0")
 
@@ -127,6 +131,25 @@ def test_unexpected_exception_is_exit_1(data, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(training, "fit", broken_fit)
     expect_failure(capsys, ["train", str(data), *FAST, "--out", str(tmp_path / "r")], 1,
                    "unexpected failure", "RuntimeError: simulated failure inside training")
+
+
+def test_help_lists_every_exit_code_of_the_errors_table(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the epilog
+    for meaning, code in EXIT_CODES.items():
+        assert f"{code} {meaning}" in text
+    returned = {EXIT_OK, EXIT_UNEXPECTED, UsageError.exit_code, DataError.exit_code, ModelError.exit_code,
+                Interrupted("", signal.SIGINT).exit_code, Interrupted("", signal.SIGTERM).exit_code}
+    assert returned == set(EXIT_CODES.values())
+
+
+def test_readme_lists_the_exit_codes_of_the_errors_table():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
+    first_cells = [row.split("|")[1] for row in table.splitlines() if row.startswith("| ")]
+    assert {int(code) for cell in first_cells for code in re.findall(r"\d+", cell)} == set(EXIT_CODES.values())
 
 
 def test_out_not_empty_is_refused_then_overwrite_works(data, tmp_path, capsys):

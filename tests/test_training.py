@@ -14,9 +14,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from datagen import CLASSES, PRETRAINED_ARGS, SCRATCH_ARGS, make_class_folders, make_split_dataset
-from imgtune import config, models
+from imgtune import config, models, optim
 from imgtune.cli import main
 from imgtune.config import ModelConfig
+from imgtune.strategies import plan
 
 STRATEGY_ARGS = {
     "scratch": (*SCRATCH_ARGS, "--epochs", "2"),
@@ -152,30 +153,6 @@ def test_early_stop_with_keep_best(data, tmp_path):
     assert "optimistic" in metrics["note"]
 
 
-PRESET_VALUES = {
-    "keras-vgg16": {"model.name": "torchvision:vgg16", "model.body": "conv", "model.head": "mlp",
-                    "model.head_hidden": 1024, "train.strategy": "linear-probe", "train.optimizer": "adam",
-                    "train.lr": 1e-3, "train.epochs": 8},
-    "resnet18-sgd": {"model.name": "torchvision:resnet18", "model.head": "linear", "train.strategy": "finetune",
-                     "train.optimizer": "sgd", "train.lr": 1e-3, "train.momentum": 0.9,
-                     "train.backbone_lr_factor": 1.0, "train.weight_decay": 0.0, "train.epochs": 25},
-    "resnet50-adam": {"model.name": "resnet50", "train.strategy": "finetune", "train.optimizer": "adam",
-                      "train.lr": 1e-4, "train.backbone_lr_factor": 1.0, "train.weight_decay": 0.0,
-                      "train.epochs": 5},
-    "small-cnn": {"model.name": "imgtune:small_cnn", "model.pretrained": False, "model.img_size": 128,
-                  "train.strategy": "scratch", "train.optimizer": "adam", "train.lr": 1e-3, "train.epochs": 30,
-                  "data.augment": "light"},
-}
-
-
-@pytest.mark.parametrize("preset", sorted(PRESET_VALUES))
-def test_preset_values(preset):
-    built = config.resolve(config.build("data", preset=preset))
-    for dotted, expected in PRESET_VALUES[preset].items():
-        section, name = dotted.split(".")
-        assert getattr(getattr(built, section), name) == expected, dotted
-
-
 def test_flags_override_preset():
     built = config.build("data", preset="resnet18-sgd", epochs=3, optimizer="adamw")
     assert (built.train.epochs, built.train.optimizer, built.train.lr) == (3, "adamw", 1e-3)
@@ -187,13 +164,14 @@ def test_unknown_preset_is_a_usage_error():
 
 
 @pytest.mark.slow
-def test_keras_vgg16_preset_builds_dense_head_on_conv_body():
-    model_config = config.build("data", preset="keras-vgg16", pretrained=False, img_size=32).model
+@pytest.mark.parametrize("preset, hidden, dropout", [("keras-vgg16", 1024, []), ("dlwp-vgg16", 256, [nn.Dropout])])
+def test_vgg16_presets_build_dense_head_on_conv_body(preset, hidden, dropout):
+    model_config = config.build("data", preset=preset, pretrained=False, img_size=32).model
     model = models.create(model_config, 5).model
-    head = list(model.head)
-    assert [type(m) for m in head] == [nn.Linear, nn.ReLU, nn.Linear]
-    assert (head[0].in_features, head[0].out_features) == (512, 1024)
-    assert (head[2].in_features, head[2].out_features) == (1024, 5)
+    head = [m for m in model.head if not isinstance(m, nn.Dropout)]
+    assert [type(m) for m in model.head] == [nn.Linear, nn.ReLU, *dropout, nn.Linear]
+    assert (head[0].in_features, head[0].out_features) == (512, hidden)
+    assert (head[2].in_features, head[2].out_features) == (hidden, 5)
     body = list(model.body)
     assert isinstance(body[0], nn.Sequential) and isinstance(body[0][0], nn.Conv2d)  # VGG's features
     assert [type(m) for m in body[1:]] == [nn.AdaptiveAvgPool2d, nn.Flatten]
@@ -235,3 +213,55 @@ def test_vit_takes_a_smaller_img_size():
     assert built.preprocessing.img_size == 64
     with torch.no_grad():
         assert built.model(torch.zeros(2, 3, 64, 64)).shape == (2, 3)
+
+
+def tiny_classifier() -> models.Classifier:
+    body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return models.Classifier(body, nn.Sequential(nn.Linear(4, 3)), 4)
+
+
+@pytest.mark.parametrize("name", config.OPTIMIZERS)
+def test_every_optimizer_choice_builds(name):
+    expected = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD,
+                "rmsprop": torch.optim.RMSprop}[name]
+    train_config = config.resolve(config.build("d", strategy="finetune", optimizer=name)).train
+    [phase] = plan(train_config)
+    assert type(optim.make_optimizer(tiny_classifier(), phase, train_config)) is expected
+
+
+def test_rmsprop_param_groups():
+    """Head and body at their own learning rates, no weight decay on biases and norm weights, momentum
+    from --momentum and Keras' smoothing constant; a frozen body is not in the optimizer."""
+    train_config = config.resolve(config.build("d", strategy="gradual", epochs=2, lr=1e-2, optimizer="rmsprop",
+                                               momentum=0.5, weight_decay=0.01)).train
+    frozen, unfrozen = plan(train_config)
+    model = tiny_classifier()
+    optimizer = optim.make_optimizer(model, unfrozen, train_config)
+    assert type(optimizer) is torch.optim.RMSprop
+    groups = [({id(p) for p in g["params"]}, g["lr"], g["weight_decay"], g["momentum"], g["alpha"])
+              for g in optimizer.param_groups]
+    head, body = model.head, model.body
+    body_lr = 1e-2 * config.STRATEGY_DEFAULTS["gradual"]["backbone_lr_factor"]
+    assert groups == [({id(head[0].weight)}, 1e-2, 0.01, 0.5, 0.9), ({id(head[0].bias)}, 1e-2, 0.0, 0.5, 0.9),
+                      ({id(body[0].weight)}, body_lr, 0.01, 0.5, 0.9),
+                      ({id(body[0].bias), id(body[1].weight), id(body[1].bias)}, body_lr, 0.0, 0.5, 0.9)]
+    model.freeze_body(True)
+    head_only = optim.make_optimizer(model, frozen, train_config)
+    assert {id(p) for g in head_only.param_groups for p in g["params"]} == {id(p) for p in head.parameters()}
+
+
+def test_rmsprop_trains(data, tmp_path, monkeypatch):
+    made: list[torch.optim.RMSprop] = []
+    original = torch.optim.RMSprop.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(torch.optim.RMSprop, "__init__", spy)
+    run = tmp_path / "run"
+    assert train(data, run, *SCRATCH_ARGS, "--epochs", "2", "--optimizer", "rmsprop") == 0
+    assert config.load_yaml(run / "config.yaml").train.optimizer == "rmsprop"
+    assert made and all(state["step"] > 0 for state in made[-1].state.values())  # it took the steps
+    rows = read_metrics_csv(run)
+    assert len(rows) == 2 and float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 def train(data: str | Path, *, preset: str | None = None, config_file: str | Path | None = None,
           progress: bool = True, **options: Any) -> "TrainResult":
     """Train a classifier on ``data`` (a folder or a CSV). Options are the flat names of the command
-    line's flags: ``model``, ``strategy``, ``epochs``, ``lr``, ``augment``, ``out``, ``seed`` ..."""
+    line's flags (``imgtune.config.OPTIONS``): ``model``, ``strategy``, ``epochs``, ``lr``, ``augment``,
+    ``out``, ``seed`` ..."""
     from .config import build
     from .training import train as run_training
 

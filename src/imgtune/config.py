@@ -3,11 +3,18 @@
 Precedence, lowest first: dataclass defaults < ``--preset`` < ``--config FILE`` (YAML) < flags.
 Values left as ``None`` mean "choose for me"; :func:`resolve` fills them from the strategy's
 defaults so that the config saved in the run folder is complete and repeatable.
+
+The dataclass fields are the one list of training options: each field's metadata (:func:`option`)
+holds its help text, choices and flag, and :data:`OPTIONS` is generated from them. :func:`build`
+(the Python API's flat keyword names), the flags of ``imgtune train`` and its help all read
+:data:`OPTIONS`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -17,7 +24,7 @@ import yaml
 from .errors import UsageError
 
 STRATEGIES = ("linear-probe", "finetune", "gradual", "scratch")
-OPTIMIZERS = ("adamw", "adam", "sgd")
+OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")  # built by engine.make_optimizer
 AUGMENTS = ("none", "light", "strong")
 HEADS = ("linear", "mlp", "fused")
 BODIES = ("penultimate", "conv")
@@ -30,52 +37,81 @@ LOGS = ("csv", "tensorboard")  # where per-epoch metrics go besides metrics.csv 
 IMBALANCE_THRESHOLD = 3.0
 
 
+def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, metavar: str | None = None,
+           unset: str | None = None, flag: str | None = None, dest: str | None = None,
+           group: str | None = None) -> Any:
+    """A config field that is also a training option.
+
+    ``dest``: its flat name (keyword of :func:`build`, dest of the flag), default the field's name;
+    ``flag``: default ``--`` + ``dest`` with dashes; ``unset``: what ``None`` means, for the help;
+    ``group``: the help section when not the field's own section. A ``bool`` defaulting to True is a
+    ``--x/--no-x`` flag, one defaulting to False a switch.
+    """
+    meta = {"help": help, "choices": choices, "metavar": metavar, "unset": unset, "flag": flag, "dest": dest,
+            "group": group}
+    return field(default=default, metadata=meta)
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = ""
-    val_fraction: float = 0.2
-    test_fraction: float = 0.0
-    batch_size: int = 32
-    num_workers: int | None = None  # None: sized to the machine
-    augment: str = "light"
-    cache: bool = True  # cache backbone features and decoded pixels on disk (imgtune.cache)
-    cache_dir: str | None = None  # None: $IMGTUNE_CACHE, else ~/.cache/imgtune
-    allow_leakage: bool = False  # train even when the same file is in two splits or two classes
+    source: str = field(default="", metadata={"positional": "DATA"})  # imgtune train DATA
+    val_fraction: float = option(0.2, "share of each class held out for validation")
+    test_fraction: float = option(0.0, "share of each class held out for testing")
+    batch_size: int = option(32, "images per batch")
+    num_workers: int | None = option(None, "data loader processes", flag="--workers",
+                                     unset="sized to the device and the data")
+    augment: str = option("light", "training augmentation (docs/training.md)", choices=AUGMENTS)
+    cache: bool = option(True, "cache backbone features and decoded pixels on disk (imgtune.cache)")
+    cache_dir: str | None = option(None, "cache folder", unset="$IMGTUNE_CACHE, else ~/.cache/imgtune")
+    allow_leakage: bool = option(False, "train even when the same file is in two splits (leakage) or under two "
+                                        "classes (a label conflict); imgtune doctor DATA lists them")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "mobilenet_v2"
-    pretrained: bool = True
-    weights: str | None = None  # a local weights file, tried before any other source
-    img_size: int | None = None  # None: the pretrained configuration's size
-    body: str = "penultimate"  # penultimate: all but the last layer; conv: conv trunk + avg pool
-    head: str = "linear"  # linear | mlp (hidden layer + ReLU) | fused (features + old logits)
-    head_hidden: int = 1024
-    dropout: float = 0.0
+    name: str = option("mobilenet_v2", "timm:NAME, torchvision:NAME or a bare name", dest="model")
+    pretrained: bool = option(True, "start from pretrained weights (--no-pretrained: random initialisation)")
+    weights: str | None = option(None, "a local weights file, tried before any cache, package or download",
+                                 metavar="FILE")
+    img_size: int | None = option(None, "input size", unset="the pretrained configuration's")
+    body: str = option("penultimate", "penultimate: all but the last layer; conv: convolutional trunk + global "
+                                      "average pooling", choices=BODIES)
+    head: str = option("linear", "linear, mlp (hidden layer + ReLU) or fused (old logits beside features)",
+                       choices=HEADS)
+    head_hidden: int = option(1024, "hidden units of the mlp head")
+    dropout: float = option(0.0, "dropout before the head's last layer")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    strategy: str = "gradual"
-    epochs: int | None = None
-    freeze_epochs: int | None = None  # gradual: epochs with the backbone frozen (None: half of epochs)
-    lr: float | None = None  # head learning rate
-    backbone_lr_factor: float | None = None  # backbone lr = lr * factor (finetune, gradual)
-    optimizer: str = "adamw"
-    momentum: float = 0.9
-    weight_decay: float = 0.01
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.0
-    early_stop: int | None = None  # patience in epochs; None disables
-    monitor: str = "accuracy"
-    keep: str = "final"
-    balance: str | None = None  # none | weights | sampler; None: chosen from the data
-    seed: int = 0
-    device: str = "auto"
-    accumulate: int = 1  # batches whose gradients are summed before one optimizer step
-    checkpoint_every: int | None = None  # optimizer steps between mid-epoch checkpoints (every epoch's end: always)
-    log: str = "csv"  # csv: metrics.csv only; tensorboard: also RUN/tensorboard/ event files
+    strategy: str = option("gradual", "transfer strategy (docs/training.md)", choices=STRATEGIES)
+    epochs: int | None = option(None, "epochs to train")
+    freeze_epochs: int | None = option(None, "gradual: epochs with the backbone frozen", unset="half of --epochs")
+    lr: float | None = option(None, "head learning rate")
+    backbone_lr_factor: float | None = option(None, "backbone lr = lr x this (finetune, gradual, scratch)")
+    optimizer: str = option("adamw", "adamw, adam (weight decay as L2), sgd (Nesterov momentum) or rmsprop "
+                                     "(momentum --momentum, smoothing 0.9)", choices=OPTIMIZERS)
+    momentum: float = option(0.9, "momentum of sgd and rmsprop")
+    weight_decay: float = option(0.01, "weight decay (none on biases and norm weights)")
+    warmup_epochs: float = option(0.0, "epochs of linear learning-rate warm-up before the cosine decay")
+    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy loss")
+    early_stop: int | None = option(None, "stop after PATIENCE epochs without improvement", metavar="PATIENCE",
+                                    unset="off")
+    monitor: str = option("accuracy", "validation metric for early stopping and --keep best", choices=MONITORS)
+    keep: str = option("final", "weights saved: the final epoch's, or the best on val (makes val metrics "
+                                "optimistic)", choices=KEEPS)
+    balance: str | None = option(
+        None, "class imbalance: none, weights (class-weighted loss) or sampler (class-balanced sampling)",
+        choices=BALANCES, unset=f"weights when the largest training class has over {IMBALANCE_THRESHOLD:g}x the "
+                                "images of the smallest, else none")
+    seed: int = option(0, "random seed of the splits, initialisation, shuffling and augmentation")
+    device: str = option("auto", "auto: CUDA, then Apple MPS, then CPU", choices=DEVICES)
+    accumulate: int = option(1, "sum the gradients of N batches per optimizer step (an N times larger batch in "
+                                "the memory of one)", metavar="N")
+    checkpoint_every: int | None = option(None, "also write a checkpoint every STEPS optimizer steps (one is "
+                                                "written after every epoch)", metavar="STEPS")
+    log: str = option("csv", "per-epoch metrics: csv (metrics.csv) or tensorboard (also RUN/tensorboard/ event "
+                             "files; pip install 'imgtune[tensorboard]')", choices=LOGS, group="output")
 
 
 @dataclass(frozen=True)
@@ -83,9 +119,70 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    out: str | None = None
-    overwrite: bool = False
-    offline: bool = False
+    out: str | None = option(None, "run folder; must be new or empty", unset="runs/<timestamp>")
+    overwrite: bool = option(False, "reuse a non-empty --out")
+    offline: bool = option(False, "never download (also IMGTUNE_OFFLINE=1)")
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One training option, generated from a config field and its :func:`option` metadata."""
+
+    name: str  # flat name: keyword of build() and imgtune.train(), dest of the flag
+    section: str | None  # data, model or train; None for RunConfig's own fields (out, overwrite, offline)
+    key: str  # the field's name within its section
+    type: type  # int, float, str or bool (None removed from ``X | None``)
+    default: Any
+    flag: str
+    help: str
+    choices: tuple[str, ...] | None
+    metavar: str | None
+    unset: str | None
+    group: str | None
+
+    @property
+    def dotted(self) -> str:
+        return f"{self.section}.{self.key}" if self.section else self.key
+
+    def get(self, config: RunConfig) -> Any:
+        return getattr(getattr(config, self.section) if self.section else config, self.key)
+
+
+def _options() -> dict[str, Option]:
+    """Every field of the sections and of RunConfig itself, except the positional DATA; a field that is
+    not an :func:`option`, or a name or flag given twice, fails at import."""
+    found: dict[str, Option] = {}
+    for section, cls in [*SECTIONS.items(), (None, RunConfig)]:
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            if f.metadata.get("positional") or (section is None and f.name in SECTIONS):
+                continue
+            if "help" not in f.metadata:
+                raise TypeError(f"{cls.__name__}.{f.name} is neither an option() nor positional")
+            meta = f.metadata
+            name = meta["dest"] or f.name
+            flag = meta["flag"] or "--" + name.replace("_", "-")
+            if name in found or any(o.flag == flag for o in found.values()):
+                raise TypeError(f"{cls.__name__}.{f.name}: option {name!r} or flag {flag} is defined twice")
+            found[name] = Option(name, section, f.name, _value_type(hints[f.name]), f.default, flag, meta["help"],
+                                 meta["choices"], meta["metavar"], meta["unset"], meta["group"])
+    return found
+
+
+def _value_type(hint: Any) -> type:
+    """``int`` for ``int`` and for ``int | None``."""
+    return next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
+
+
+OPTIONS = _options()  # flat name -> Option, in field order: data, model, train, then out/overwrite/offline
+
+
+def option_for(dotted: str) -> Option:
+    """The option of field ``section.key`` (or a top-level key such as ``out``)."""
+    return next(o for o in OPTIONS.values() if o.dotted == dotted)
 
 
 # Per-strategy defaults, tuned on small datasets such as hymenoptera (docs/benchmarks.md).
@@ -115,6 +212,16 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "train": {"strategy": "finetune", "optimizer": "adam", "lr": 1e-4, "backbone_lr_factor": 1.0,
                   "weight_decay": 0.0, "epochs": 5},
     },
+    # Deep Learning with Python (Chollet, 1st edition, 5.3, feature extraction): VGG16's conv base frozen at
+    # 150 px, Dense(256, relu), Dropout(0.5), Dense(classes), RMSprop lr 2e-5 (Keras: no momentum, no weight
+    # decay), 30 epochs of batch 20. The book flattens the 4x4x512 feature map; the conv body pools it.
+    "dlwp-vgg16": {
+        "model": {"name": "torchvision:vgg16", "body": "conv", "head": "mlp", "head_hidden": 256, "dropout": 0.5,
+                  "img_size": 150},
+        "train": {"strategy": "linear-probe", "optimizer": "rmsprop", "lr": 2e-5, "momentum": 0.0,
+                  "weight_decay": 0.0, "epochs": 30},
+        "data": {"batch_size": 20},
+    },
     # Baseline: a small CNN (three conv+pool blocks, two dense layers) trained from scratch.
     "small-cnn": {
         "model": {"name": "imgtune:small_cnn", "pretrained": False, "img_size": 128},
@@ -122,8 +229,6 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "data": {"augment": "light"},
     },
 }
-
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 
 
 def to_dict(config: RunConfig) -> dict[str, Any]:
@@ -191,17 +296,10 @@ def resolve(config: RunConfig) -> RunConfig:
 
 
 def validate(config: RunConfig) -> None:
+    for option in OPTIONS.values():
+        if option.choices and option.get(config) is not None:  # None: chosen later (balance)
+            _check_choice(option.dotted, option.get(config), option.choices)
     d, m, t = config.data, config.model, config.train
-    _check_choice("data.augment", d.augment, AUGMENTS)
-    _check_choice("model.body", m.body, BODIES)
-    _check_choice("model.head", m.head, HEADS)
-    _check_choice("train.optimizer", t.optimizer, OPTIMIZERS)
-    _check_choice("train.monitor", t.monitor, MONITORS)
-    _check_choice("train.keep", t.keep, KEEPS)
-    _check_choice("train.device", t.device, DEVICES)
-    _check_choice("train.log", t.log, LOGS)
-    if t.balance is not None:
-        _check_choice("train.balance", t.balance, BALANCES)
     _check_range("data.val_fraction", d.val_fraction, 0.0, 1.0, low_open=True)
     _check_range("data.test_fraction", d.test_fraction, 0.0, 1.0)
     if d.val_fraction + d.test_fraction >= 1.0:
@@ -246,41 +344,34 @@ def _check_range(name: str, value: float, low: float, high: float, low_open: boo
         raise UsageError(f"{name} must be in {bracket}{low}, {high}); got {value!r}")
 
 
-def _field_sections() -> dict[str, str]:
-    out = {}
-    for section, cls in SECTIONS.items():
-        for f in fields(cls):
-            out["model" if (section, f.name) == ("model", "name") else f.name] = section
-    return out
-
-
-FLAT_OPTIONS = _field_sections()  # flat option name (as in the CLI and the Python API) -> section
-
-
 def build(data: str | Path | None = None, preset: str | None = None, config_file: str | Path | None = None,
           **options: Any) -> RunConfig:
-    """Defaults < preset < YAML file < options; options use flat names (``epochs``, ``lr``, ``model``,
-    ``augment`` ...) plus ``out``, ``overwrite`` and ``offline``. ``None`` values are ignored."""
+    """Defaults < preset < YAML file < options; options use the flat names of :data:`OPTIONS` (``epochs``,
+    ``lr``, ``model``, ``augment``, ``out``, ``overwrite`` ...). ``None`` values are ignored."""
     config = RunConfig()
     if preset:
         config = apply_preset(config, preset)
     if config_file:
         config = load_yaml(config_file, config)
-    nested: dict[str, dict[str, Any]] = {}
-    top: dict[str, Any] = {}
-    for key, value in options.items():
-        if value is None:
-            continue
-        if key in ("out", "overwrite", "offline"):
-            top[key] = str(value) if key == "out" else value
-        elif key in FLAT_OPTIONS:
-            nested.setdefault(FLAT_OPTIONS[key], {})["name" if key == "model" else key] = value
-        else:
-            raise UsageError(f"unknown option {key!r}; known: {sorted([*FLAT_OPTIONS, 'out', 'overwrite', 'offline'])}")
-    if data is not None:
-        nested.setdefault("data", {})["source"] = str(data)
-    config = from_dict({**nested, **top}, config, origin="options")
+    config = from_dict(_nest(options, data), config, origin="options")
     if not config.data.source:
         raise UsageError("no data given: pass a folder or CSV file (imgtune train DATA), or continue a run with "
                          "imgtune train --resume RUN")
     return config
+
+
+def _nest(options: dict[str, Any], data: str | Path | None) -> dict[str, Any]:
+    """Flat options as the nested mapping :func:`from_dict` takes."""
+    nested: dict[str, Any] = {}
+    for name, value in options.items():
+        if value is None:
+            continue
+        if name not in OPTIONS:
+            raise UsageError(f"unknown option {name!r}; known: {sorted(OPTIONS)}")
+        option = OPTIONS[name]
+        if option.type is str and isinstance(value, os.PathLike):  # out=Path(...) from the Python API
+            value = os.fspath(value)
+        (nested.setdefault(option.section, {}) if option.section else nested)[option.key] = value
+    if data is not None:
+        nested.setdefault("data", {})["source"] = str(data)
+    return nested

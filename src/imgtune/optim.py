@@ -24,11 +24,15 @@ def make_optimizer(model: Classifier, phase: Phase, train: TrainConfig) -> torch
         groups += [{"params": decay, "lr": lr, "weight_decay": train.weight_decay},
                    {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    if train.optimizer == "adamw":
-        return torch.optim.AdamW(groups)
-    if train.optimizer == "adam":  # classic Adam: weight decay added to the gradient (L2)
-        return torch.optim.Adam(groups)
-    return torch.optim.SGD(groups, momentum=train.momentum, nesterov=train.momentum > 0)
+    optimizers = {  # one per name in config.OPTIMIZERS
+        "adamw": lambda: torch.optim.AdamW(groups),
+        "adam": lambda: torch.optim.Adam(groups),  # classic Adam: weight decay added to the gradient (L2)
+        "sgd": lambda: torch.optim.SGD(groups, momentum=train.momentum, nesterov=train.momentum > 0),
+        # smoothing 0.9 as in Keras, TensorFlow and timm (PyTorch's default: 0.99); momentum is --momentum
+        # (Keras' default is 0, which --preset dlwp-vgg16 sets)
+        "rmsprop": lambda: torch.optim.RMSprop(groups, alpha=0.9, momentum=train.momentum),
+    }
+    return optimizers[train.optimizer]()
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, floor: float = 0.01) -> Callable[[int], float]:

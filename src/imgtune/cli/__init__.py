@@ -1,8 +1,6 @@
 """The ``imgtune`` command: one module per subcommand, each registering its own parser.
 
-Exit codes: 0 success, 1 unexpected failure, 2 usage or configuration error, 3 data error,
-4 model or weights error, 130/143 training stopped by SIGINT/SIGTERM after a checkpoint (see
-``imgtune.errors``).
+The exit codes are ``imgtune.errors.EXIT_CODES``; the epilog of ``imgtune --help`` lists them from there.
 """
 
 from __future__ import annotations
@@ -12,7 +10,7 @@ import logging
 import sys
 
 from .. import __version__
-from ..errors import EXIT_UNEXPECTED, ImgtuneError
+from ..errors import EXIT_CODES, EXIT_UNEXPECTED, ImgtuneError
 from . import cache, doctor, evaluate, explain, predict, report, sample, shard, train
 
 COMMANDS = (train, evaluate, predict, explain, report, doctor, shard, sample, cache)
@@ -20,10 +18,7 @@ log = logging.getLogger("imgtune")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imgtune", description=__doc__.splitlines()[0],
-                                     epilog="exit codes: 0 success, 1 unexpected failure, 2 usage error, "
-                                            "3 data error, 4 model/weights error, 130/143 stopped by "
-                                            "SIGINT/SIGTERM after a checkpoint (imgtune train --resume RUN)")
+    parser = argparse.ArgumentParser(prog="imgtune", description=__doc__.splitlines()[0], epilog=exit_codes_text())
     parser.add_argument("--version", action="version", version=f"imgtune {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug messages and full tracebacks")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
@@ -31,6 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     for module in COMMANDS:
         module.register(commands)
     return parser
+
+
+def exit_codes_text() -> str:
+    codes = ", ".join(f"{code} {meaning}" for meaning, code in EXIT_CODES.items())
+    return f"exit codes: {codes}; imgtune train --resume RUN continues a stopped training run"
 
 
 def setup_logging(verbose: bool, quiet: bool) -> None:
