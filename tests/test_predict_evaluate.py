@@ -180,3 +180,17 @@ def test_bootstrap_scores_match_scikit_learn():
         expected = precision_recall_fscore_support(true[i], pred[i], labels=range(4), zero_division=0)[:3]
         for ours, theirs in zip((precision[i], recall[i], f1[i]), expected):
             np.testing.assert_allclose(ours, theirs, atol=1e-12)
+
+
+def test_predictor_takes_image_references(run, data):
+    """A file named by path, by ImageRef, or held in memory (as shards are) gives the same prediction."""
+    from imgtune.data import ImageRef
+
+    path = sorted((data / "val" / "red_circle").iterdir())[0]
+    predictor = imgtune.load(run, device="cpu")
+    in_memory = ImageRef.in_memory(path.read_bytes(), "shard-0/red.png")
+    by_path, by_ref, held = predictor.predict([path, ImageRef.file(path), in_memory])
+    assert by_path.path == by_ref.path == str(path) and held.path == "shard-0/red.png"
+    assert by_path.probs == pytest.approx(by_ref.probs) and by_path.probs == pytest.approx(held.probs)
+    probs, errors = predictor.probabilities([in_memory, in_memory])  # each read starts at the beginning
+    assert errors == [None, None] and np.allclose(probs[0], probs[1])
