@@ -112,3 +112,23 @@ def test_confusion_png_takes_float_counts_and_shares_are_plain_floats():
     png_size(figures.confusion_png(np.array([[3.0, 1.0], [0.0, 4.0]]), ["ant", "bee"], "t"))  # read back from a CSV
     share = figures.top_confusions(np.array([[3, 1], [0, 4]]), ["ant", "bee"])[0]["share_of_true"]
     assert type(share) is float and share == 0.25
+
+
+def test_encoding_helpers_and_figures_are_closed():
+    import base64
+
+    import matplotlib.pyplot as plt
+
+    from imgtune import encode
+
+    before = len(plt.get_fignums())
+    png_size(figures.confusion_png(np.array([[1, 0], [0, 1]]), ["a", "b"], "t"))
+    assert len(plt.get_fignums()) == before
+    image = Image.new("RGB", (6, 4), (10, 200, 30))
+    assert png_size(encode.image_png(image)) == (6, 4)
+    jpeg = encode.image_jpeg(image, quality=80)
+    assert jpeg.startswith(b"\xff\xd8") and encode.image_jpeg(image.convert("RGBA")).startswith(b"\xff\xd8")
+    uri = encode.data_uri(jpeg, "image/jpeg")
+    assert uri.startswith("data:image/jpeg;base64,") and base64.b64decode(uri.split(",", 1)[1]) == jpeg
+    assert encode.data_uri(None) is None
+

@@ -1,15 +1,17 @@
 """The report's figures and the data behind them: pure functions returning numbers and PNG bytes.
 
-Matplotlib with the Agg backend (no display); every figure closed after rendering. The curves' areas come
-from scikit-learn (``roc_auc_score``, ``average_precision_score``), one class against the rest.
+Matplotlib with the Agg backend (no display); every figure closed after rendering
+(:func:`imgtune.encode.figure_png`). The curves' areas come from scikit-learn (``roc_auc_score``,
+``average_precision_score``), one class against the rest.
 """
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
+
+from .encode import figure_png
 
 CURVE_LEGEND_LIMIT = 10  # above this many classes, per-class curves are drawn without legend entries
 
@@ -21,13 +23,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    _pyplot().close(fig)
-    return buffer.getvalue()
 
 
 def _legend(ax, **options) -> None:
@@ -79,7 +74,7 @@ def training_curves(rows: list[dict]) -> bytes | None:
     loss_ax.set(ylabel="loss", title="Loss")
     acc_ax.set(ylabel="score", title="Accuracy", ylim=(0, 1.02))
     fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)
 
 
 def normalise_rows(matrix) -> np.ndarray:
@@ -106,7 +101,7 @@ def confusion_png(matrix, classes: list[str], title: str) -> bytes:
             values_format=fmt)
         ax.set_title(f"{title}: {name}")
     fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)
 
 
 def top_confusions(matrix, classes: list[str], limit: int = 20) -> list[dict]:
@@ -190,4 +185,5 @@ def _curves_png(onehot: np.ndarray, probs: np.ndarray, classes: list[str], defin
     for ax in (roc_ax, pr_ax):
         _legend(ax, fontsize="x-small", loc="lower right" if ax is roc_ax else "lower left")
     fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)
+
