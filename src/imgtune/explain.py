@@ -23,6 +23,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from torch import nn
 
 from .data.transforms import Preprocessing, eval_transform
 from .errors import ModelError, UsageError
+
+if TYPE_CHECKING:
+    from .predict import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +249,11 @@ class Explainer:
     def from_run(cls, path: str | Path, device: str = "auto") -> "Explainer":
         from .predict import Predictor
 
-        predictor = Predictor.from_run(path, device)
+        return cls.from_predictor(Predictor.from_run(path, device))
+
+    @classmethod
+    def from_predictor(cls, predictor: "Predictor") -> "Explainer":
+        """The predictor's own model (unfused, on its device): no second copy of the weights."""
         return cls(predictor.model, predictor.classes, predictor.preprocessing)
 
     @property
