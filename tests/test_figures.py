@@ -112,3 +112,47 @@ def test_confusion_png_takes_float_counts_and_shares_are_plain_floats():
     png_size(figures.confusion_png(np.array([[3.0, 1.0], [0.0, 4.0]]), ["ant", "bee"], "t"))  # read back from a CSV
     share = figures.top_confusions(np.array([[3, 1], [0, 4]]), ["ant", "bee"])[0]["share_of_true"]
     assert type(share) is float and share == 0.25
+
+
+def test_reliability_png_with_and_without_a_temperature():
+    from imgtune import calibration
+
+    y = np.array([0, 1, 1, 0, 1])
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.55, 0.45], [0.3, 0.7]])
+    table = calibration.reliability(probs, y).to_dict()
+    scaled = calibration.reliability(calibration.scale(calibration.logits_from_probs(probs), 2.0), y).to_dict()
+    assert png_size(figures.reliability_png(table, 0.1, "r")) == png_size(
+        figures.reliability_png(table, 0.1, "r", scaled, 2.0))
+
+
+def test_encoding_helpers_and_figures_are_closed():
+    import base64
+
+    import matplotlib.pyplot as plt
+
+    from imgtune import encode
+
+    before = len(plt.get_fignums())
+    png_size(figures.confusion_png(np.array([[1, 0], [0, 1]]), ["a", "b"], "t"))
+    assert len(plt.get_fignums()) == before
+    image = Image.new("RGB", (6, 4), (10, 200, 30))
+    assert png_size(encode.image_png(image)) == (6, 4)
+    jpeg = encode.image_jpeg(image, quality=80)
+    assert jpeg.startswith(b"\xff\xd8") and encode.image_jpeg(image.convert("RGBA")).startswith(b"\xff\xd8")
+    uri = encode.data_uri(jpeg, "image/jpeg")
+    assert uri.startswith("data:image/jpeg;base64,") and base64.b64decode(uri.split(",", 1)[1]) == jpeg
+    assert encode.data_uri(None) is None
+
+
+def test_only_encode_turns_pictures_into_bytes():
+    """Image and figure encoding lives in imgtune.encode alone (it had been written six times over)."""
+    import re
+    from pathlib import Path
+
+    import imgtune
+
+    package = Path(imgtune.__file__).parent
+    pattern = re.compile(r"\bbase64\b|\.savefig\(|\.save\(\s*(buffer|io\.BytesIO)")
+    offenders = [str(p.relative_to(package)) for p in package.rglob("*.py")
+                 if p.name != "encode.py" and pattern.search(p.read_text())]
+    assert offenders == []

@@ -180,3 +180,67 @@ def test_bootstrap_scores_match_scikit_learn():
         expected = precision_recall_fscore_support(true[i], pred[i], labels=range(4), zero_division=0)[:3]
         for ours, theirs in zip((precision[i], recall[i], f1[i]), expected):
             np.testing.assert_allclose(ours, theirs, atol=1e-12)
+
+
+def files_of(folder: Path) -> dict[str, tuple[int, bytes]]:
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.iterdir() if p.is_file()}
+
+
+def test_evaluate_computes_and_writes_nothing(run, tmp_path):
+    """``evaluate`` returns data only; ``write_evaluation`` writes exactly the documented files."""
+    from imgtune import evaluation
+
+    before = files_of(run)
+    other = make_split_dataset(tmp_path / "other", train=1, val=2, seed=8)
+    own = imgtune.evaluate(run, device="cpu")
+    evaluation.evaluate(run, str(other), device="cpu")
+    assert files_of(run) == before
+    assert own.report["n"] == VAL_PER_CLASS * len(CLASSES) and len(own.images) == own.probs.shape[0]
+    for name in ("evaluation_val.json", "confusion_matrix_val.csv", "confusion_matrix_val.png", "reliability_val.png"):
+        (run / name).unlink(missing_ok=True)
+    files = imgtune.write_evaluation(own)
+    assert sorted(p.name for p in files.values()) == ["confusion_matrix_val.csv", "confusion_matrix_val.png",
+                                                     "evaluation_val.json", "reliability_val.png"]
+    assert set(files_of(run)) - set(before) <= {p.name for p in files.values()}
+    assert json.loads(files["json"].read_text())["n"] == own.report["n"]
+
+
+def test_evaluate_other_data_keeps_the_runs_own_evaluation(run, tmp_path, capsys):
+    """Other data's files are named by the data too: the run's own evaluation_val.json survives, and
+    every file still matches artifact.EVALUATION_FILES (removed on --overwrite and --resume)."""
+    import fnmatch
+
+    from imgtune import artifact
+    from imgtune.evaluation import data_tag
+
+    assert main(["-q", "evaluate", str(run)]) == 0
+    own = {name: data for name, data in files_of(run).items() if name.startswith(("evaluation_", "confusion_",
+                                                                                      "reliability_"))}
+    other = make_split_dataset(tmp_path / "other", train=1, val=2, seed=9)
+    assert main(["-q", "evaluate", str(run), str(other), "--split", "val"]) == 0
+    after = files_of(run)
+    assert {name: after[name] for name in own} == own
+    tag = data_tag(other)
+    assert tag.startswith("other-") and len(tag) == len("other-") + 8 and data_tag(str(other) + "/") == tag
+    written = json.loads((run / f"evaluation_val_{tag}.json").read_text())
+    assert (written["split"], written["data"], written["n"]) == ("val", str(other), 2 * len(CLASSES))
+    new = set(after) - set(own) - {"report.html"}
+    assert {f"confusion_matrix_val_{tag}.csv", f"confusion_matrix_val_{tag}.png", f"reliability_val_{tag}.png"} < new
+    for name in new | set(own):
+        if name.startswith(("evaluation_", "confusion_", "reliability_")):
+            assert any(fnmatch.fnmatch(name, pattern) for pattern in artifact.EVALUATION_FILES), name
+    capsys.readouterr()
+
+
+def test_predictor_takes_image_references(run, data):
+    """A file named by path, by ImageRef, or held in memory (as shards are) gives the same prediction."""
+    from imgtune.data import ImageRef
+
+    path = sorted((data / "val" / "red_circle").iterdir())[0]
+    predictor = imgtune.load(run, device="cpu")
+    in_memory = ImageRef.in_memory(path.read_bytes(), "shard-0/red.png")
+    by_path, by_ref, held = predictor.predict([path, ImageRef.file(path), in_memory])
+    assert by_path.path == by_ref.path == str(path) and held.path == "shard-0/red.png"
+    assert by_path.probs == pytest.approx(by_ref.probs) and by_path.probs == pytest.approx(held.probs)
+    probs, errors = predictor.probabilities([in_memory, in_memory])  # each read starts at the beginning
+    assert errors == [None, None] and np.allclose(probs[0], probs[1])

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+import imgtune
 from datagen import SCRATCH_ARGS, make_split_dataset
 from imgtune.cli import main
 
@@ -115,7 +116,7 @@ def test_report_holds_what_evaluate_measured(small_run, capsys):
     path = Path(capsys.readouterr().out.strip())
     assert path == small_run / "report.html"
     html, page = parse(path)
-    evaluation = json.loads((small_run / "evaluation_val.json").read_text())
+    evaluation = imgtune.evaluate(small_run, device="cpu").report
     assert {"summary", "run", "training", "confusion", "per-class", "roc", "calibration", "mistakes"} <= set(page.ids)
     assert f"accuracy <b>{evaluation['accuracy']:.3f}</b>" in html
     for name, row in evaluation["per_class"].items():
@@ -160,7 +161,7 @@ def test_gallery_shows_the_most_confident_mistakes_with_overlays(small_run, tmp_
         folder.rename(folder.with_suffix(""))
     assert main(["report", str(small_run), str(swapped), "--split", "val"]) == 0
     html, page = parse(Path(capsys.readouterr().out.strip().splitlines()[-1]))
-    evaluation = json.loads((small_run / "evaluation_val.json").read_text())
+    evaluation = imgtune.evaluate(small_run, swapped, "val", device="cpu").report
     matrix = np.array(evaluation["confusion_matrix"])
     assert page.figures == min(12, matrix.sum() - np.trace(matrix)) > 0
     overlays = [src for src in page.images if src.startswith("data:image/jpeg")]
@@ -168,6 +169,51 @@ def test_gallery_shows_the_most_confident_mistakes_with_overlays(small_run, tmp_
     assert all(size[0] <= 320 and size[1] <= 320 for size in decode_all(overlays))
     probs = [float(p) for p in re.findall(r"<figcaption><b>[a-z_]+</b> ([0-9.]+)", html)]
     assert probs == sorted(probs, reverse=True) and len(probs) == page.figures
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*")
+            if p.is_file()}
+
+
+def test_report_writes_only_the_report(small_run, tmp_path, capsys):
+    """The report measures without writing evaluate's files (nor touching any other file of the run)."""
+    other = make_split_dataset(tmp_path / "other", train=1, val=2, test=2, seed=11)
+    for argv, name in (([str(small_run)], "report.html"), ([str(small_run), str(other)], "report_test.html")):
+        before = snapshot(small_run)
+        assert main(["-q", "report", *argv]) == 0
+        after = snapshot(small_run)
+        changed = {key for key in after if before.get(key) != after[key]}
+        assert changed == {name} and set(before) <= set(after)
+    capsys.readouterr()
+
+
+def test_report_builds_one_model_on_the_requested_device(small_run, tmp_path, monkeypatch):
+    """One model, built on --device, measures and explains: the Grad-CAM gallery used to build a second
+    copy on the CPU whatever --device said."""
+    import torch
+
+    import imgtune.explain
+    import imgtune.models
+    import imgtune.predict
+    from imgtune.report import write_report
+
+    builds, devices, explained = [], [], []
+    create, explain_tensor = imgtune.models.create, imgtune.explain.explain_tensor
+    monkeypatch.setattr(imgtune.models, "create", lambda *a, **k: builds.append(a) or create(*a, **k))
+    # the device is asked for by name; this machine may have no GPU, so every name gives the CPU
+    monkeypatch.setattr(imgtune.predict, "select_device", lambda name: devices.append(name) or torch.device("cpu"))
+    monkeypatch.setattr(imgtune.explain, "explain_tensor",
+                        lambda model, *a, **k: explained.append(model) or explain_tensor(model, *a, **k))
+    swapped = make_split_dataset(tmp_path / "swapped", train=1, val=2, seed=4)
+    names = sorted(p.name for p in (swapped / "val").iterdir())
+    for old, new in zip(names, names[1:] + names[:1]):  # every label wrong: a full gallery
+        (swapped / "val" / old).rename(swapped / "val" / f"{new}.tmp")
+    for folder in (swapped / "val").iterdir():
+        folder.rename(folder.with_suffix(""))
+    write_report(small_run, swapped, "val", tmp_path / "r.html", device="cuda", gallery=3)
+    assert len(builds) == 1 and devices == ["cuda"]
+    assert len(explained) == 3 and all(model is explained[0] for model in explained)
 
 
 def test_report_of_a_missing_run_fails_clearly(tmp_path, capsys):
@@ -179,6 +225,8 @@ def test_forty_classes_get_a_table_of_top_confusions(many_run, capsys):
     assert main(["report", str(many_run)]) == 0
     html, page = parse(Path(capsys.readouterr().out.strip()))
     assert "confusion matrix, counts and row-normalised" not in html and "40 classes (more than 30)" in html
+    assert "writes the full matrix to <code>confusion_matrix_val.csv</code>" in html
+    assert main(["-q", "evaluate", str(many_run)]) == 0  # which writes the CSV the page names
     with (many_run / "confusion_matrix_val.csv").open(newline="") as handle:
         header, *rows = csv.reader(handle)
     cells = sorted(((int(v), r[0], header[j + 1]) for r in rows for j, v in enumerate(r[1:])

@@ -80,6 +80,27 @@ def test_train_and_evaluate_from_shards(data, tmp_path, capsys):
     assert evaluation["n"] == 12 and evaluation["accuracy"] == pytest.approx(metrics["accuracy"])
 
 
+def test_shard_evaluation_holds_image_references_and_reports(data, tmp_path, capsys):
+    """Shard members are evaluated from memory as ImageRefs named by their original files (never bytes
+    posing as a Path in Sample.path), and the report's gallery reads them again."""
+    from imgtune import artifact
+    from imgtune.data.image_ref import ImageRef
+    from imgtune.evaluation import select_images
+
+    out = tmp_path / "shards"
+    assert main(["shard", str(data), str(out)]) == 0
+    run = tmp_path / "run"
+    assert main(["-q", "train", str(out), *TINY, "--epochs", "1", "--out", str(run)]) == 0
+    chosen = select_images(artifact.read_run(run), None, "val")
+    assert len(chosen.images) == 12 and all(isinstance(ref, ImageRef) and ref.path is None for ref in chosen.images)
+    assert sorted(map(str, chosen.images)) == sorted(str(p) for p in (data / "val").rglob("*.png"))
+    capsys.readouterr()
+    assert main(["report", str(run), "--gallery", "12"]) == 0
+    html = Path(capsys.readouterr().out.strip()).read_text()
+    assert "could not be read again" not in html
+    assert html.count("<figure") == html.count('src="data:image/jpeg;base64,')  # an overlay for every mistake
+
+
 def test_balanced_sampler_refused_on_streams(data, tmp_path, capsys):
     out = tmp_path / "shards"
     assert main(["shard", str(data), str(out)]) == 0

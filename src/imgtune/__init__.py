@@ -7,7 +7,8 @@ Python API (the command line calls the same functions)::
     predictor = imgtune.load(result.run_dir)
     for p in predictor.predict(["photo.jpg"]):
         print(p.path, p.labels[0], p.probs[0])
-    report = imgtune.evaluate(result.run_dir).report
+    evaluation = imgtune.evaluate(result.run_dir)  # computes only
+    imgtune.write_evaluation(evaluation)  # the files `imgtune evaluate` writes into the run folder
     imgtune.resume("runs/ants")  # an interrupted run, from its newest checkpoint
 """
 
@@ -54,9 +55,19 @@ def load(run: str | Path, device: str = "auto", calibrated: bool = False) -> "Pr
 
 def evaluate(run: str | Path, data: str | Path | None = None, split: str | None = None,
              device: str = "auto") -> "EvaluationResult":
+    """Measure a run on its validation split (or ``split``), or on other ``data``; writes no file
+    (:func:`write_evaluation` does)."""
     from .evaluation import evaluate as run_evaluation
 
     return run_evaluation(run, None if data is None else str(data), split, device)
 
 
-__all__ = ["__version__", "evaluate", "load", "resume", "train"]
+def write_evaluation(result: "EvaluationResult") -> dict[str, Path]:
+    """Write what :func:`evaluate` measured into the run folder, as ``imgtune evaluate`` does; returns the
+    files by kind (``json``, ``csv``, ``png``, ``reliability``)."""
+    from .evaluation import write_evaluation as write_files
+
+    return write_files(result)
+
+
+__all__ = ["__version__", "evaluate", "load", "resume", "train", "write_evaluation"]

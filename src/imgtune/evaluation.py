@@ -1,21 +1,35 @@
-"""``imgtune evaluate``: metrics with confidence intervals, the confusion matrix as CSV and PNG, and
-calibration (ECE before and after the run's temperature) with a reliability diagram PNG."""
+"""``imgtune evaluate``: metrics with confidence intervals, the confusion matrix and calibration (ECE before
+and after the run's temperature).
+
+:func:`evaluate` (and :func:`measure`, with a Predictor already built) only computes; :func:`write_evaluation`
+writes the files into the run folder, with figures from :mod:`imgtune.figures`:
+``evaluation_<split>.json``, ``confusion_matrix_<split>.csv`` and ``.png``, ``reliability_<split>.png`` for
+the run's own data, and ``..._<split>_<tag>...`` for other data (:func:`data_tag`), so measuring other
+data never replaces the run's own evaluation.
+"""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import artifact, calibration
-from .data.scan import SPLITS, Sample, check_files, find_samples, load_splits
+from . import artifact, calibration, figures
+from .data.image_ref import ImageRef
+from .data.scan import SPLITS, check_files, find_samples, load_splits
 from .data.shards import is_shards, load_manifest, read_split
 from .errors import DataError, UsageError
 from .metrics import bootstrap_ci, classification_report
+
+if TYPE_CHECKING:
+    from .predict import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +48,31 @@ def full_report(y_true: np.ndarray, probs: np.ndarray, classes: list[str], seed:
 
 @dataclass
 class EvaluationResult:
+    run_dir: Path
+    classes: list[str]
     split: str
-    source: str
+    source: str  # the data measured: the run's own source, or the DATA argument
+    own_data: bool  # False when measured on other data (a DATA argument)
     report: dict
     skipped: list[tuple[str, str]]
-    files: dict[str, Path]
-    paths: list[str] = field(default_factory=list)  # the images measured, in the order of the rows below
-    inputs: list = field(default_factory=list)  # what opens each (a path, or a file object for shards)
+    images: list[ImageRef] = field(default_factory=list)  # the images measured, in the order of the rows below
     y_true: np.ndarray | None = None  # class indices
     probs: np.ndarray | None = None  # (images, classes), the model's own (uncalibrated) probabilities
 
+    @property
+    def paths(self) -> list[str]:
+        return [str(image) for image in self.images]
 
-def select_samples(run: artifact.RunInfo, data: str | None, split: str | None) -> tuple[list[Sample], str, list]:
+
+@dataclass
+class Selection:
+    images: list[ImageRef]
+    labels: list[str]
+    split: str
+    skipped: list[tuple[str, str]]
+
+
+def select_images(run: artifact.RunInfo, data: str | None, split: str | None) -> Selection:
     """Which images to evaluate: the run's own split (val by default) when ``data`` is None; else the
     given data's ``split`` (test if it has one, else val), or all of it when it has no splits."""
     if split is not None and split not in SPLITS:
@@ -59,7 +86,7 @@ def select_samples(run: artifact.RunInfo, data: str | None, split: str | None) -
         chosen = splits.split(name)
         if not chosen:
             raise DataError(f"the run's data {cfg.data.source} has no {name} split")
-        return chosen, name, splits.skipped
+        return _selection(chosen, name, splits.skipped)
     samples, _ = find_samples(data)
     good, skipped, _ = check_files(samples)
     present = {s.split for s in good} - {None}
@@ -74,49 +101,51 @@ def select_samples(run: artifact.RunInfo, data: str | None, split: str | None) -
     if unknown:
         raise DataError(f"{data} has class(es) {unknown} that the model was not trained on "
                         f"(its classes: {run.classes})")
-    return good, name, skipped
+    return _selection(good, name, skipped)
 
 
-def _from_shards(source: str, name: str) -> tuple[list[Sample], str, list]:
-    """The split read from the run's shards; each sample's ``path`` is its bytes (a file object), which
-    is all the predictor needs; the name of the original file is kept for messages."""
+def _selection(samples: list, name: str, skipped: list) -> Selection:
+    return Selection([ImageRef.file(s.path) for s in samples], [s.label for s in samples], name, skipped)
+
+
+def _from_shards(source: str, name: str) -> Selection:
+    """The split read from the run's shards: each image's bytes in memory, named by its original file."""
     splits = load_manifest(source)
-    samples = [Sample(_NamedBytes(data, path), label, name) for path, label, data in read_split(splits, name)]
-    return samples, name, splits.skipped
-
-
-class _NamedBytes(io.BytesIO):
-    def __init__(self, data: bytes, name: str):
-        super().__init__(data)
-        self.name = name
-
-    def __str__(self) -> str:
-        return self.name
+    items = read_split(splits, name)
+    return Selection([ImageRef.in_memory(data, path) for path, _, data in items], [label for _, label, _ in items],
+                     name, splits.skipped)
 
 
 def evaluate(run_dir: str | Path, data: str | None = None, split: str | None = None, device: str = "auto",
              batch_size: int = 32) -> EvaluationResult:
+    """Measure the run on its own split (val by default) or on ``data`` (see :func:`select_images`).
+    Computes only: :func:`write_evaluation` writes the files ``imgtune evaluate`` writes."""
     from .predict import Predictor
 
-    predictor = Predictor.from_run(run_dir, device)
+    return measure(Predictor.from_run(run_dir, device), data, split, batch_size)
+
+
+def measure(predictor: "Predictor", data: str | None = None, split: str | None = None,
+            batch_size: int = 32) -> EvaluationResult:
+    """:func:`evaluate` with a Predictor already built (``Predictor.from_run``, uncalibrated), so a caller
+    that needs the model again (the report's Grad-CAM gallery) builds it once."""
     run = predictor.run
-    samples, name, skipped = select_samples(run, data, split)
-    probs, errors = predictor.probabilities([s.path for s in samples], batch_size)
-    failed = [(str(s.path), e) for s, e in zip(samples, errors) if e]
+    if run is None or predictor.temperature is not None:
+        raise UsageError("measure() needs an uncalibrated Predictor made by Predictor.from_run(RUN) (it reads "
+                         "the run's data and calibration)")
+    chosen = select_images(run, data, split)
+    probs, errors = predictor.probabilities(chosen.images, batch_size)
+    failed = [(str(image), e) for image, e in zip(chosen.images, errors) if e]
     ok = [i for i, e in enumerate(errors) if e is None]
     if not ok:
-        raise DataError(f"none of the {len(samples)} {name} image(s) could be read (first: {failed[0][0]}: "
-                        f"{failed[0][1]})")
+        raise DataError(f"none of the {len(chosen.images)} {chosen.split} image(s) could be read (first: "
+                        f"{failed[0][0]}: {failed[0][1]})")
     index = {c: i for i, c in enumerate(run.classes)}
-    y_true = np.array([index[samples[i].label] for i in ok])
+    y_true = np.array([index[chosen.labels[i]] for i in ok])
     report = full_report(y_true, probs[ok], run.classes)
-    report["calibration"] = split_calibration(run, y_true, probs[ok], own_val=data is None and name == "val")
-    files = write_confusion(run.path, name, run.classes, np.array(report["confusion_matrix"]))
-    files["reliability"] = write_reliability(run.path, name, report["calibration"])
-    artifact.write_json(run.path / f"evaluation_{name}.json", {"split": name, "data": data or run.config.data.source,
-                                                                 **report})
-    return EvaluationResult(name, data or run.config.data.source, report, skipped + failed, files,
-                            [str(samples[i].path) for i in ok], [samples[i].path for i in ok], y_true, probs[ok])
+    report["calibration"] = split_calibration(run, y_true, probs[ok], own_val=data is None and chosen.split == "val")
+    return EvaluationResult(run.path, run.classes, chosen.split, data or run.config.data.source, data is None, report,
+                            chosen.skipped + failed, [chosen.images[i] for i in ok], y_true, probs[ok])
 
 
 def split_calibration(run: artifact.RunInfo, y_true: np.ndarray, probs: np.ndarray, own_val: bool) -> dict:
@@ -138,76 +167,45 @@ def split_calibration(run: artifact.RunInfo, y_true: np.ndarray, probs: np.ndarr
     return found
 
 
-def write_reliability(run_dir: Path, split: str, found: dict) -> Path:
-    path = run_dir / f"reliability_{split}.png"
-    artifact.atomic_write_bytes(path, reliability_png(found["reliability"], found["ece"], f"Reliability ({split})",
-                                                      found.get("reliability_calibrated"), found["temperature"]))
-    return path
+def data_tag(data: str | Path) -> str:
+    """A short name for other data in file names: its file or folder name (letters, digits and ``-``)
+    and 8 hex digits of a hash of its absolute path (or URL), e.g. ``photos-1a2b3c4d``."""
+    text = str(data)
+    where = text if "://" in text else str(Path(text).expanduser().resolve())
+    name = re.sub(r"[^A-Za-z0-9]+", "-", Path(where).name).strip("-")[:32] or "data"
+    return f"{name}-{hashlib.sha256(where.encode()).hexdigest()[:8]}"
 
 
-def reliability_png(table: dict, ece: float, title: str, calibrated: dict | None = None,
-                    temperature: float | None = None) -> bytes:
-    """A reliability diagram as PNG bytes (for files and for HTML reports): accuracy per confidence bin
-    as bars against the diagonal of perfect calibration, ECE in the title; with ``calibrated`` (a
-    second :meth:`calibration.Reliability.to_dict`), the temperature-scaled accuracies as steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    edges = np.array(table["edges"])
-    width = np.diff(edges)
-
-    def values(key: str, source: dict) -> np.ndarray:
-        return np.array([np.nan if v is None else v for v in source[key]], dtype=float)
-
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.bar(edges[:-1], np.nan_to_num(values("accuracy", table)), width=width, align="edge", color="#4c72b0",
-           edgecolor="white", label="accuracy (model)")
-    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
-    heading = f"{title}: ECE {ece:.3f}"
-    if calibrated is not None:
-        ece_after = calibration.Reliability(edges, np.array(calibrated["count"]), values("confidence", calibrated),
-                                            values("accuracy", calibrated)).ece
-        ax.stairs(np.nan_to_num(values("accuracy", calibrated)), edges, baseline=None, color="#dd8452", linewidth=2,
-                  label=f"accuracy at T = {temperature:.2f}")
-        heading += f", {ece_after:.3f} at T = {temperature:.2f}"
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top label)", ylabel="accuracy", title=heading)
-    ax.legend(loc="upper left", fontsize="small")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+def evaluation_files(result: EvaluationResult) -> dict[str, Path]:
+    """Where :func:`write_evaluation` puts each file: ``<kind>_<split>`` for the run's own data,
+    ``<kind>_<split>_<tag>`` for other data (see :func:`data_tag`); all match ``artifact.EVALUATION_FILES``."""
+    suffix = result.split if result.own_data else f"{result.split}_{data_tag(result.source)}"
+    return {"json": result.run_dir / f"evaluation_{suffix}.json",
+            "csv": result.run_dir / f"confusion_matrix_{suffix}.csv",
+            "png": result.run_dir / f"confusion_matrix_{suffix}.png",
+            "reliability": result.run_dir / f"reliability_{suffix}.png"}
 
 
-def write_confusion(run_dir: Path, split: str, classes: list[str], matrix: np.ndarray) -> dict[str, Path]:
-    csv_path = run_dir / f"confusion_matrix_{split}.csv"
+def write_evaluation(result: EvaluationResult) -> dict[str, Path]:
+    """Write the evaluation into the run folder (each file atomically): the report as JSON, the confusion
+    matrix as CSV and PNG, the reliability diagram; returns :func:`evaluation_files`."""
+    files = evaluation_files(result)
+    matrix = np.array(result.report["confusion_matrix"])
+    found = result.report["calibration"]
+    artifact.atomic_write_text(files["csv"], confusion_csv(matrix, result.classes))
+    artifact.atomic_write_bytes(files["png"], figures.confusion_png(matrix, result.classes,
+                                                                    f"Confusion matrix ({result.split})"))
+    artifact.atomic_write_bytes(files["reliability"], figures.reliability_png(
+        found["reliability"], found["ece"], f"Reliability ({result.split})", found.get("reliability_calibrated"),
+        found["temperature"]))
+    artifact.write_json(files["json"], {"split": result.split, "data": result.source, **result.report})
+    return files
+
+
+def confusion_csv(matrix: np.ndarray, classes: list[str]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["true \\ predicted", *classes])
     for name, row in zip(classes, matrix):
         writer.writerow([name, *map(int, row)])
-    artifact.atomic_write_text(csv_path, buffer.getvalue())
-    png_path = run_dir / f"confusion_matrix_{split}.png"
-    plot_confusion(matrix, classes, png_path, f"Confusion matrix ({split})")
-    return {"csv": csv_path, "png": png_path}
-
-
-def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay
-
-    size = min(4 + 0.45 * len(classes), 30)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ConfusionMatrixDisplay(matrix, display_labels=classes).plot(
-        ax=ax, cmap="Blues", colorbar=False, xticks_rotation="vertical", include_values=len(classes) <= 30)
-    ax.set_title(title)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    artifact.atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()

@@ -23,6 +23,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from torch import nn
 
 from .data.transforms import Preprocessing, eval_transform
 from .errors import ModelError, UsageError
+
+if TYPE_CHECKING:
+    from .predict import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +249,11 @@ class Explainer:
     def from_run(cls, path: str | Path, device: str = "auto") -> "Explainer":
         from .predict import Predictor
 
-        predictor = Predictor.from_run(path, device)
+        return cls.from_predictor(Predictor.from_run(path, device))
+
+    @classmethod
+    def from_predictor(cls, predictor: "Predictor") -> "Explainer":
+        """The predictor's own model (unfused, on its device): no second copy of the weights."""
         return cls(predictor.model, predictor.classes, predictor.preprocessing)
 
     @property
@@ -301,6 +309,7 @@ def explain_files(explainer: Explainer, paths: list[Path], out: Path, methods: t
     when two images share a stem). An image that cannot be read gets an error and the others go on."""
     from . import artifact
     from .data.decode import DecodeError, load_rgb
+    from .encode import image_png
 
     for method in methods:  # unknown names fail before any work
         if method not in METHODS:
@@ -320,7 +329,8 @@ def explain_files(explainer: Explainer, paths: list[Path], out: Path, methods: t
         files = {}
         for item in found:
             files[item.method] = out / f"{stem}.{item.method}.png"
-            artifact.atomic_write_bytes(files[item.method], png_bytes(overlay(image, item.heatmap, explainer.preprocessing)))
+            picture = overlay(image, item.heatmap, explainer.preprocessing)
+            artifact.atomic_write_bytes(files[item.method], image_png(picture))
         top = int(np.argmax(probs))
         results.append(ExplainedFile(str(path), explainer.classes[top], float(probs[top]), found[0].class_name,
                                      found[0].prob, files))
@@ -334,11 +344,3 @@ def _unique_stem(stem: str, taken: set[str]) -> str:
         candidate = f"{stem}-{number}"
     taken.add(candidate)
     return candidate
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()

@@ -1,15 +1,18 @@
-"""The report's figures and the data behind them: pure functions returning numbers and PNG bytes.
+"""Every figure imgtune draws (the report's, and the PNG files of ``imgtune evaluate``), and the data
+behind them: pure functions returning numbers and PNG bytes; writing files is the caller's business.
 
-Matplotlib with the Agg backend (no display); every figure closed after rendering. The curves' areas come
-from scikit-learn (``roc_auc_score``, ``average_precision_score``), one class against the rest.
+Matplotlib with the Agg backend (no display); every figure closed after rendering
+(:func:`imgtune.encode.figure_png`). The curves' areas come from scikit-learn (``roc_auc_score``,
+``average_precision_score``), one class against the rest.
 """
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
+
+from .encode import figure_png
 
 CURVE_LEGEND_LIMIT = 10  # above this many classes, per-class curves are drawn without legend entries
 
@@ -21,13 +24,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    _pyplot().close(fig)
-    return buffer.getvalue()
 
 
 def _legend(ax, **options) -> None:
@@ -79,7 +75,7 @@ def training_curves(rows: list[dict]) -> bytes | None:
     loss_ax.set(ylabel="loss", title="Loss")
     acc_ax.set(ylabel="score", title="Accuracy", ylim=(0, 1.02))
     fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)
 
 
 def normalise_rows(matrix) -> np.ndarray:
@@ -106,7 +102,7 @@ def confusion_png(matrix, classes: list[str], title: str) -> bytes:
             values_format=fmt)
         ax.set_title(f"{title}: {name}")
     fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)
 
 
 def top_confusions(matrix, classes: list[str], limit: int = 20) -> list[dict]:
@@ -190,4 +186,34 @@ def _curves_png(onehot: np.ndarray, probs: np.ndarray, classes: list[str], defin
     for ax in (roc_ax, pr_ax):
         _legend(ax, fontsize="x-small", loc="lower right" if ax is roc_ax else "lower left")
     fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)
+
+
+def reliability_png(table: dict, ece: float, title: str, calibrated: dict | None = None,
+                    temperature: float | None = None) -> bytes:
+    """A reliability diagram: accuracy per confidence bin as bars against the diagonal of perfect
+    calibration, ECE in the title; with ``calibrated`` (a second :meth:`calibration.Reliability.to_dict`),
+    the temperature-scaled accuracies as steps."""
+    from .calibration import Reliability
+
+    plt = _pyplot()
+    edges = np.array(table["edges"])
+
+    def values(key: str, source: dict) -> np.ndarray:
+        return np.array([np.nan if v is None else v for v in source[key]], dtype=float)
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.bar(edges[:-1], np.nan_to_num(values("accuracy", table)), width=np.diff(edges), align="edge",
+           color="#4c72b0", edgecolor="white", label="accuracy (model)")
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    heading = f"{title}: ECE {ece:.3f}"
+    if calibrated is not None:
+        ece_after = Reliability(edges, np.array(calibrated["count"]), values("confidence", calibrated),
+                                values("accuracy", calibrated)).ece
+        ax.stairs(np.nan_to_num(values("accuracy", calibrated)), edges, baseline=None, color="#dd8452", linewidth=2,
+                  label=f"accuracy at T = {temperature:.2f}")
+        heading += f", {ece_after:.3f} at T = {temperature:.2f}"
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top label)", ylabel="accuracy", title=heading)
+    ax.legend(loc="upper left", fontsize="small")
+    fig.tight_layout()
+    return figure_png(fig)

@@ -18,6 +18,7 @@ import torch
 
 from . import artifact, models
 from .data.decode import DecodeError, load_rgb
+from .data.image_ref import ImageRef, as_image_ref
 from .data.scan import IMAGE_EXTENSIONS
 from .data.transforms import Preprocessing, eval_transform
 from .engine import autocast, select_device, to_channels_last
@@ -75,8 +76,10 @@ class Predictor:
         artifact.load_weights(built.model, run.path / artifact.WEIGHTS)
         return cls(built.model, run.classes, run.preprocessing, device, run, calibrated)
 
-    def probabilities(self, paths: list[Path], batch_size: int = 32) -> tuple[np.ndarray, list[str | None]]:
-        """Class probabilities for each path (rows of NaN where the file failed) and the errors."""
+    def probabilities(self, paths: list[str | Path | ImageRef],
+                      batch_size: int = 32) -> tuple[np.ndarray, list[str | None]]:
+        """Class probabilities for each image (a path or an :class:`~imgtune.data.image_ref.ImageRef`;
+        rows of NaN where it failed) and the errors."""
         probs = np.full((len(paths), len(self.classes)), np.nan, dtype=np.float64)
         errors: list[str | None] = [None] * len(paths)
         for start, tensors, failures in self._batches(paths, batch_size):
@@ -93,8 +96,9 @@ class Predictor:
                 probs[[start + i for i in keep]] = out
         return probs, errors
 
-    def predict(self, paths: Iterable[str | Path], top_k: int = 3, batch_size: int = 32) -> list[Prediction]:
-        paths = [Path(p) for p in paths]
+    def predict(self, paths: Iterable[str | Path | ImageRef], top_k: int = 3, batch_size: int = 32) -> list[Prediction]:
+        """Top ``top_k`` classes of each image; ``Prediction.path`` is its path (or an ImageRef's name)."""
+        paths = [as_image_ref(p) for p in paths]
         probs, errors = self.probabilities(paths, batch_size)
         k = max(1, min(top_k, len(self.classes)))
         results = []
@@ -106,10 +110,11 @@ class Predictor:
             results.append(Prediction(str(path), [self.classes[i] for i in order], [float(row[i]) for i in order]))
         return results
 
-    def _batches(self, paths: list[Path], batch_size: int, ahead: int = 2) -> Iterator[tuple[int, list, dict]]:
+    def _batches(self, paths: list[str | Path | ImageRef], batch_size: int,
+                 ahead: int = 2) -> Iterator[tuple[int, list, dict]]:
         """Decode in threads (Pillow releases the GIL) up to ``ahead`` batches in front of the model,
         so decoding overlaps inference and memory holds a few batches, not the whole list."""
-        def load(path: Path):
+        def load(path: str | Path | ImageRef):
             try:
                 return self.transform(load_rgb(path, self.preprocessing.resize_size)), None
             except DecodeError as exc:

@@ -1,28 +1,33 @@
 """``imgtune report``: one self-contained HTML page about a trained run (every figure embedded, nothing
 fetched when it is opened).
 
-It measures the run again (:func:`imgtune.evaluation.evaluate`, so the figures and ``evaluate``'s files
-agree) and shows: configuration and data, training curves, the confusion matrix (a table of the top
-confusions above :data:`MATRIX_LIMIT` classes), per-class precision/recall/F1 with bootstrap intervals,
-ROC and precision-recall curves, the reliability diagram, and the most confident mistakes with their
-Grad-CAM overlays. The page comes from ``templates/report.html.j2``; figures from :mod:`imgtune.figures`.
+It measures the run as ``imgtune evaluate`` does (:func:`imgtune.evaluation.measure`, so the numbers
+agree), with one model, built on the requested device, for both the measuring and the Grad-CAM gallery,
+and writes nothing but the HTML file. It shows: configuration and data, training curves, the confusion
+matrix (a table of the top confusions above :data:`MATRIX_LIMIT` classes), per-class precision/recall/F1
+with bootstrap intervals, ROC and precision-recall curves, the reliability diagram, and the most
+confident mistakes with their Grad-CAM overlays. The page comes from ``templates/report.html.j2``; figures
+from :mod:`imgtune.figures`, encoded by :mod:`imgtune.encode`.
 """
 
 from __future__ import annotations
 
-import base64
 import csv
-import io
 import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import artifact, figures
-from .evaluation import EvaluationResult, evaluate, reliability_png
+from .encode import data_uri, image_jpeg
+from .evaluation import EvaluationResult, evaluation_files, measure
+
+if TYPE_CHECKING:
+    from .predict import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +49,18 @@ class Mistake:
 
 def write_report(run_dir: str | Path, data: str | None = None, split: str | None = None, out: str | Path | None = None,
                  device: str = "auto", gallery: int = GALLERY_SIZE) -> Path:
-    """Evaluate the run (its own val split by default; see :func:`imgtune.evaluation.evaluate`) and write
-    the report; returns its path (default ``RUN/report.html``, ``RUN/report_<split>.html`` for another
-    split or other data)."""
+    """Measure the run (its own val split by default; see :func:`imgtune.evaluation.select_images`) and
+    write the report, the only file written; returns its path (default ``RUN/report.html``,
+    ``RUN/report_<split>.html`` for another split or other data)."""
+    from .predict import Predictor
+
     started = time.perf_counter()
-    result = evaluate(run_dir, data, split, device)
-    run = artifact.read_run(run_dir)
+    predictor = Predictor.from_run(run_dir, device)
+    result = measure(predictor, data, split)
+    run = predictor.run
     path = Path(out) if out else run.path / ("report.html" if data is None and split is None else
                                              f"report_{result.split}.html")
-    context = _context(run, result, data, gallery)
+    context = _context(run, result, _mistakes(predictor, result, gallery))
     context["seconds"] = time.perf_counter() - started
     html = render(context)
     artifact.atomic_write_text(path, html)
@@ -66,7 +74,7 @@ def render(context: dict) -> str:
     return environment().get_template("report.html.j2").render(**context)
 
 
-def _context(run: artifact.RunInfo, result: EvaluationResult, data: str | None, gallery: int) -> dict:
+def _context(run: artifact.RunInfo, result: EvaluationResult, mistakes: list[Mistake]) -> dict:
     classes = run.classes
     report = result.report
     matrix = np.array(report["confusion_matrix"])
@@ -78,17 +86,18 @@ def _context(run: artifact.RunInfo, result: EvaluationResult, data: str | None, 
         "evaluated_on": f"{result.split} split of {result.source}" if result.split != "all" else result.source,
         "settings": _settings(run.meta),
         "config_text": (run.path / artifact.CONFIG).read_text(),
-        "data": run.meta["data"], "other_data": data is not None,
-        "curves_png": _uri(figures.training_curves(_metrics_rows(run.path))),
-        "matrix_limit": MATRIX_LIMIT,
-        "confusion_png": _uri(figures.confusion_png(matrix, classes, f"Confusion matrix ({result.split})"))
+        "data": run.meta["data"], "other_data": not result.own_data,
+        "curves_png": data_uri(figures.training_curves(_metrics_rows(run.path))),
+        "matrix_limit": MATRIX_LIMIT, "matrix_csv": evaluation_files(result)["csv"].name,
+        "confusion_png": data_uri(figures.confusion_png(matrix, classes, f"Confusion matrix ({result.split})"))
         if len(classes) <= MATRIX_LIMIT else None,
         "top_confusions": figures.top_confusions(matrix, classes, limit=30),
-        "roc": curves, "roc_png": _uri(curves["png"]),
-        "reliability_png": _uri(reliability_png(cal["reliability"], cal["ece"], f"Reliability ({result.split})",
-                                                cal.get("reliability_calibrated"), cal["temperature"])),
+        "roc": curves, "roc_png": data_uri(curves["png"]),
+        "reliability_png": data_uri(figures.reliability_png(cal["reliability"], cal["ece"],
+                                                            f"Reliability ({result.split})",
+                                                            cal.get("reliability_calibrated"), cal["temperature"])),
         "calibration": cal, "held_out_calibration": _held_out_calibration(run.path),
-        "mistakes": _mistakes(run, result, gallery), "n_mistakes": int((result.probs.argmax(1) != result.y_true).sum()),
+        "mistakes": mistakes, "n_mistakes": int((result.probs.argmax(1) != result.y_true).sum()),
         "skipped": result.skipped,
     }
 
@@ -125,9 +134,9 @@ def _held_out_calibration(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()).get("calibration")
 
 
-def _mistakes(run: artifact.RunInfo, result: EvaluationResult, limit: int) -> list[Mistake]:
+def _mistakes(predictor: "Predictor", result: EvaluationResult, limit: int) -> list[Mistake]:
     """The ``limit`` most confident wrong predictions, each with a Grad-CAM overlay of the predicted class
-    (what the model took for evidence)."""
+    (what the model took for evidence), from the predictor's own (unfused) model on its device."""
     predicted = result.probs.argmax(axis=1)
     wrong = np.flatnonzero(predicted != result.y_true)
     wrong = wrong[np.argsort(-result.probs[wrong, predicted[wrong]], kind="stable")][:limit]
@@ -136,16 +145,13 @@ def _mistakes(run: artifact.RunInfo, result: EvaluationResult, limit: int) -> li
     from .data.decode import DecodeError, load_rgb
     from .explain import Explainer, explain_tensor, model_input, overlay
 
-    explainer = Explainer.from_run(run.path, "cpu")
-    classes, found = run.classes, []
+    explainer = Explainer.from_predictor(predictor)
+    classes, found = result.classes, []
     for i in wrong:
-        mistake = Mistake(result.paths[i], classes[result.y_true[i]], classes[predicted[i]],
+        mistake = Mistake(str(result.images[i]), classes[result.y_true[i]], classes[predicted[i]],
                           float(result.probs[i, predicted[i]]), float(result.probs[i, result.y_true[i]]), None)
         try:
-            source = result.inputs[i]
-            if hasattr(source, "seek"):
-                source.seek(0)
-            image = load_rgb(source)
+            image = load_rgb(result.images[i])
         except DecodeError as exc:
             mistake.note = f"could not be read again: {exc}"
             found.append(mistake)
@@ -154,16 +160,6 @@ def _mistakes(run: artifact.RunInfo, result: EvaluationResult, limit: int) -> li
                                  int(predicted[i]), "gradcam", explainer.layer)
         picture = overlay(image, heat, explainer.preprocessing)
         picture.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
-        mistake.image = _uri(_jpeg(picture), "image/jpeg")
+        mistake.image = data_uri(image_jpeg(picture, quality=85), "image/jpeg")
         found.append(mistake)
     return found
-
-
-def _jpeg(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=85)
-    return buffer.getvalue()
-
-
-def _uri(data: bytes | None, mime: str = "image/png") -> str | None:
-    return None if data is None else f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"

@@ -1,4 +1,7 @@
-"""imgtune evaluate RUN [DATA]: metrics with 95% bootstrap intervals, per-class table, confusion matrix."""
+"""imgtune evaluate RUN [DATA]: metrics with 95% bootstrap intervals, per-class table, confusion matrix.
+
+Writes evaluation_<split>.json, confusion_matrix_<split>.csv/.png and reliability_<split>.png into RUN; on
+other data (DATA) the names end in _<split>_<tag>, the tag made of DATA's name and a hash of its path."""
 
 from __future__ import annotations
 
@@ -26,9 +29,10 @@ def add_run_data_split(p) -> None:
 
 
 def run(args) -> int:
-    from ..evaluation import evaluate
+    from ..evaluation import evaluate, write_evaluation
 
     result = evaluate(args.run, args.data, args.split, args.device, args.batch_size)
+    files = write_evaluation(result)
     if args.format == "json":
         print(json.dumps({"split": result.split, "data": result.source, **result.report}, indent=2))
         return 0
@@ -39,6 +43,6 @@ def run(args) -> int:
     print_split_calibration(result.report["calibration"])
     for path, reason in result.skipped:
         console.print(f"skipped {path}: {reason}")
-    console.print(f"confusion matrix written to {result.files['csv']} and {result.files['png']}; reliability "
-                  f"diagram to {result.files['reliability']}")
+    console.print(f"results written to {files['json']}; confusion matrix to {files['csv']} and {files['png']}; "
+                  f"reliability diagram to {files['reliability']}")
     return 0

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageCms, ImageOps
 
 from .fingerprint import fingerprint as perceptual_fingerprint
+from .image_ref import ImageRef
 
 ALPHA_BACKGROUND = (255, 255, 255)
 # Too-large images are refused by _check_pixels with a clear reason; Pillow's own warning is noise.
@@ -49,12 +50,20 @@ class ImageInfo:
     fingerprint: bytes | None = None  # perceptual fingerprint (data/fingerprint.py), when asked for
 
 
-def load_rgb(path: str | Path, draft_size: int | None = None) -> Image.Image:
-    """Open ``path`` and return a fully decoded 8-bit RGB image.
+def load_rgb(path: str | Path | ImageRef | BinaryIO, draft_size: int | None = None) -> Image.Image:
+    """Open ``path`` (a file, an :class:`~imgtune.data.image_ref.ImageRef` or a binary file object) and
+    return a fully decoded 8-bit RGB image.
 
     ``draft_size`` lets JPEG decoding skip resolution that the caller will throw away (the result is
     at least ``draft_size`` pixels on its shorter side). Raises :class:`DecodeError`.
     """
+    if isinstance(path, ImageRef):
+        try:
+            handle = path.open()
+        except OSError as exc:
+            raise DecodeError(_describe(exc), _kind(exc)) from exc
+        with handle:
+            return load_rgb(handle, draft_size)
     try:
         with Image.open(path) as img:
             _check_pixels(img)

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 from pathlib import Path
 
@@ -13,6 +11,7 @@ from markupsafe import Markup
 
 from ..artifact import atomic_write_text
 from ..data.decode import DecodeError, load_rgb
+from ..encode import data_uri, image_jpeg
 from . import Diagnosis
 
 CHECKS = ("unreadable", "split", "leakage", "label-conflict", "label-error", "outlier", "imbalance", "duplicate")
@@ -54,6 +53,4 @@ def thumbnail(path: str, size: int = 96) -> str | None:
     except DecodeError:
         return None
     image.thumbnail((size * 2, size))
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return data_uri(image_jpeg(image, quality=80), "image/jpeg")
