@@ -1,8 +1,10 @@
 """Run configuration: frozen dataclasses, presets, YAML in and out, validation.
 
 Precedence, lowest first: dataclass defaults < ``--preset`` < ``--config FILE`` (YAML) < flags.
-Values left as ``None`` mean "choose for me"; :func:`resolve` fills them from the strategy's
-defaults so that the config saved in the run folder is complete and repeatable.
+Values left as ``None`` (or ``device: auto``) mean "choose for me": :func:`resolve` fills the
+strategy's defaults, and ``prepare.finalize`` what needs the data and the machine (input size, loader
+workers, device, class balance, run folder), so that the config saved in the run folder is the one
+that ran and repeats it.
 
 The dataclass fields are the one list of training options: each field's metadata (:func:`option`)
 holds its help text, choices and flag, and :data:`OPTIONS` is generated from them. :func:`build`
@@ -281,7 +283,7 @@ def save_yaml(config: RunConfig, path: str | Path) -> None:
 
 
 def resolve(config: RunConfig) -> RunConfig:
-    """Fill the per-strategy defaults and check every value; returns a complete config."""
+    """Fill the per-strategy defaults and check every value (``prepare.finalize`` fills the rest)."""
     train = config.train
     _check_choice("train.strategy", train.strategy, STRATEGIES)
     defaults = STRATEGY_DEFAULTS[train.strategy]

@@ -21,7 +21,7 @@ from . import checkpoint, distributed
 from .config import TrainConfig
 from .distributed import quiet_rank
 from .errors import DataError
-from .inference import autocast, predict_probs, select_device, to_channels_last  # noqa: F401 (re-exported)
+from .inference import autocast, predict_probs, to_channels_last
 from .metrics import quick_metrics
 from .models import Classifier
 from .optim import make_optimizer, optimizer_steps, warmup_cosine

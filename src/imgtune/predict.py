@@ -21,7 +21,7 @@ from .data.decode import DecodeError, load_rgb
 from .data.image_ref import ImageRef, as_image_ref
 from .data.scan import IMAGE_EXTENSIONS
 from .data.transforms import Preprocessing, eval_transform
-from .engine import autocast, select_device, to_channels_last
+from .inference import forward, select_device
 from .errors import DataError, UsageError
 
 log = logging.getLogger(__name__)
@@ -87,13 +87,10 @@ class Predictor:
                 errors[start + offset] = message
             keep = [i for i, tensor in enumerate(tensors) if tensor is not None]
             if keep:
-                batch = to_channels_last(torch.stack([tensors[i] for i in keep]).to(self.device))
-                with torch.inference_mode(), autocast(self.device):
-                    logits = self.inference_model(batch).float()
-                    if self.temperature is not None:
-                        logits = logits / self.temperature
-                    out = torch.softmax(logits, dim=1).cpu().numpy()
-                probs[[start + i for i in keep]] = out
+                logits = forward(self.inference_model, torch.stack([tensors[i] for i in keep]), self.device)
+                if self.temperature is not None:
+                    logits = logits / self.temperature
+                probs[[start + i for i in keep]] = torch.softmax(logits, dim=1).numpy()
         return probs, errors
 
     def predict(self, paths: Iterable[str | Path | ImageRef], top_k: int = 3, batch_size: int = 32) -> list[Prediction]:

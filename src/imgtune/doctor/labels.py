@@ -20,7 +20,7 @@ from .. import features, models
 from ..cache import default_cache_dir
 from ..config import ModelConfig
 from ..data.scan import Sample
-from ..engine import select_device
+from ..inference import select_device
 from ..errors import ImgtuneError
 
 log = logging.getLogger(__name__)
