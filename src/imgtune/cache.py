@@ -242,7 +242,7 @@ def clear(root: Path) -> Removed:
         raise UsageError(f"--cache-dir {root} is not a folder; nothing was removed")
     if not (root / MARKER).is_file():
         _check_unmarked(root)
-    for path, relative in _walk(root):
+    for path, relative in _walk(root, ("features", "pixels")):
         if _OWN.fullmatch(relative):
             size = path.lstat().st_size
             path.unlink(missing_ok=True)
@@ -259,7 +259,7 @@ def _check_unmarked(root: Path) -> None:
     """Refuse a folder without the marker unless everything in it is what imgtune format 1 wrote."""
     stranger = next((path for path in root.iterdir() if path.name not in ("features", "pixels")), None)
     found_key = False
-    for path, relative in _walk(root) if stranger is None else ():
+    for path, relative in _walk(root, ("features", "pixels")) if stranger is None else ():
         if not _OWN.fullmatch(relative) or path.is_symlink():
             stranger = path
             break
@@ -271,9 +271,11 @@ def _check_unmarked(root: Path) -> None:
                          "$IMGTUNE_CACHE; to empty this folder anyway, delete its files yourself.")
 
 
-def _walk(root: Path):
-    """(path, path relative to ``root`` with ``/``) of every file under ``root``, links not followed."""
-    for folder, dirs, files in os.walk(root):
+def _walk(root: Path, parts: tuple[str, ...] = ("",)):
+    """(path, path relative to ``root`` with ``/``) of every file under ``root``'s ``parts``, links not
+    followed (a ``features`` that links elsewhere is not the cache's)."""
+    tops = [root / part for part in parts if not (root / part).is_symlink()]
+    for folder, dirs, files in (step for top in tops for step in os.walk(top)):
         dirs.sort()
         for name in sorted(files):
             path = Path(folder) / name
