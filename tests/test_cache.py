@@ -126,6 +126,101 @@ def test_damaged_cache_file_is_recomputed(tmp_path):
     assert store.get("ab" * 16) is None
 
 
+def _own_format(array):
+    def write(path):
+        cache.write_entry(path, array)
+    return write
+
+
+def _flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def _npy(array):
+    def write(path):
+        with path.open("wb") as handle:
+            np.save(handle, array)
+    return write
+
+
+DAMAGE = {
+    "zero bytes": lambda path: path.write_bytes(b""),
+    "a bare .npy of the right shape (format 1)": _npy(np.ones(8, np.float32)),
+    "NaN garbage in .npy format": _npy(np.full(8, np.nan, np.float32)),
+    "another shape": _own_format(np.ones(9, np.float32)),
+    "another dtype": _own_format(np.ones(8, np.float64)),
+    "NaN with a valid checksum": _own_format(np.full(8, np.nan, np.float32)),
+    "a flipped bit (checksum)": _flip_last_byte,
+    "cut short": lambda path: path.write_bytes(path.read_bytes()[:-4]),
+    "a header claiming 2**40 values": lambda path: path.write_bytes(
+        path.read_bytes().replace(b"[8]", b"[1099511627776]")),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE, ids=list(DAMAGE))
+def test_every_damaged_entry_is_named_and_treated_as_absent(tmp_path, caplog, damage):
+    store = cache.feature_store(tmp_path, {"name": "test"}, num_features=8)
+    good = np.linspace(0, 1, 8, dtype=np.float32)
+    store.put("cd" * 16, good)
+    assert np.array_equal(store.get("cd" * 16), good)
+    DAMAGE[damage](store.path("cd" * 16))
+    with caplog.at_level("WARNING"):
+        assert store.get("cd" * 16) is None
+    assert str(store.path("cd" * 16)) in caplog.text
+    store.put("cd" * 16, good)  # what the caller does next: computed again, and stored
+    assert np.array_equal(store.get("cd" * 16), good)
+
+
+def test_pixel_entries_must_have_the_stores_shorter_side(tmp_path, caplog):
+    store = cache.pixel_store(tmp_path, 73, "bilinear")
+    store.put("ef" * 16, np.zeros((73, 90, 3), np.uint8))
+    assert store.get("ef" * 16).shape == (73, 90, 3)
+    store.get("ef" * 16)[0, 0, 0] = 1  # writable, as torch.from_numpy wants
+    for shape in ((64, 90, 3), (73, 90, 4), (73, 90)):
+        store.put("ef" * 16, np.zeros(shape, np.uint8))
+        assert store.get("ef" * 16) is None
+    assert "expected a shorter side of 73" in caplog.text and "expected *x*x3" in caplog.text
+
+
+def test_a_new_cache_folder_is_marked_and_tagged_an_existing_one_only_marked(tmp_path):
+    cache.pixel_store(tmp_path / "new", 73, "bilinear")
+    assert (tmp_path / "new" / cache.MARKER).is_file()
+    assert (tmp_path / "new" / cache.TAG).read_text().startswith("Signature: 8a477f597d28d172789f06886806bc55")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "train.py").write_text("")
+    cache.pixel_store(project, 73, "bilinear")
+    assert (project / cache.MARKER).is_file()
+    assert not (project / cache.TAG).exists()  # backup tools would skip the whole project
+
+
+def test_clear_refuses_an_unmarked_folder_that_is_not_only_an_old_cache(tmp_path, capsys):
+    old = tmp_path / "old"
+    store = old / "pixels" / "73-bilinear"
+    (store / "ab").mkdir(parents=True)
+    (store / "key.json").write_text("{}")
+    np.save(store / "ab" / ("ab" * 16 + ".npy"), np.zeros((73, 73, 3), np.uint8))
+    (store / "ab" / "mine.txt").write_text("not imgtune's")
+    before = sorted(old.rglob("*"))
+    assert main(["cache", "clear", "--cache-dir", str(old)]) == 2
+    assert "mine.txt, which imgtune did not write" in capsys.readouterr().err
+    assert sorted(old.rglob("*")) == before
+    (store / "ab" / "mine.txt").unlink()
+    assert main(["cache", "clear", "--cache-dir", str(old)]) == 0
+    assert "removed 1 cached file(s) and 1 other file(s)" in capsys.readouterr().out
+    assert not any(path.is_file() for path in old.rglob("*"))
+
+
+def test_clear_of_a_file_or_a_missing_folder(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert main(["cache", "clear", "--cache-dir", str(tmp_path / "file")]) == 2
+    assert (tmp_path / "file").read_text() == "x"
+    assert main(["cache", "clear", "--cache-dir", str(tmp_path / "missing")]) == 0
+    assert "removed 0 cached file(s)" in capsys.readouterr().out
+
+
 def test_cache_command_info_and_clear(tmp_path, capsys):
     data = make_split_dataset(tmp_path / "data", train=4, val=2)
     store = tmp_path / "cache"
@@ -134,5 +229,6 @@ def test_cache_command_info_and_clear(tmp_path, capsys):
     assert main(["cache", "info", "--cache-dir", str(store)]) == 0
     assert "features: 18 file(s)" in capsys.readouterr().out
     assert main(["cache", "clear", "--cache-dir", str(store)]) == 0
-    assert "removed 18 cached file(s)" in capsys.readouterr().out
+    assert "removed 18 cached file(s) and 1 other file(s)" in capsys.readouterr().out  # and the key.json
     assert cache.cache_size(store) == (0, 0)
+    assert sorted(path.name for path in store.rglob("*")) == ["CACHEDIR.TAG", "IMGTUNE_CACHE.json", "features"]

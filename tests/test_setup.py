@@ -75,7 +75,7 @@ def test_run_files_take_the_umask_mode(run):
     expected = 0o666 & ~_umask()
     for name in ("model.safetensors", "config.yaml", "meta.json", "metrics.csv", "metrics.json"):
         assert stat.S_IMODE((run / name).stat().st_mode) == expected, name
-    cached = list(Path(os.environ["IMGTUNE_CACHE"]).rglob("*.npy"))
+    cached = list(Path(os.environ["IMGTUNE_CACHE"]).rglob("*.arr"))
     assert cached and all(stat.S_IMODE(p.stat().st_mode) == expected for p in cached)
 
 
@@ -115,7 +115,7 @@ def test_shards_make_no_pixel_cache(data, tmp_path):
     assert not (cache / "pixels").exists()
     assert main(["-q", "train", str(data), *PRETRAINED_ARGS, "--strategy", "finetune", "--epochs", "1",
                  "--cache-dir", str(cache), "--out", str(tmp_path / "run2"), "--workers", "0"]) == 0
-    assert any((cache / "pixels").rglob("*.npy"))  # the folder's images are cached
+    assert any((cache / "pixels").rglob("*.arr"))  # the folder's images are cached
 
 
 def _epoch(batches: list[tuple[torch.Tensor, torch.Tensor]], accumulate: int) -> dict[str, torch.Tensor]:

@@ -88,7 +88,7 @@ def _compute(built, samples, positions, classes, store, device, batch_size, work
 
 
 def store_for(built: BuiltModel, body: str, cache_dir) -> ArrayStore:
-    return feature_store(cache_dir, describe_model(built, body))
+    return feature_store(cache_dir, describe_model(built, body), built.model.num_features)
 
 
 def from_stream(built: BuiltModel, loader, device: torch.device, description: str = "features") -> FeatureSet:

@@ -20,8 +20,9 @@ def run(args) -> int:
 
     root = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     if args.action == "clear":
-        files, size = clear(root)
-        console.print(f"removed {files} cached file(s), {size / 2**20:.1f} MiB, from {root}")
+        removed = clear(root)
+        console.print(f"removed {removed.entries} cached file(s) and {removed.others} other file(s) of the cache "
+                      f"(key.json, unfinished writes), {removed.size / 2**20:.1f} MiB, from {root}")
     else:
         for kind in ("features", "pixels"):
             files, size = cache_size(root / kind)
