@@ -35,13 +35,26 @@ def _cli_text(*args: str) -> tuple[Outcome, str]:
     return Outcome(code, lines[-1] if lines else ""), buffer.getvalue()
 
 
-def _skipped(run: Path, path: Path) -> str | None:
-    """None when the run's meta.json lists ``path`` as skipped; else what went wrong."""
+def _skipped(outcome: Outcome, run: Path, path: Path) -> Outcome:
+    """The warning that ``path`` was skipped (the run's meta.json lists it) as the message; ``lost`` says
+    so when it was not skipped."""
     meta = run / "meta.json"
-    if not meta.is_file():
-        return None  # the run failed; its exit code tells
-    skipped = [item["path"] for item in json.loads(meta.read_text())["data"]["skipped"]]
-    return None if str(path) in skipped else f"{path} was not reported as skipped"
+    if outcome.lost or not meta.is_file():
+        return outcome  # the run failed; its exit code tells
+    reasons = {item["path"]: item["reason"] for item in json.loads(meta.read_text())["data"]["skipped"]}
+    if str(path) in reasons:
+        outcome.message = f"skipping {path}: {reasons[str(path)]}"
+    else:
+        outcome.lost = f"{path} was not reported as skipped"
+    return outcome
+
+
+def _warning(outcome: Outcome, text: str, words: str) -> str | None:
+    """The warning line containing ``words`` as the message; None when there is none."""
+    found = [line for line in text.splitlines() if line.startswith("WARNING") and words in line]
+    if found:
+        outcome.message = found[-1]
+    return found[-1] if found else None
 
 
 def _refused_before_run_folder(outcome: Outcome, out: Path) -> Outcome:
@@ -59,8 +72,7 @@ def _fifo_in_data(tmp: Path) -> Outcome:
     fifo = data / "red_circle" / "x.jpg"
     os.mkfifo(fifo)
     outcome = cli_subprocess("train", str(data), *TRAIN, "--out", str(tmp / "run"), timeout=90)
-    outcome.lost = outcome.lost or _skipped(tmp / "run", fifo)
-    return outcome
+    return _skipped(outcome, tmp / "run", fifo)
 
 
 def _dev_zero_in_csv(tmp: Path) -> Outcome:
@@ -69,8 +81,7 @@ def _dev_zero_in_csv(tmp: Path) -> Outcome:
     (data / "rows.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
     outcome = cli_subprocess("train", str(data / "rows.csv"), *TRAIN, "--allow-outside-paths", "--out",
                              str(tmp / "run"), timeout=120)
-    outcome.lost = outcome.lost or _skipped(tmp / "run", Path("/dev/zero"))
-    return outcome
+    return _skipped(outcome, tmp / "run", Path("/dev/zero"))
 
 
 def _over_size_limit(tmp: Path) -> Outcome:
@@ -80,9 +91,11 @@ def _over_size_limit(tmp: Path) -> Outcome:
     with _env("IMGTUNE_MAX_FILE_MB", "1"):
         outcome = cli("doctor", str(data), "--no-labels", "--out", str(tmp / "doctor"))
     found = json.loads((tmp / "doctor" / "doctor.json").read_text()) if outcome.exit_code == 0 else {}
-    problems = [f["details"].get("problem") for f in found.get("findings", []) if str(big) in json.dumps(f)]
-    if outcome.exit_code == 0 and "too-large" not in problems:
-        outcome.lost = f"{big} (2 MB, limit 1 MB) was read: problems {problems}"
+    findings = [f for f in found.get("findings", []) if str(big) in json.dumps(f)]
+    if outcome.exit_code == 0 and "too-large" not in [f["details"].get("problem") for f in findings]:
+        outcome.lost = f"{big} (2 MB, limit 1 MB) was read: {findings}"
+    elif findings:
+        outcome.message = f"doctor: {findings[0]['message']}"
     return outcome
 
 
@@ -132,7 +145,7 @@ def _csv_repeated_rows(tmp: Path) -> Outcome:
     path = _csv_with(tmp, "red_circle/red_circle_00.png,red_circle")
     outcome, text = _cli_text("doctor", str(path), "--no-labels", "--out", str(tmp / "doctor"))
     files = json.loads((tmp / "doctor" / "doctor.json").read_text())["files"] if outcome.exit_code == 0 else None
-    if outcome.exit_code == 0 and (files != 15 or "repeated row" not in text):
+    if outcome.exit_code == 0 and (files != 15 or not _warning(outcome, text, "repeated row")):
         outcome.lost = f"the repeated row was counted as another file ({files} files, not 15) or not warned of"
     return outcome
 
@@ -148,7 +161,7 @@ def _train_with(*flags: str, yaml: str | None = None):
             (tmp / "c.yaml").write_text(yaml)
             config = ("--config", str(tmp / "c.yaml"))
         outcome, text = _cli_text("train", str(data), *TRAIN, *config, *flags, "--out", str(out))
-        if yaml == "" and "is empty" not in text:
+        if yaml == "" and not _warning(outcome, text, "is empty"):
             outcome.lost = "an empty config file ran without a warning"
         return _refused_before_run_folder(outcome, out)
     return run

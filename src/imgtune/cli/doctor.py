@@ -18,6 +18,8 @@ def register(commands) -> None:
     p.add_argument("--val-fraction", type=float, default=0.2, help="as for train: the split checked for leakage")
     p.add_argument("--test-fraction", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--allow-outside-paths", action="store_true",
+                   help="as for train: let a CSV name files outside its own folder (only a CSV you trust)")
     g = p.add_argument_group("label errors")
     g.add_argument("--no-labels", dest="labels", action="store_false",
                    help="skip the label-error check (the only one that runs a model)")
@@ -43,7 +45,8 @@ def run(args) -> int:
     check_writable_folder(args.out, "--out")
     labels = LabelCheck(args.model, args.img_size, args.folds, args.cache_dir, args.offline, args.device) \
         if args.labels else None
-    diagnosis = diagnose(args.data, args.val_fraction, args.test_fraction, args.seed, labels)
+    diagnosis = diagnose(args.data, args.val_fraction, args.test_fraction, args.seed, labels,
+                         allow_outside_paths=args.allow_outside_paths)
     out = Path(args.out)
     _make_folder(out)
     write_json(diagnosis, out / "doctor.json")
