@@ -90,7 +90,9 @@ def test_csv_with_path_and_label_relative_to_csv_folder(tmp_path, monkeypatch):
     csv_path = write_csv(tmp_path / "lists" / "labels.csv", ["path", "label"], rows)
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")  # relative to the CSV, not to the working directory
-    data = load(csv_path, val_fraction=0.2)
+    with pytest.raises(DataError, match="line 2: '../images/cat0.png' is outside the CSV's folder"):
+        load(csv_path, val_fraction=0.2)  # ../ leaves the CSV's folder: only with allow_outside_paths
+    data = load(csv_path, val_fraction=0.2, allow_outside_paths=True)
     assert data.layout == "csv" and data.classes == ["cat", "dog"]
     assert per_split(data)["val"] == Counter(cat=1, dog=1)
     assert all(s.path.is_file() and s.path.name.startswith(s.label) for s in data.samples)

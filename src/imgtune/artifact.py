@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from . import __version__
-from .atomic import atomic_write, atomic_write_bytes, atomic_write_text  # noqa: F401 (re-exported)
+from .atomic import atomic_write, atomic_write_bytes, atomic_write_text, check_writable_folder  # noqa: F401
 from .config import RunConfig, from_dict
 from .data.transforms import Preprocessing
 from .errors import DataError, UsageError
@@ -48,16 +48,26 @@ def default_out_dir() -> Path:
     return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
+def check_out_dir(out: str | Path | None, overwrite: bool) -> None:
+    """What :func:`prepare_out_dir` would refuse, found before any work (and before the folder exists, so
+    that a run stopped by a mistake can be run again into the same ``--out``)."""
+    path = Path(out) if out else default_out_dir()
+    check_writable_folder(path, "--out")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise UsageError(f"--out {path} exists and is not empty; choose another folder or pass --overwrite")
+
+
 def prepare_out_dir(out: str | Path | None, overwrite: bool) -> Path:
     """Create the run folder; a non-empty one is refused unless ``overwrite``."""
     path = Path(out) if out else default_out_dir()
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"--out {path} is a file, not a folder")
+    check_out_dir(path, overwrite)
     if path.is_dir() and any(path.iterdir()):
-        if not overwrite:
-            raise UsageError(f"--out {path} exists and is not empty; choose another folder or pass --overwrite")
         _remove_results(path)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {path}: cannot create the folder ({exc.strerror}); choose one you can write "
+                         "to") from exc
     return path
 
 

@@ -15,6 +15,8 @@ holds its help text, choices and flag, and :data:`OPTIONS` is generated from the
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import os
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -24,6 +26,8 @@ from typing import Any
 import yaml
 
 from .errors import UsageError
+
+log = logging.getLogger(__name__)
 
 STRATEGIES = ("linear-probe", "finetune", "gradual", "scratch")
 OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")  # built by engine.make_optimizer
@@ -67,6 +71,8 @@ class DataConfig:
     cache_dir: str | None = option(None, "cache folder", unset="$IMGTUNE_CACHE, else ~/.cache/imgtune")
     allow_leakage: bool = option(False, "train even when the same file is in two splits (leakage) or under two "
                                         "classes (a label conflict); imgtune doctor DATA lists them")
+    allow_outside_paths: bool = option(False, "let a CSV name files outside its own folder (../x.jpg, absolute "
+                                              "paths elsewhere); only for a CSV you trust (docs/data.md)")
 
 
 @dataclass(frozen=True)
@@ -144,6 +150,7 @@ class Option:
     metavar: str | None
     unset: str | None
     group: str | None
+    optional: bool = False  # None is a value (``X | None``): "choose for me"
 
     @property
     def dotted(self) -> str:
@@ -170,7 +177,8 @@ def _options() -> dict[str, Option]:
             if name in found or any(o.flag == flag for o in found.values()):
                 raise TypeError(f"{cls.__name__}.{f.name}: option {name!r} or flag {flag} is defined twice")
             found[name] = Option(name, section, f.name, _value_type(hints[f.name]), f.default, flag, meta["help"],
-                                 meta["choices"], meta["metavar"], meta["unset"], meta["group"])
+                                 meta["choices"], meta["metavar"], meta["unset"], meta["group"],
+                                 type(None) in typing.get_args(hints[f.name]))
     return found
 
 
@@ -248,7 +256,19 @@ def from_dict(values: dict[str, Any], base: RunConfig | None = None, origin: str
 
 def _overlay(section: Any, values: dict[str, Any], origin: str) -> Any:
     _check_mapping(values, section, origin)
-    return replace(section, **values)
+    return replace(section, **{key: _number(type(section), key, value) for key, value in values.items()})
+
+
+def _number(cls: type, key: str, value: Any) -> Any:
+    """YAML 1.1 reads ``lr: 1e-3`` (no dot) as the string "1e-3": a float field takes such a string as
+    the number it spells; anything else is left for :func:`check_types` to refuse."""
+    option = next((o for o in OPTIONS.values() if o.key == key and SECTIONS.get(o.section) is cls), None)
+    if option is not None and option.type is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _check_mapping(values: Any, target: Any, origin: str) -> None:
@@ -270,20 +290,28 @@ def apply_preset(config: RunConfig, name: str) -> RunConfig:
 def load_yaml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
     path = Path(path)
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise UsageError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"config file {path} is not UTF-8 text; save it as UTF-8") from exc
     except yaml.YAMLError as exc:
         raise UsageError(f"config file {path} is not valid YAML: {exc}") from exc
-    return from_dict(values, base, origin=str(path))
+    if values is None:
+        log.warning("config file %s is empty: every option keeps its default (or the preset's, or the flag's)",
+                    path)
+    return from_dict(values or {}, base, origin=str(path))
 
 
 def save_yaml(config: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    from .atomic import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 def resolve(config: RunConfig) -> RunConfig:
     """Fill the per-strategy defaults and check every value (``prepare.finalize`` fills the rest)."""
+    check_types(config)
     train = config.train
     _check_choice("train.strategy", train.strategy, STRATEGIES)
     defaults = STRATEGY_DEFAULTS[train.strategy]
@@ -297,7 +325,44 @@ def resolve(config: RunConfig) -> RunConfig:
     return config
 
 
+def check_types(config: RunConfig) -> None:
+    """Every option holds a value of its field's type (YAML can give any: ``lr: "fast"``, ``seed: abc``),
+    and every number is finite (``--lr nan``, ``lr: .inf``): one check over the fields, not one per option."""
+    if not isinstance(config.data.source, str):
+        raise UsageError(f"data.source must be a path (text); got {config.data.source!r}")
+    for option in OPTIONS.values():
+        value = option.get(config)
+        if value is None and option.optional:
+            continue
+        if not _is_a(value, option.type):
+            raise UsageError(f"{option.dotted} ({option.flag}) must be {_TYPE_WORDS[option.type]}; got {value!r}")
+        if option.type is float and not math.isfinite(value):
+            raise UsageError(f"{option.dotted} ({option.flag}) must be a finite number; got {value!r}")
+
+
+_TYPE_WORDS = {int: "a whole number", float: "a number", str: "text", bool: "true or false"}
+
+
+def _is_a(value: Any, kind: type) -> bool:
+    if isinstance(value, bool):
+        return kind is bool
+    return isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+
+
+# Options that must not be negative (their lower bound); the other ranges are checked in validate.
+NOT_BELOW = {"train.momentum": 0, "train.weight_decay": 0, "train.warmup_epochs": 0, "train.seed": 0,
+             "train.backbone_lr_factor": 0}
+MAX_SEED = 2**32 - 1  # numpy's seeds
+
+
 def validate(config: RunConfig) -> None:
+    check_types(config)
+    for dotted, low in NOT_BELOW.items():
+        value = option_for(dotted).get(config)
+        if value is not None and value < low:
+            raise UsageError(f"{dotted} ({option_for(dotted).flag}) must be {low} or more; got {value!r}")
+    if config.train.seed > MAX_SEED:
+        raise UsageError(f"train.seed (--seed) must be at most {MAX_SEED}; got {config.train.seed}")
     for option in OPTIONS.values():
         if option.choices and option.get(config) is not None:  # None: chosen later (balance)
             _check_choice(option.dotted, option.get(config), option.choices)
@@ -323,8 +388,6 @@ def validate(config: RunConfig) -> None:
     _check_range("train.label_smoothing", t.label_smoothing, 0.0, 1.0)
     if t.early_stop is not None and t.early_stop < 1:
         raise UsageError("train.early_stop (patience in epochs) must be at least 1")
-    if t.backbone_lr_factor < 0:
-        raise UsageError("train.backbone_lr_factor must be 0 or more")
     _check_positive("train.accumulate", t.accumulate)
     if t.checkpoint_every is not None:
         _check_positive("train.checkpoint_every", t.checkpoint_every)

@@ -81,7 +81,8 @@ def select_images(run: artifact.RunInfo, data: str | None, split: str | None) ->
         return _from_shards(run.config.data.source, split or "val")
     if data is None:
         cfg = run.config
-        splits = load_splits(cfg.data.source, cfg.data.val_fraction, cfg.data.test_fraction, cfg.train.seed)
+        splits = load_splits(cfg.data.source, cfg.data.val_fraction, cfg.data.test_fraction, cfg.train.seed,
+                             allow_outside_paths=cfg.data.allow_outside_paths)
         name = split or "val"
         chosen = splits.split(name)
         if not chosen:

@@ -19,6 +19,7 @@ import torch
 from . import artifact, models
 from .data.decode import DecodeError, load_rgb
 from .data.image_ref import ImageRef, as_image_ref
+from .data.reading import is_regular, kind_of
 from .data.scan import IMAGE_EXTENSIONS
 from .data.transforms import Preprocessing, eval_transform
 from .inference import forward, select_device
@@ -148,15 +149,24 @@ def _fuse_batch_norm(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def expand_paths(inputs: Iterable[str | Path]) -> list[Path]:
-    """Files as given (whatever their extension) and image files found recursively in folders."""
+    """Files as given (whatever their extension) and image files found recursively in folders; in a
+    folder, what is not a regular file (a FIFO, device or socket with an image's name) is skipped with a
+    warning. A file given by name that cannot be read becomes an error row, not a crash."""
     found: list[Path] = []
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
-        else:
-            found.append(path)  # a missing file becomes an error row, not a crash
+        if not path.is_dir():
+            found.append(path)
+            continue
+        for p in sorted(path.rglob("*")):
+            if p.suffix.lower() not in IMAGE_EXTENSIONS or p.is_dir() or \
+                    any(part.startswith(".") for part in p.relative_to(path).parts):
+                continue
+            if is_regular(p):
+                found.append(p)
+            elif p.exists():  # not a dangling link
+                log.warning("skipping %s: %s, not a regular file (only regular files are read)", p,
+                            kind_of(p.stat().st_mode))
     if not found:
         raise DataError(f"no image files in {', '.join(map(str, inputs))}")
     return found

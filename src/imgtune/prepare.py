@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import artifact, balance, distributed, experiment_log, models
-from .artifact import default_out_dir
+from .artifact import check_writable_folder, default_out_dir
 from .cache import default_cache_dir
 from .config import RunConfig, to_dict, validate
 from .data.sources import DataSource, LoaderOptions, open_source, total_images
@@ -40,20 +40,26 @@ class Setup:
 
     def loader_options(self) -> LoaderOptions:
         data = self.config.data
-        cache_dir = (Path(data.cache_dir) if data.cache_dir else default_cache_dir()) if data.cache else None
+        cache_dir = cache_folder(self.config) if data.cache else None
         return LoaderOptions(data.batch_size // distributed.current().world, data.num_workers,
                              self.config.train.seed, self.config.train.balance == "sampler", cache_dir)
+
+
+def cache_folder(config: RunConfig) -> Path:
+    return Path(config.data.cache_dir) if config.data.cache_dir else default_cache_dir()
 
 
 def prepare(config: RunConfig, progress: bool = True, started_with: dict | None = None) -> Setup:
     """From a resolved config (``config.resolve``) to a :class:`Setup`. ``started_with``: the data
     summary in a resumed run's meta.json, which the data must still match."""
     _check_batch(config)
+    if config.data.cache:
+        check_writable_folder(cache_folder(config), "cache folder (--cache-dir or $IMGTUNE_CACHE)")
     experiment_log.require(config.train.log)
     seed_everything(config.train.seed + distributed.current().rank)
     data = config.data
     source = open_source(absolute_source(data.source), data.val_fraction, data.test_fraction, config.train.seed,
-                         progress)
+                         progress, data.allow_outside_paths)
     log_data(source)
     if started_with is not None:
         check_same_data(started_with, data.source, source)

@@ -44,7 +44,9 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
     join one process group (``imgtune.distributed``) and rank 0 writes."""
     with distributed.session(config.train.device):
         start = time.perf_counter()
-        setup = prepare(resolve(config), progress)
+        resolved = resolve(config)
+        distributed.on_main(artifact.check_out_dir, resolved.out, resolved.overwrite)  # before any work
+        setup = prepare(resolved, progress)
         distributed.on_main(_start_run_folder, setup, config)
         return _train_and_save(setup, start)
 

@@ -194,14 +194,37 @@ def _not_found_message(library: str, model_name: str, looked: list[str], why: st
             f"without them (--no-pretrained).")
 
 
+ACCEPTED_WEIGHTS = ("a .safetensors file, or a state dict saved with torch.save(model.state_dict(), PATH) "
+                    "(.pt/.pth) that torch.load reads with weights_only=True")
+
+
 def load_file(path: Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from .safetensors or a torch checkpoint (weights only, never pickled code)."""
+    """Read a state dict from .safetensors or a torch checkpoint (weights only, never pickled code).
+    torch's advice to retry with ``weights_only=False`` (which would run the file's pickled code) is
+    not passed on: imgtune never does that, so the message says what it accepts instead."""
+    import warnings
+
     from timm.models import load_state_dict
 
     try:
-        return load_state_dict(str(path), use_ema=True, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*weights_only.*")
+            return load_state_dict(str(path), use_ema=True, weights_only=True)
     except Exception as exc:  # corrupt files raise anything from pickle to zip errors
-        raise ModelError(f"cannot read weights file {path}: {exc}") from exc
+        raise ModelError(f"cannot read weights file {path}: {_why_unreadable(exc)}. imgtune accepts "
+                         f"{ACCEPTED_WEIGHTS}") from exc
+
+
+def _why_unreadable(exc: Exception) -> str:
+    text = str(exc) or type(exc).__name__
+    if "weights_only" not in text:
+        return text.splitlines()[0]
+    import re
+
+    names = re.search(r"Unsupported globals?: (.+?)\.(?:\s|$)", text)
+    if names:
+        return f"it holds pickled Python objects ({names.group(1)}), and imgtune never unpickles code"
+    return "it is not a state dict torch.load can read with weights_only=True (damaged, or not a torch file)"
 
 
 # Published weights of each library, default first.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .args import positive_int
 from .output import console
 
 SHOWN = 20  # findings per check in the terminal; doctor.json and doctor.html have more
@@ -17,11 +18,13 @@ def register(commands) -> None:
     p.add_argument("--val-fraction", type=float, default=0.2, help="as for train: the split checked for leakage")
     p.add_argument("--test-fraction", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--allow-outside-paths", action="store_true",
+                   help="as for train: let a CSV name files outside its own folder (only a CSV you trust)")
     g = p.add_argument_group("label errors")
     g.add_argument("--no-labels", dest="labels", action="store_false",
                    help="skip the label-error check (the only one that runs a model)")
     g.add_argument("--model", default="mobilenet_v2", help="pretrained backbone for the features (default mobilenet_v2)")
-    g.add_argument("--img-size", type=int, help="input size (default: the model's)")
+    g.add_argument("--img-size", type=positive_int, help="input size (default: the model's)")
     g.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     g.add_argument("--cache-dir", help="feature cache (default $IMGTUNE_CACHE, else ~/.cache/imgtune)")
@@ -35,19 +38,32 @@ def run(args) -> int:
     from ..doctor.render import write_html, write_json
     from ..errors import UsageError
 
+    from ..atomic import check_writable_folder
+
     if args.folds < 2:
         raise UsageError("--folds must be at least 2")
+    check_writable_folder(args.out, "--out")
     labels = LabelCheck(args.model, args.img_size, args.folds, args.cache_dir, args.offline, args.device) \
         if args.labels else None
-    diagnosis = diagnose(args.data, args.val_fraction, args.test_fraction, args.seed, labels)
+    diagnosis = diagnose(args.data, args.val_fraction, args.test_fraction, args.seed, labels,
+                         allow_outside_paths=args.allow_outside_paths)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _make_folder(out)
     write_json(diagnosis, out / "doctor.json")
     write_html(diagnosis, out / "doctor.html")
     _print(diagnosis)
     console.print(f"written: {out / 'doctor.json'}, {out / 'doctor.html'}")
     errors = [f for f in diagnosis.findings if f.severity == "error"]
     return 3 if args.strict and errors else 0
+
+
+def _make_folder(out: Path) -> None:
+    from ..errors import UsageError
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # the folder changed since check_writable_folder looked
+        raise UsageError(f"--out {out}: cannot create the folder ({exc.strerror})") from exc
 
 
 def _print(diagnosis) -> None:

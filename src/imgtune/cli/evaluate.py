@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+from .args import positive_int
 from .output import console, print_confusion, print_metrics, print_per_class, print_split_calibration
 
 
@@ -15,7 +16,7 @@ def register(commands) -> None:
                             description=__doc__)
     add_run_data_split(p)
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.set_defaults(handler=run)
 

@@ -40,12 +40,16 @@ def register(commands) -> None:
 
 
 def run(args) -> int:
+    from ..atomic import check_writable_folder
     from ..explain import Explainer, explain_files
     from ..predict import expand_paths
 
+    if args.out:  # before the model is built
+        check_writable_folder(args.out, "--out")
     paths = expand_paths(args.images)
     explainer = Explainer.from_run(args.run, args.device)
     out = Path(args.out) if args.out else Path(args.run) / "explanations"
+    check_writable_folder(out, "--out")
     results = explain_files(explainer, paths, out, tuple(args.methods or DEFAULT_METHODS), args.class_name)
     if args.format == "json":
         print(json.dumps([r.to_dict() for r in results], indent=2))

@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import DataError
+from .args import positive_int
 from .output import console
 
 
@@ -19,10 +20,10 @@ def register(commands) -> None:
     p = commands.add_parser("predict", help="predict labels of image files or folders", description=__doc__)
     p.add_argument("run", help="run folder written by imgtune train")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--top-k", type=positive_int, default=3, help="classes shown per image (default 3)")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--calibrated", action="store_true",
                    help="temperature-scaled probabilities, softmax(logits / T) with the T fitted on the run's "
                         "validation split (calibration.json); the labels are the same")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .args import positive_int
 from .output import console
 
 
@@ -12,7 +13,7 @@ def register(commands) -> None:
     p = commands.add_parser("shard", help="write a dataset as WebDataset tar shards", description=__doc__)
     p.add_argument("data", help="any dataset imgtune train accepts")
     p.add_argument("out", help="folder for the shards and dataset.json (new or empty)")
-    p.add_argument("--max-count", type=int, default=10_000, help="images per shard at most (default 10000)")
+    p.add_argument("--max-count", type=positive_int, default=10_000, help="images per shard at most (default 10000)")
     p.add_argument("--max-size", type=float, default=1e9, help="bytes per shard at most (default 1e9)")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--test-fraction", type=float, default=0.0)

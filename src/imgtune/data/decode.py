@@ -23,6 +23,7 @@ from PIL import Image, ImageCms, ImageOps
 
 from .fingerprint import fingerprint as perceptual_fingerprint
 from .image_ref import ImageRef
+from .reading import FileTooLarge, NotRegularFile
 
 ALPHA_BACKGROUND = (255, 255, 255)
 # Too-large images are refused by _check_pixels with a clear reason; Pillow's own warning is noise.
@@ -32,7 +33,8 @@ _HIGH_DEPTH_MAX = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535
 
 class DecodeError(Exception):
     """A file that cannot be read as an image; the message says why, ``kind`` names the problem:
-    ``not-an-image``, ``truncated``, ``too-many-pixels`` or ``corrupt``."""
+    ``not-an-image``, ``truncated``, ``too-many-pixels``, ``corrupt``, ``not-a-file`` (a FIFO, device,
+    socket or folder), ``too-large`` (over the file size limit), ``missing`` or ``unreadable``."""
 
     def __init__(self, message: str, kind: str = "corrupt"):
         super().__init__(message)
@@ -55,8 +57,11 @@ def load_rgb(path: str | Path | ImageRef | BinaryIO, draft_size: int | None = No
     return a fully decoded 8-bit RGB image.
 
     ``draft_size`` lets JPEG decoding skip resolution that the caller will throw away (the result is
-    at least ``draft_size`` pixels on its shorter side). Raises :class:`DecodeError`.
+    at least ``draft_size`` pixels on its shorter side). Raises :class:`DecodeError`. A path is opened as
+    an :class:`ImageRef` is: a regular file under the size limit, or a ``DecodeError`` saying why not.
     """
+    if isinstance(path, (str, Path)):
+        path = ImageRef.file(path)
     if isinstance(path, ImageRef):
         try:
             handle = path.open()
@@ -78,6 +83,13 @@ def load_rgb(path: str | Path | ImageRef | BinaryIO, draft_size: int | None = No
 def probe(path: str | Path | BinaryIO, fingerprint: bool = False) -> ImageInfo:
     """Decode ``path`` (cheaply for large JPEGs) and return what it is; with ``fingerprint``, also its
     perceptual fingerprint (:mod:`imgtune.data.fingerprint`). Raises :class:`DecodeError`."""
+    if isinstance(path, (str, Path)):
+        try:
+            handle = ImageRef.file(path).open()
+        except OSError as exc:
+            raise DecodeError(_describe(exc), _kind(exc)) from exc
+        with handle:
+            return probe(handle, fingerprint)
     try:
         with Image.open(path) as img:
             _check_pixels(img)
@@ -174,6 +186,12 @@ def _cmyk_to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _kind(exc: BaseException) -> str:
+    if isinstance(exc, NotRegularFile):
+        return "not-a-file"
+    if isinstance(exc, FileTooLarge):
+        return "too-large"
+    if isinstance(exc, FileNotFoundError):
+        return "missing"
     if isinstance(exc, Image.UnidentifiedImageError):
         return "not-an-image"
     if isinstance(exc, Image.DecompressionBombError):
@@ -185,6 +203,8 @@ def _kind(exc: BaseException) -> str:
 
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
+    if isinstance(exc, (NotRegularFile, FileTooLarge)):
+        return text
     if isinstance(exc, Image.UnidentifiedImageError):
         return "not an image Pillow can identify (wrong extension, or not an image at all)"
     if isinstance(exc, Image.DecompressionBombError):

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from .reading import open_regular
+
 
 @dataclass(frozen=True)
 class ImageRef:
@@ -34,9 +36,10 @@ class ImageRef:
 
     def open(self) -> BinaryIO:
         """A new binary file object positioned at the start (the caller closes it); opening again
-        starts again, so one reference can be read any number of times."""
+        starts again, so one reference can be read any number of times. Only a regular file is opened,
+        and only under the size limit (:mod:`imgtune.data.reading`)."""
         if self.path is not None:
-            return open(self.path, "rb")
+            return open_regular(self.path)
         return io.BytesIO(self.data)
 
     def __str__(self) -> str:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DataError
 from .decode import DecodeError, ImageInfo, probe
+from .reading import FileTooLarge, NotRegularFile, kind_of, read_bounded
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ class Sample:
 @dataclass(frozen=True)
 class FileCheck:
     """What reading one file found: ``info`` for an image, else ``problem`` (``missing``, ``unreadable``,
-    ``empty``, ``not-an-image``, ``truncated``, ``too-many-pixels``, ``corrupt``) and ``reason``."""
+    ``not-a-file``, ``too-large``, ``empty``, ``not-an-image``, ``truncated``, ``too-many-pixels``,
+    ``corrupt``) and ``reason``."""
 
     sample: Sample  # digest and fingerprint set when the file could be read
     info: ImageInfo | None = None
@@ -90,16 +92,19 @@ def format_counts(formats: Counter) -> str:
     return ", ".join(f"{n} {fmt}" for fmt, n in formats.most_common()) or "no images"
 
 
-def find_samples(source: str | Path) -> tuple[list[Sample], str]:
-    """Return every labelled file under ``source`` (a folder or a CSV) and the layout found."""
+def find_samples(source: str | Path, allow_outside_paths: bool = False) -> tuple[list[Sample], str]:
+    """Return every labelled file under ``source`` (a folder or a CSV) and the layout found;
+    ``allow_outside_paths``: a CSV may name files outside its own folder (:func:`read_csv`)."""
     root = Path(source)
     if not root.exists():
         raise DataError(f"data not found: {root} does not exist. Pass a folder of class folders, "
                         "a folder with train/ and val/, or a CSV file with columns path,label")
+    if not root.is_dir() and not root.is_file():
+        raise DataError(f"{root} is {kind_of(root.stat().st_mode)}: pass a folder or a CSV file")
     if root.is_file():
         if root.suffix.lower() != ".csv":
             raise DataError(f"{root} is a file but not a .csv; pass a folder or a CSV with columns path,label")
-        return read_csv(root), "csv"
+        return read_csv(root, allow_outside_paths), "csv"
     split_dirs = {SPLIT_ALIASES[p.name.lower()]: p for p in _subdirs(root) if p.name.lower() in SPLIT_ALIASES}
     if "train" in split_dirs:
         samples = []
@@ -143,26 +148,58 @@ def _image_files(folder: Path) -> list[Path]:
     return found
 
 
-def read_csv(path: Path) -> list[Sample]:
-    """A CSV with a header ``path,label`` and optionally ``split``; paths relative to the CSV's folder."""
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            rows = list(reader)
-            columns = [c.strip().lower() for c in reader.fieldnames or []]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"cannot read CSV {path}: {exc}") from exc
+def read_csv(path: Path, allow_outside_paths: bool = False) -> list[Sample]:
+    """A CSV with a header ``path,label`` and optionally ``split``; paths relative to the CSV's folder.
+    A path that leads outside that folder (``..``, or an absolute path elsewhere) is refused unless
+    ``allow_outside_paths``: a CSV from someone else must not make imgtune read ``/etc/passwd``.
+    Symbolic links inside the folder are followed wherever they lead (DVC, git-annex). A row given
+    twice is counted once, with a warning."""
+    rows, columns = _csv_rows(path)
     missing = {"path", "label"} - set(columns)
     if missing:
         raise DataError(f"CSV {path} needs a header with columns path,label (and optionally split); "
                         f"found columns {columns}")
-    samples = [_csv_sample(path, line, row) for line, row in enumerate(rows, start=2)]
+    samples = [_csv_sample(path, line, row, allow_outside_paths) for line, row in enumerate(rows, start=2)]
     if not samples:
         raise DataError(f"CSV {path} has a header but no rows")
-    return samples
+    return _drop_repeated_rows(path, samples)
 
 
-def _csv_sample(csv_path: Path, line: int, row: dict) -> Sample:
+def _csv_rows(path: Path) -> tuple[list[dict], list[str]]:
+    try:
+        data = read_bounded(path)
+    except OSError as exc:
+        raise DataError(f"cannot read CSV {path}: {exc.strerror or exc}") from exc
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"CSV {path} line {line}: not UTF-8 text (byte {data[exc.start:exc.start + 1]!r}); "
+                        "save the CSV as UTF-8") from exc
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows = list(reader)
+        columns = [c.strip().lower() for c in reader.fieldnames or []]
+    except csv.Error as exc:
+        raise DataError(f"cannot read CSV {path}: {exc}") from exc
+    return rows, columns
+
+
+def _drop_repeated_rows(path: Path, samples: list[tuple[int, Sample]]) -> list[Sample]:
+    first: dict[Sample, int] = {}
+    repeated = []
+    for line, sample in samples:
+        if sample in first:
+            repeated.append(f"line {line} repeats line {first[sample]} ({sample.path.name})")
+        else:
+            first[sample] = line
+    if repeated:
+        shown = "; ".join(repeated[:5]) + (f"; and {len(repeated) - 5} more" if len(repeated) > 5 else "")
+        log.warning("CSV %s: %d repeated row(s) counted once: %s", path, len(repeated), shown)
+    return list(first)
+
+
+def _csv_sample(csv_path: Path, line: int, row: dict, allow_outside_paths: bool) -> tuple[int, Sample]:
     where = f"CSV {csv_path} line {line}"
     if None in row:  # csv.DictReader puts fields beyond the header under the key None
         raise DataError(f"{where}: more fields than the header; put paths that contain commas in double quotes")
@@ -176,16 +213,31 @@ def _csv_sample(csv_path: Path, line: int, row: dict) -> Sample:
             raise DataError(f"{where}: split {row['split']!r} is not one of train, val, test")
     elif "split" in row:
         raise DataError(f"{where}: the split column is empty; fill it or drop the column")
-    return Sample((csv_path.parent / row["path"]).resolve(), row["label"], split)
+    if not allow_outside_paths:
+        _check_inside(csv_path, row["path"], where)
+    return line, Sample((csv_path.parent / row["path"]).resolve(), row["label"], split)
+
+
+def _check_inside(csv_path: Path, name: str, where: str) -> None:
+    """Lexically (before links are followed): a link inside the folder may lead anywhere."""
+    folder = os.path.abspath(csv_path.parent)
+    target = os.path.normpath(os.path.join(folder, name))
+    if os.path.commonpath([folder, target]) != folder:
+        raise DataError(f"{where}: {name!r} is outside the CSV's folder {folder}; move the files beside the CSV, "
+                        "or pass --allow-outside-paths if you trust this CSV to name any file on this machine")
 
 
 def inspect_file(sample: Sample) -> FileCheck:
     """Read the file once: its bytes' digest, and a full decode (which is what finds truncated and
     corrupt files) giving format, mode, size, bit depth and perceptual fingerprint."""
     try:
-        data = sample.path.read_bytes()
+        data = read_bounded(sample.path)
     except FileNotFoundError:
         return FileCheck(sample, problem="missing", reason="file not found")
+    except NotRegularFile as exc:
+        return FileCheck(sample, problem="not-a-file", reason=str(exc))
+    except FileTooLarge as exc:
+        return FileCheck(sample, problem="too-large", reason=str(exc))
     except OSError as exc:
         return FileCheck(sample, problem="unreadable", reason=f"cannot read the file ({exc.strerror})")
     if not data:
@@ -278,9 +330,9 @@ def _identical_groups(members: list[Sample]) -> list[list[Sample]]:
 
 
 def load_splits(source: str | Path, val_fraction: float = 0.2, test_fraction: float = 0.0, seed: int = 0,
-                progress: bool = True) -> DataSplits:
+                progress: bool = True, allow_outside_paths: bool = False) -> DataSplits:
     """Find, check and split a dataset; raises DataError before any training could start."""
-    samples, layout = find_samples(source)
+    samples, layout = find_samples(source, allow_outside_paths)
     good, skipped, formats = _check_files_shared(samples, progress)
     assigned = split_readable(good, layout, val_fraction, test_fraction, seed, source, samples)
     classes = check_classes(assigned, {s.label for s in samples}, source, skipped)

@@ -136,11 +136,12 @@ DataSource = FolderSource | ShardSource
 
 
 def open_source(source: str, val_fraction: float, test_fraction: float, seed: int,
-                progress: bool = True) -> DataSource:
+                progress: bool = True, allow_outside_paths: bool = False) -> DataSource:
     """A folder or CSV (checked and split), or the manifest of WebDataset shards (streamed)."""
     if is_shards(source):
         return ShardSource(load_manifest(source), source)
-    return FolderSource(load_splits(source, val_fraction, test_fraction, seed, progress), source)
+    return FolderSource(load_splits(source, val_fraction, test_fraction, seed, progress, allow_outside_paths),
+                        source)
 
 
 def total_images(source: DataSource) -> int:

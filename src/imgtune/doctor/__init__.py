@@ -75,9 +75,10 @@ class LabelCheck:
 
 
 def diagnose(source: str | Path, val_fraction: float = 0.2, test_fraction: float = 0.0, seed: int = 0,
-             labels: LabelCheck | None = LabelCheck(), progress: bool = True) -> Diagnosis:
+             labels: LabelCheck | None = LabelCheck(), progress: bool = True,
+             allow_outside_paths: bool = False) -> Diagnosis:
     clock = _Clock()
-    samples, layout = find_samples(source)
+    samples, layout = find_samples(source, allow_outside_paths)
     checks = inspect_files(samples, progress, min_for_bar=0, description="reading files")
     clock.lap("files")
     good = [c.sample for c in checks if c.info is not None]
