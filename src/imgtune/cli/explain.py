@@ -6,6 +6,7 @@ read gives an error row and the others go on; the exit code is then 3."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -42,11 +43,13 @@ def register(commands) -> None:
 def run(args) -> int:
     from ..explain import Explainer, explain_files
     from ..predict import expand_paths
+    from ..runlock import hold, inside
 
     paths = expand_paths(args.images)
-    explainer = Explainer.from_run(args.run, args.device)
-    out = Path(args.out) if args.out else Path(args.run) / "explanations"
-    results = explain_files(explainer, paths, out, tuple(args.methods or DEFAULT_METHODS), args.class_name)
+    out = Path(args.out) if args.out else Path(args.run) / "explanations"  # artifact.EXPLANATIONS
+    with hold(args.run, "explain") if inside(out, args.run) else contextlib.nullcontext():
+        explainer = Explainer.from_run(args.run, args.device)
+        results = explain_files(explainer, paths, out, tuple(args.methods or DEFAULT_METHODS), args.class_name)
     if args.format == "json":
         print(json.dumps([r.to_dict() for r in results], indent=2))
     else:
