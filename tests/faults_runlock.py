@@ -58,10 +58,7 @@ def _two_overwrite_runs(tmp: Path) -> Outcome:
     """One run trains (in another process) while a second `train --overwrite` starts on the same --out."""
     data, run = make_split_dataset(tmp / "data", train=8, val=3), tmp / "run"
     first = cli(*_train(data, run, "--epochs", "1", "--seed", "1"))  # the run both would overwrite
-    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    longer = subprocess.Popen([sys.executable, "-m", "imgtune", "-q", *_train(data, run, "--epochs", "6", "--seed", "2",
-                                                                              "--overwrite")],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    longer = _in_background(_train(data, run, "--epochs", "6", "--seed", "2", "--overwrite"))
     try:
         if not _wait_for_start(run, 2, longer):
             return Outcome(first.exit_code, "the longer run never started", lost=f"no run: {longer.stderr.read()}")
@@ -75,6 +72,30 @@ def _two_overwrite_runs(tmp: Path) -> Outcome:
     if str(longer.pid) not in second.message:
         lost = lost or "the refusal does not name the holder's process id"
     return Outcome(second.exit_code, second.message, lost)
+
+
+def _in_background(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "imgtune", "-q", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _killed_then_resumed(tmp: Path) -> Outcome:
+    """kill -9 while training holds the run folder, then `train --resume` (the lock must not outlive it)."""
+    data, run = make_split_dataset(tmp / "data", train=8, val=3), tmp / "run"
+    proc = _in_background(_train(data, run, "--epochs", "6", "--seed", "2"))
+    try:
+        deadline = time.monotonic() + 120
+        while not list((run / "checkpoints").glob("epoch*-end.pt")) and proc.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.wait()
+    if not list((run / "checkpoints").glob("epoch*-end.pt")):
+        return Outcome(1, "the run wrote no checkpoint", lost=f"no checkpoint: {proc.stderr.read()}")
+    resumed = cli("train", "--resume", str(run))
+    return Outcome(resumed.exit_code, resumed.message, run_consistency(run) if resumed.exit_code == 0 else None)
 
 
 def _wait_for_start(run: Path, seed: int, proc: subprocess.Popen, limit: float = 120) -> bool:
@@ -128,6 +149,7 @@ def _changed_image(tmp: Path) -> Outcome:
 
 FAULTS = [
     Fault("two `train --overwrite` on one --out at once", "run folder", 2, _two_overwrite_runs),
+    Fault("kill -9 during training, then train --resume", "run folder", 0, _killed_then_resumed),
     Fault("bits flipped in model.safetensors, then predict", "run folder", 4, _flipped_weights),
     Fault("one image's content changed, then train --resume", "run folder", 3, _changed_image),
 ]
