@@ -2,11 +2,11 @@
 
 1. resolve the config; 2. prepare (``prepare.py``: check the data and the settings, build the model,
 pick the device, finalize the config; errors stop here, before anything is written); 3. create the
-run folder, held against other writers (``runlock``), and write config.yaml, meta.json and the list
-of data files; 4. train the strategy's phases, writing metrics.csv
-and a checkpoint after every epoch; 5. save the weights (their SHA-256 into meta.json) and the final metrics. :func:`resume` reads
-the config from the run folder and the newest usable checkpoint instead of 1 and 3, and continues at
-4 where the checkpoint left off.
+run folder, held against other writers until the run ends (``runlock``), and write config.yaml,
+meta.json and the list of data files; 4. train the strategy's phases, writing metrics.csv and a
+checkpoint after every epoch; 5. save the weights (their SHA-256 into meta.json) and the final
+metrics. :func:`resume` holds the run folder, reads the config from it and the newest usable
+checkpoint instead of 1 and 3, and continues at 4 where the checkpoint left off.
 """
 
 from __future__ import annotations

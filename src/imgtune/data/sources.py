@@ -12,7 +12,6 @@ same questions, so the training flow never asks which kind it has.
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,9 +74,10 @@ class _Source:
 class FolderSource(_Source):
     """A folder of class folders (split or not) or a CSV, checked and split."""
 
-    @functools.cache  # noqa: B019 (one source per run)
     def files(self) -> content.Files:
-        return content.folder_files(self.splits.samples, self.source)
+        if getattr(self, "_files", None) is None:  # computed once: meta.json and data_files.json.gz need it
+            self._files = content.folder_files(self.splits.samples, self.source)
+        return self._files
 
     def size(self, split: str) -> int:
         return len(self.splits.split(split))
