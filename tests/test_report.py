@@ -172,8 +172,9 @@ def test_gallery_shows_the_most_confident_mistakes_with_overlays(small_run, tmp_
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file but the lock file, which records each writer that held the folder (imgtune.runlock)."""
     return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*")
-            if p.is_file()}
+            if p.is_file() and p.name != ".imgtune.lock"}
 
 
 def test_report_writes_only_the_report(small_run, tmp_path, capsys):

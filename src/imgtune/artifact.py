@@ -11,7 +11,13 @@ metrics.json       validation results at top level, test results under "test", c
 calibration.json   the temperature fitted on val and ECE before/after it (imgtune.calibration)
 tensorboard/       per-epoch scalars as TensorBoard event files (only with --log tensorboard)
 checkpoints/       the newest two checkpoints, to continue an interrupted run (imgtune.checkpoint)
+data_files.json.gz every image the run started on (split, path, label, content digest): what a resume
+                   compares the data with (imgtune.data.content)
+.imgtune.lock      held by the one process writing into the folder (imgtune.runlock)
 ```
+meta.json records the SHA-256 of model.safetensors once the weights are written; loading checks it.
+Derived files (reports, evaluations, explanations, exports) are listed in ``DERIVED``: ``--overwrite``
+and ``--resume`` remove them with the results they were derived from.
 Every file is written atomically (temporary file, fsync, rename), so a crash never leaves half a file.
 """
 
@@ -19,8 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
+import logging
 import platform
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,19 +37,28 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
-from . import __version__
+from . import __version__, runlock
 from .atomic import atomic_write, atomic_write_bytes, atomic_write_text, check_writable_folder  # noqa: F401
 from .config import RunConfig, from_dict
 from .data.transforms import Preprocessing
-from .errors import DataError, UsageError
+from .errors import DataError, ModelError, UsageError
 
-CONFIG, WEIGHTS, META, METRICS_CSV, METRICS_JSON, CALIBRATION = (
-    "config.yaml", "model.safetensors", "meta.json", "metrics.csv", "metrics.json", "calibration.json")
-ARTIFACT_FILES = (CONFIG, WEIGHTS, META, METRICS_CSV, METRICS_JSON, CALIBRATION)
+log = logging.getLogger(__name__)
+
+CONFIG, WEIGHTS, META, METRICS_CSV, METRICS_JSON, CALIBRATION, DATA_FILES = (
+    "config.yaml", "model.safetensors", "meta.json", "metrics.csv", "metrics.json", "calibration.json",
+    "data_files.json.gz")
+ARTIFACT_FILES = (CONFIG, WEIGHTS, META, METRICS_CSV, METRICS_JSON, CALIBRATION, DATA_FILES)
+WEIGHTS_SHA256 = "weights_sha256"  # meta.json's record of model.safetensors
 CHECKPOINTS = "checkpoints"  # see imgtune.checkpoint
 TENSORBOARD = "tensorboard"  # event files of --log tensorboard
 EVALUATION_FILES = ("evaluation_*.json", "confusion_matrix_*.csv", "confusion_matrix_*.png",
                     "reliability_*.png")  # imgtune evaluate
+EXPLANATIONS = "explanations"  # imgtune explain's default --out
+# What was derived from a run's weights, the one list of it: removed with the results it came from.
+# Patterns (glob) relative to the run folder; the folders among them are removed when left empty.
+DERIVED = (*EVALUATION_FILES, "report*.html", f"{EXPLANATIONS}/*.png", "export/**/*")
+DERIVED_FOLDERS = (EXPLANATIONS, "export")
 
 
 def default_out_dir() -> Path:
@@ -53,27 +70,36 @@ def check_out_dir(out: str | Path | None, overwrite: bool) -> None:
     that a run stopped by a mistake can be run again into the same ``--out``)."""
     path = Path(out) if out else default_out_dir()
     check_writable_folder(path, "--out")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise UsageError(f"--out {path} exists and is not empty; choose another folder or pass --overwrite")
+    _refuse_non_empty(path, overwrite)
 
 
-def prepare_out_dir(out: str | Path | None, overwrite: bool) -> Path:
-    """Create the run folder; a non-empty one is refused unless ``overwrite``."""
+def prepare_out_dir(out: str | Path | None, overwrite: bool, lock: contextlib.ExitStack | None = None) -> Path:
+    """Create the run folder; a non-empty one is refused unless ``overwrite``. With ``lock``, the folder
+    is held (``imgtune.runlock``, until ``lock`` closes) before anything in it is removed or written."""
     path = Path(out) if out else default_out_dir()
-    check_out_dir(path, overwrite)
-    if path.is_dir() and any(path.iterdir()):
-        _remove_results(path)
+    check_out_dir(path, overwrite)  # before the lock file is made in a folder that is not ours
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"--out {path}: cannot create the folder ({exc.strerror}); choose one you can write "
                          "to") from exc
+    if lock is not None:
+        lock.enter_context(runlock.hold(path, "train"))
+        _refuse_non_empty(path, overwrite)  # another run may have written there until we held it
+    if overwrite:
+        _remove_results(path)
     return path
 
 
+def _refuse_non_empty(path: Path, overwrite: bool) -> None:
+    if not overwrite and path.is_dir() and any(p.name != runlock.LOCK_FILE for p in path.iterdir()):
+        raise UsageError(f"--out {path} exists and is not empty; choose another folder or pass --overwrite")
+
+
 def _remove_results(path: Path) -> None:
-    """Stale results of the previous run (its weights, metrics, evaluations and checkpoints) must not
-    survive: ``--resume`` would otherwise continue the old run."""
+    """Stale results of the previous run (its weights, metrics, evaluations, reports, explanations,
+    exports and checkpoints) must not survive: ``--resume`` would otherwise continue the old run, and a
+    report would sit beside results it does not describe. The lock file stays."""
     for name in ARTIFACT_FILES:
         (path / name).unlink(missing_ok=True)
     remove_final_results(path)
@@ -90,12 +116,18 @@ def _remove_results(path: Path) -> None:
 
 
 def remove_final_results(path: Path) -> None:
-    """The weights, final metrics and evaluations, which a resumed run is about to replace: until it
-    does, none may sit beside a config and metrics they do not belong to."""
+    """The weights, final metrics and everything derived from them (``DERIVED``), which a resumed run is
+    about to replace: until it does, none may sit beside a config and metrics they do not belong to."""
     stale = [path / WEIGHTS, path / METRICS_JSON, path / CALIBRATION]
-    stale += [p for pattern in EVALUATION_FILES for p in path.glob(pattern)]
+    stale += [p for pattern in DERIVED for p in path.glob(pattern) if p.is_file() or p.is_symlink()]
     for file in stale:
         file.unlink(missing_ok=True)
+    for name in DERIVED_FOLDERS:  # emptied folders go, deepest first; one with other files stays
+        for folder in sorted((p for p in (path / name).glob("**/*") if p.is_dir()), reverse=True):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        with contextlib.suppress(OSError):
+            (path / name).rmdir()
 
 
 def write_json(path: Path, values: dict) -> None:
@@ -103,7 +135,22 @@ def write_json(path: Path, values: dict) -> None:
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """Write the weights, then record their SHA-256 in the meta.json beside them (both atomically), so
+    that :func:`load_weights` can tell damaged weights from good ones."""
     atomic_write(path, lambda tmp: save_model(model, str(tmp)))
+    meta_path = path.parent / META
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        meta[WEIGHTS_SHA256] = file_sha256(path)
+        write_json(meta_path, meta)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_metrics_csv(path: Path, rows: list[dict]) -> None:
@@ -178,9 +225,24 @@ def read_calibration(path: Path) -> dict:
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
-    from .errors import ModelError
-
+    """Load ``path`` into ``model`` after checking it against the SHA-256 that the meta.json beside it
+    recorded when it was written (runs written before imgtune recorded one load unchecked)."""
+    _verify_weights(path)
     try:
         load_model(model, str(path))
     except Exception as exc:  # safetensors raises its own error types
         raise ModelError(f"cannot load {path} into the model described by its run folder: {exc}") from exc
+
+
+def _verify_weights(path: Path) -> None:
+    try:
+        expected = json.loads((path.parent / META).read_text()).get(WEIGHTS_SHA256)
+    except (OSError, ValueError, AttributeError):
+        expected = None
+    if expected is None:
+        log.debug("%s: no checksum in %s (written before imgtune recorded one); loading unchecked", path, META)
+        return
+    if file_sha256(path) != expected:
+        raise ModelError(f"{path} is damaged: its SHA-256 differs from the one recorded in {path.parent / META} "
+                         "when it was written. Train the run again, or rewrite the weights with `imgtune train "
+                         f"--resume {path.parent}` if its checkpoints remain")

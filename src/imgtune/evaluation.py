@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import artifact, calibration, figures
+from . import artifact, calibration, figures, runlock
 from .data.image_ref import ImageRef
 from .data.scan import SPLITS, check_files, find_samples, load_splits
 from .data.shards import is_shards, load_manifest, read_split
@@ -193,13 +193,14 @@ def write_evaluation(result: EvaluationResult) -> dict[str, Path]:
     files = evaluation_files(result)
     matrix = np.array(result.report["confusion_matrix"])
     found = result.report["calibration"]
-    artifact.atomic_write_text(files["csv"], confusion_csv(matrix, result.classes))
-    artifact.atomic_write_bytes(files["png"], figures.confusion_png(matrix, result.classes,
-                                                                    f"Confusion matrix ({result.split})"))
-    artifact.atomic_write_bytes(files["reliability"], figures.reliability_png(
-        found["reliability"], found["ece"], f"Reliability ({result.split})", found.get("reliability_calibrated"),
-        found["temperature"]))
-    artifact.write_json(files["json"], {"split": result.split, "data": result.source, **result.report})
+    with runlock.hold(files["json"].parent, "evaluate"):
+        artifact.atomic_write_text(files["csv"], confusion_csv(matrix, result.classes))
+        artifact.atomic_write_bytes(files["png"], figures.confusion_png(matrix, result.classes,
+                                                                        f"Confusion matrix ({result.split})"))
+        artifact.atomic_write_bytes(files["reliability"], figures.reliability_png(
+            found["reliability"], found["ece"], f"Reliability ({result.split})",
+            found.get("reliability_calibrated"), found["temperature"]))
+        artifact.write_json(files["json"], {"split": result.split, "data": result.source, **result.report})
     return files
 
 

@@ -22,6 +22,7 @@ from . import artifact, balance, distributed, experiment_log, models
 from .artifact import check_writable_folder, default_out_dir
 from .cache import default_cache_dir
 from .config import RunConfig, to_dict, validate
+from .data import content
 from .data.sources import DataSource, LoaderOptions, open_source, total_images
 from .errors import DataError, UsageError
 from .inference import select_device
@@ -62,7 +63,7 @@ def prepare(config: RunConfig, progress: bool = True, started_with: dict | None 
                          progress, data.allow_outside_paths)
     log_data(source)
     if started_with is not None:
-        check_same_data(started_with, data.source, source)
+        check_same_data(started_with, data.source, source, Path(config.out) / artifact.DATA_FILES)
     config = _with_balance(config, source)
     source.check(config)
     built = models.create(config.model, len(source.classes), offline=config.offline)
@@ -119,12 +120,15 @@ def _with_balance(config: RunConfig, source: DataSource) -> RunConfig:
     return replace(config, train=replace(config.train, balance=choice))
 
 
-def check_same_data(started_with: dict, location: str, source: DataSource) -> None:
-    """A checkpoint's position in an epoch means nothing if the images changed."""
+def check_same_data(started_with: dict, location: str, source: DataSource, files_then: Path) -> None:
+    """A checkpoint's position in an epoch means nothing if the images changed: the classes and counts,
+    then the content (``started_with["content"]``, the split digests recorded when the run started, and
+    ``files_then``, its per-file list, which names the changed files; see ``data/content.py``)."""
     then, now = (started_with["classes"], started_with["counts"]), (source.classes, source.counts())
     if then != now:
         raise DataError(f"the data in {location} changed since the run started (then {_sizes(*then)}; now "
                         f"{_sizes(*now)}); a run can only be resumed on the data it started on")
+    content.check_same(started_with.get("content"), source.content(), location, files_then, source.files())
 
 
 def _sizes(classes: list[str], counts: dict[str, dict[str, int]]) -> str:
@@ -144,6 +148,7 @@ def run_meta(setup: Setup, requested: RunConfig | None = None) -> dict:
         "preprocessing": built.preprocessing.to_dict(),
         "strategy": config.train.strategy,
         "data": setup.source.summary(),
+        "content": setup.source.content(),
         "config": to_dict(config),
         "versions": artifact.versions(),
     }

@@ -12,6 +12,7 @@ from :mod:`imgtune.figures`, encoded by :mod:`imgtune.encode`.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import artifact, figures
+from . import artifact, figures, runlock
 from .encode import data_uri, image_jpeg
 from .evaluation import EvaluationResult, evaluation_files, measure
 
@@ -52,6 +53,13 @@ def write_report(run_dir: str | Path, data: str | None = None, split: str | None
     """Measure the run (its own val split by default; see :func:`imgtune.evaluation.select_images`) and
     write the report, the only file written; returns its path (default ``RUN/report.html``,
     ``RUN/report_<split>.html`` for another split or other data)."""
+    into_run = out is None or runlock.inside(out, run_dir)  # then held against other writers (runlock)
+    with runlock.hold(run_dir, "report") if into_run else contextlib.nullcontext():
+        return _write_report(run_dir, data, split, out, device, gallery)
+
+
+def _write_report(run_dir: str | Path, data: str | None, split: str | None, out: str | Path | None, device: str,
+                  gallery: int) -> Path:
     from .predict import Predictor
 
     started = time.perf_counter()

@@ -2,14 +2,16 @@
 
 1. resolve the config; 2. prepare (``prepare.py``: check the data and the settings, build the model,
 pick the device, finalize the config; errors stop here, before anything is written); 3. create the
-run folder and write config.yaml and meta.json; 4. train the strategy's phases, writing metrics.csv
-and a checkpoint after every epoch; 5. save the weights and the final metrics. :func:`resume` reads
-the config from the run folder and the newest usable checkpoint instead of 1 and 3, and continues at
-4 where the checkpoint left off.
+run folder, held against other writers until the run ends (``runlock``), and write config.yaml,
+meta.json and the list of data files; 4. train the strategy's phases, writing metrics.csv and a
+checkpoint after every epoch; 5. save the weights (their SHA-256 into meta.json) and the final
+metrics. :func:`resume` holds the run folder, reads the config from it and the newest usable
+checkpoint instead of 1 and 3, and continues at 4 where the checkpoint left off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -18,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from . import artifact, balance, checkpoint, distributed, experiment_log
+from . import artifact, balance, checkpoint, distributed, experiment_log, runlock
 from .config import RunConfig, load_yaml, resolve, save_yaml
+from .data import content
 from .data.sources import build_loaders
 from .engine import fit
 from .errors import DataError, ImgtuneError, UsageError
@@ -47,14 +50,23 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
         resolved = resolve(config)
         distributed.on_main(artifact.check_out_dir, resolved.out, resolved.overwrite)  # before any work
         setup = prepare(resolved, progress)
-        distributed.on_main(_start_run_folder, setup, config)
-        return _train_and_save(setup, start)
+        with contextlib.ExitStack() as lock:  # rank 0 holds the run folder until the run ends
+            distributed.on_main(_start_run_folder, setup, config, lock)
+            return _train_and_save(setup, start)
 
 
-def _start_run_folder(setup: Setup, requested: RunConfig) -> None:
-    out = artifact.prepare_out_dir(setup.config.out, setup.config.overwrite)
+def _start_run_folder(setup: Setup, requested: RunConfig, lock: contextlib.ExitStack) -> None:
+    out = artifact.prepare_out_dir(setup.config.out, setup.config.overwrite, lock)
     save_yaml(setup.config, out / artifact.CONFIG)
     artifact.write_json(out / artifact.META, run_meta(setup, requested))
+    _write_data_files(out, setup)
+
+
+def _write_data_files(out: Path, setup: Setup) -> None:
+    """The per-file list a resume names changed images from (``data/content.py``)."""
+    files = setup.source.files()
+    if files is not None:
+        artifact.atomic_write_bytes(out / artifact.DATA_FILES, content.encode_files(files))
 
 
 def resume(run_dir: str | Path, epochs: int | None = None, progress: bool = True) -> TrainResult:
@@ -62,13 +74,15 @@ def resume(run_dir: str | Path, epochs: int | None = None, progress: bool = True
     ``epochs`` may only raise the run's epoch count (the extra epochs go to the last phase), which also
     trains a finished run further."""
     run_dir = Path(run_dir)
-    with distributed.session(_saved_device(run_dir)):
+    with distributed.session(_saved_device(run_dir)), contextlib.ExitStack() as lock:
         start = time.perf_counter()
         config = _resumed_config(run_dir, epochs)
+        distributed.on_main(lambda: lock.enter_context(runlock.hold(run_dir, "resume")))
         found = checkpoint.newest_usable(run_dir / checkpoint.FOLDER)
         _check_resumable(found, config, epochs)
         meta = json.loads((run_dir / artifact.META).read_text())
-        setup = prepare(config, progress, started_with=meta["data"] | {"classes": meta["classes"]})
+        setup = prepare(config, progress, started_with=meta["data"] | {"classes": meta["classes"],
+                                                                       "content": meta.get("content")})
         distributed.barrier()  # every rank has read its checkpoint before rank 0 moves unusable ones away
         distributed.on_main(_prepare_resume, run_dir, setup, found, meta.get("requested_config"))
         log.info("resuming %s from %s", run_dir, found.path)
@@ -91,6 +105,7 @@ def _prepare_resume(run_dir: Path, setup: Setup, found: checkpoint.Found, reques
     if requested is not None:
         meta["requested_config"] = requested
     artifact.write_json(run_dir / artifact.META, meta)
+    _write_data_files(run_dir, setup)
     artifact.remove_final_results(run_dir)
     (run_dir / artifact.METRICS_CSV).unlink(missing_ok=True)  # rows after the checkpoint go
     artifact.write_metrics_csv(run_dir / artifact.METRICS_CSV, found.payload["rows"])

@@ -31,9 +31,11 @@ def add_run_data_split(p) -> None:
 
 def run(args) -> int:
     from ..evaluation import evaluate, write_evaluation
+    from ..runlock import hold
 
-    result = evaluate(args.run, args.data, args.split, args.device, args.batch_size)
-    files = write_evaluation(result)
+    with hold(args.run, "evaluate"):  # no train --overwrite may replace the run while it is measured
+        result = evaluate(args.run, args.data, args.split, args.device, args.batch_size)
+        files = write_evaluation(result)
     if args.format == "json":
         print(json.dumps({"split": result.split, "data": result.source, **result.report}, indent=2))
         return 0

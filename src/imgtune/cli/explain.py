@@ -6,6 +6,7 @@ read gives an error row and the others go on; the exit code is then 3."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -43,14 +44,16 @@ def run(args) -> int:
     from ..atomic import check_writable_folder
     from ..explain import Explainer, explain_files
     from ..predict import expand_paths
+    from ..runlock import hold, inside
 
     if args.out:  # before the model is built
         check_writable_folder(args.out, "--out")
     paths = expand_paths(args.images)
-    explainer = Explainer.from_run(args.run, args.device)
-    out = Path(args.out) if args.out else Path(args.run) / "explanations"
+    out = Path(args.out) if args.out else Path(args.run) / "explanations"  # artifact.EXPLANATIONS
     check_writable_folder(out, "--out")
-    results = explain_files(explainer, paths, out, tuple(args.methods or DEFAULT_METHODS), args.class_name)
+    with hold(args.run, "explain") if inside(out, args.run) else contextlib.nullcontext():
+        explainer = Explainer.from_run(args.run, args.device)
+        results = explain_files(explainer, paths, out, tuple(args.methods or DEFAULT_METHODS), args.class_name)
     if args.format == "json":
         print(json.dumps([r.to_dict() for r in results], indent=2))
     else:

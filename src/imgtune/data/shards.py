@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DataError
+from .content import folder_files, split_digests
 from .decode import DecodeError, load_rgb
 from .scan import SPLITS, DataSplits, format_counts
 
@@ -68,7 +69,8 @@ def write_shards(splits: DataSplits, out: Path, source: str, seed: int = 0, max_
     manifest = {"format": FORMAT, "version": VERSION, "source": source, "layout": splits.layout,
                 "classes": splits.classes, "counts": splits.counts(), "shards": shards, "seed": seed,
                 "formats": dict(splits.formats.most_common()),
-                "skipped": [{"path": p, "reason": r} for p, r in splits.skipped]}
+                "skipped": [{"path": p, "reason": r} for p, r in splits.skipped],
+                "content": split_digests(folder_files(splits.samples, source))}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -84,6 +86,7 @@ class ShardSplits:
     per_class: dict[str, dict[str, int]]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     formats: Counter = field(default_factory=Counter)
+    content: dict[str, str] | None = None  # per-split digests of the images (``content.py``; newer manifests)
 
     def counts(self) -> dict[str, dict[str, int]]:
         return self.per_class
@@ -122,7 +125,8 @@ def load_manifest(source: str | Path) -> ShardSplits:
     if "train" not in urls or "val" not in urls:
         raise DataError(f"{text}: the shards need a train and a val split; found {sorted(urls)}")
     return ShardSplits(manifest["classes"], f"webdataset shards ({manifest['layout']})", urls, manifest["counts"],
-                       [(s["path"], s["reason"]) for s in manifest["skipped"]], Counter(manifest["formats"]))
+                       [(s["path"], s["reason"]) for s in manifest["skipped"]], Counter(manifest["formats"]),
+                       manifest.get("content"))
 
 
 class ShardStream(torch.utils.data.IterableDataset):

@@ -25,6 +25,7 @@ from ..engine import Loaders
 from ..errors import UsageError
 from ..models import BuiltModel
 from ..strategies import Phase
+from . import content
 from .checks import check_duplicates
 from .dataset import ImageDataset, make_loader
 from .sampler import evaluation_sampler
@@ -60,9 +61,23 @@ class _Source:
     def summary(self) -> dict:
         return self.splits.summary()
 
+    def files(self) -> content.Files | None:
+        """Every image's (path, label, digest) per split, where the source knows them (``content.py``)."""
+        return None
+
+    def content(self) -> dict[str, str] | None:
+        """One digest per split of the images' content (what a resume compares), where known."""
+        files = self.files()
+        return content.split_digests(files) if files is not None else None
+
 
 class FolderSource(_Source):
     """A folder of class folders (split or not) or a CSV, checked and split."""
+
+    def files(self) -> content.Files:
+        if getattr(self, "_files", None) is None:  # computed once: meta.json and data_files.json.gz need it
+            self._files = content.folder_files(self.splits.samples, self.source)
+        return self._files
 
     def size(self, split: str) -> int:
         return len(self.splits.split(split))
@@ -105,6 +120,10 @@ class FolderSource(_Source):
 
 class ShardSource(_Source):
     """WebDataset shards listed by a manifest (a folder, a ``dataset.json``, or its URL)."""
+
+    def content(self) -> dict[str, str] | None:
+        """The split digests ``imgtune shard`` wrote into the manifest (None in older manifests)."""
+        return self.splits.content
 
     def size(self, split: str) -> int:
         return self.splits.size(split) if split in self.splits.urls else 0
