@@ -260,10 +260,21 @@ def test_failed_parity_leaves_only_a_failed_folder(run, tmp_path, monkeypatch, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_out_that_is_not_an_export_is_refused(run, tmp_path):
+def test_out_that_is_not_an_export_and_bad_opset_are_refused(run, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     assert main(["export", str(run), "--out", str(tmp_path)]) == 2
+    assert main(["export", str(run), "--out", str(tmp_path / "x"), "--opset", "99"]) == 2
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_cli_defaults_are_the_library_s_and_help_imports_no_torch():
+    from imgtune.cli import export as cli_export
+
+    assert (cli_export.FORMATS, cli_export.DEFAULT_OPSET, cli_export.OPSETS) == (
+        export_lib.FORMATS, export_lib.DEFAULT_OPSET, export_lib.OPSETS)
+    done = subprocess.run([sys.executable, "-c", "import sys; from imgtune.cli import build_parser; build_parser(); "
+                           "assert 'torch' not in sys.modules"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.slow

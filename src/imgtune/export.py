@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("onnx",)
 DEFAULT_OPSET = 18
+OPSETS = range(9, 21)  # what the TorchScript-based exporter of torch 2.x writes
 EXPORT_DIR = "export"
 MODEL_FILE, CARD_FILE, REPORT_FILE = "model.onnx", "model_card.md", "export.json"
 INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
@@ -95,6 +96,8 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, fmt: str = "o
     (leaving ``<out>.failed``) when the check fails."""
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+    if opset not in OPSETS:
+        raise UsageError(f"--opset must be between {OPSETS[0]} and {OPSETS[-1]}; got {opset}")
     require_runtime()
     from .predict import Predictor
 

@@ -6,7 +6,9 @@ model card's code does; see docs/export.md."""
 
 from __future__ import annotations
 
-from ..export import DEFAULT_OPSET, FORMATS
+# imgtune.export's FORMATS, DEFAULT_OPSET and OPSETS, repeated so that `imgtune --help` does not import
+# torch (tests/test_export.py checks that they agree)
+FORMATS, DEFAULT_OPSET, OPSETS = ("onnx",), 18, range(9, 21)
 
 
 def register(commands) -> None:
@@ -17,7 +19,7 @@ def register(commands) -> None:
     p.add_argument("--out", metavar="PATH", help="export folder (default: RUN/export); a previous export there "
                                                  "is replaced once the new one has passed its check")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, metavar="N",
-                   help=f"ONNX opset version (default: {DEFAULT_OPSET})")
+                   help=f"ONNX opset version, {OPSETS[0]}-{OPSETS[-1]} (default: {DEFAULT_OPSET})")
     p.add_argument("--check-images", metavar="DIR",
                    help="images to check the export on (default: the run's validation split)")
     p.add_argument("--calibrated", action="store_true",
