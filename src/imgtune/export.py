@@ -113,7 +113,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, fmt: str = "o
         metadata = onnx_metadata(run, predictor)
         write_onnx(predictor, tmp / MODEL_FILE, opset, metadata, str(run.config.model.name))
         with tempfile.TemporaryDirectory() as scratch:
-            large = write_large_photos(images[:2], predictor.preprocessing.resize_size, Path(scratch))
+            large = write_large_photos(images[:2], Path(scratch))
             parity = check_parity(tmp / MODEL_FILE, predictor, images + large)
         parity.update(source=source, synthetic_large_photos=len(large))
         report = build_report(run, predictor, metadata, opset, parity)
@@ -239,7 +239,7 @@ def _parity_images(run: artifact.RunInfo, check_images: str | Path | None) -> tu
     return chosen.images, f"val split of {run.config.data.source}"
 
 
-def write_large_photos(images: list[ImageRef], resize_size: int, folder: Path) -> list[ImageRef]:
+def write_large_photos(images: list[ImageRef], folder: Path) -> list[ImageRef]:
     """Phone-size JPEGs (3024 x 4032, EXIF orientation 6 or 8) made from ``images``: they take the
     reduced-size decoding and the EXIF rotation that small files never reach."""
     from PIL import Image
