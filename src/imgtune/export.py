@@ -140,12 +140,17 @@ def _check_target(final: Path) -> None:
 
 
 def _replace_folder(new: Path, target: Path) -> None:
-    """Rename ``new`` to ``target``; a previous ``target`` is moved aside first and removed after."""
+    """Rename ``new`` to ``target``; a previous ``target`` is moved aside first and removed after.
+    If the renames fail (another export got there first), ``new`` is removed."""
     old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
-        os.replace(target, old / target.name)
-    os.replace(new, target)
+    try:
+        if target.exists():
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
+            os.replace(target, old / target.name)
+        os.replace(new, target)
+    except OSError:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
