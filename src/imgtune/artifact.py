@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
-from . import __version__
+from . import __version__, finite
 from .atomic import atomic_write, atomic_write_bytes, atomic_write_text  # noqa: F401 (re-exported)
 from .config import RunConfig, from_dict
 from .data.transforms import Preprocessing
@@ -89,7 +89,8 @@ def remove_final_results(path: Path) -> None:
 
 
 def write_json(path: Path, values: dict) -> None:
-    atomic_write_text(path, json.dumps(values, indent=2, sort_keys=False) + "\n")
+    """Strict JSON: a value that does not exist (NaN, an infinity) is written ``null``."""
+    atomic_write_text(path, finite.dumps(values, indent=2) + "\n")
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
@@ -174,3 +175,8 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         load_model(model, str(path))
     except Exception as exc:  # safetensors raises its own error types
         raise ModelError(f"cannot load {path} into the model described by its run folder: {exc}") from exc
+    bad = finite.nonfinite_tensors(model.state_dict())
+    if bad:  # written before imgtune stopped diverging runs: every prediction would be the same class
+        names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+        raise ModelError(f"{path} holds weights that are NaN or infinite ({names}): the training that wrote it "
+                         "diverged; train the run again with a lower --lr")

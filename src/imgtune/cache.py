@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import finite
 from .atomic import atomic_write, atomic_write_bytes
 
 FORMAT_VERSION = 1
@@ -56,7 +57,7 @@ class ArrayStore:
         self.root.mkdir(parents=True, exist_ok=True)
         info = self.root / "key.json"  # what the folder's key stands for, for people looking at the cache
         if not info.exists():
-            atomic_write_bytes(info, json.dumps(description, indent=2, default=str).encode(), fsync=False)
+            atomic_write_bytes(info, finite.dumps(description, indent=2, default=str).encode(), fsync=False)
 
     def path(self, digest: str) -> Path:
         return self.root / digest[:2] / f"{digest}.npy"

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .. import finite
 from ..errors import DataError
 from .decode import DecodeError, load_rgb
 from .scan import SPLITS, DataSplits, format_counts
@@ -69,7 +70,7 @@ def write_shards(splits: DataSplits, out: Path, source: str, seed: int = 0, max_
                 "classes": splits.classes, "counts": splits.counts(), "shards": shards, "seed": seed,
                 "formats": dict(splits.formats.most_common()),
                 "skipped": [{"path": p, "reason": r} for p, r in splits.skipped]}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    (out / MANIFEST).write_text(finite.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
