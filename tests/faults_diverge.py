@@ -97,6 +97,30 @@ def _predict_with_nan_weights(tmp: Path) -> Outcome:
     return outcome
 
 
+def _resume_from_nan_checkpoint(tmp: Path) -> Outcome:
+    """The newest checkpoint holds NaN weights (written before this check): resume must use the one
+    before it, not write NaN weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from imgtune import checkpoint, finite
+
+    run = tmp / "run"
+    with _private_cache(tmp):
+        cli("-q", "train", str(_data(tmp)), *FAST, "--epochs", "2", "--out", str(run))
+        newest = checkpoint.listed(run / checkpoint.FOLDER)[-1]
+        payload = torch.load(newest, weights_only=True)
+        payload["model"] = {k: v * float("nan") if v.is_floating_point() else v for k, v in payload["model"].items()}
+        torch.save(payload, newest)
+        outcome = cli("train", "--resume", str(run))
+    weights = run / "model.safetensors"
+    if not weights.exists() or finite.nonfinite_tensors(load_file(weights)):
+        outcome.lost = "model.safetensors (missing or NaN after resume)"
+    elif not newest.with_name(newest.name + ".unusable").exists():
+        outcome.lost = f"{newest.name} (not kept as .unusable)"
+    return outcome
+
+
 def _undefined_metric(tmp: Path) -> Outcome:
     """A metric that does not exist (NaN, an infinity) in evaluate's JSON output and file."""
     from imgtune import evaluation
@@ -133,5 +157,6 @@ FAULTS = [
           _nan_loss_in_epoch_2),
     Fault("predict with a run whose model.safetensors is NaN (written before this check)", "training", 4,
           _predict_with_nan_weights),
+    Fault("--resume when the newest checkpoint holds NaN weights", "training", 0, _resume_from_nan_checkpoint),
     Fault("evaluate --format json when a metric is NaN or infinite", "training", 0, _undefined_metric),
 ]

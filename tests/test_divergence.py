@@ -217,8 +217,9 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.mark.slow
 def test_a_nan_loss_on_one_rank_stops_every_rank_at_once(tmp_path):
-    """torchrun, 2 ranks: rank 1's second batch gives NaN; both ranks stop at that step (exit 5 each),
-    none waits for ever in the next gradient exchange."""
+    """torchrun, 2 ranks: rank 1's second batch gives NaN; both ranks stop at that step, each saying why
+    (exit 5; torchrun may stop the second with SIGTERM once the first has exited), none waits for ever
+    in the next gradient exchange."""
     data = make_split_dataset(tmp_path / "data", train=16, val=7)
     script = tmp_path / "nan_on_rank_one.py"
     script.write_text(RANK_SCRIPT.format(tests=str(Path(__file__).parent)))
@@ -228,7 +229,10 @@ def test_a_nan_loss_on_one_rank_stops_every_rank_at_once(tmp_path):
                            str(script), "train", str(data), *SCRATCH_ARGS, "--model", "imgtune:small_cnn_gn",
                            "--device", "cpu", "--batch-size", "8", "--epochs", "2", "--out", str(run)],
                           env=env, capture_output=True, text=True, timeout=300)
-    assert re.search(r"epoch 1 \(all\), batch 2 of \d+: the training loss is nan", done.stderr), done.stderr[-3000:]
-    assert re.search(r"epoch 1 \(all\), batch 2 of \d+: the training loss of another rank is NaN", done.stderr)
-    assert len(re.findall(r"exitcode\s*: 5 \(pid", done.stderr)) == 2, done.stderr[-2000:]  # torchrun's summary
+    found = re.findall(r"epoch 1 \(all\), batch 2 of \d+: the training loss (is nan|of another rank is NaN)",
+                       done.stderr)
+    assert set(found) == {"is nan", "of another rank is NaN"}, done.stderr[-3000:]  # each rank says why
+    # torchrun's summary: every rank exited 5, or was stopped by torchrun (SIGTERM) once another had
+    codes = re.findall(r"exitcode\s*: (-?\d+) \(pid", done.stderr)
+    assert "5" in codes and set(codes) <= {"5", "-15"}, done.stderr[-2000:]
     assert_no_nan_written(run)
