@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
-from . import __version__, runlock
+from . import __version__, finite, runlock
 from .atomic import atomic_write, atomic_write_bytes, atomic_write_text, check_writable_folder  # noqa: F401
 from .config import RunConfig, from_dict
 from .data.transforms import Preprocessing
@@ -131,7 +131,8 @@ def remove_final_results(path: Path) -> None:
 
 
 def write_json(path: Path, values: dict) -> None:
-    atomic_write_text(path, json.dumps(values, indent=2, sort_keys=False) + "\n")
+    """Strict JSON: a value that does not exist (NaN, an infinity) is written ``null``."""
+    atomic_write_text(path, finite.dumps(values, indent=2) + "\n")
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
@@ -232,6 +233,11 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         load_model(model, str(path))
     except Exception as exc:  # safetensors raises its own error types
         raise ModelError(f"cannot load {path} into the model described by its run folder: {exc}") from exc
+    bad = finite.nonfinite_tensors(model.state_dict())
+    if bad:  # written before imgtune stopped diverging runs: every prediction would be the same class
+        names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+        raise ModelError(f"{path} holds weights that are NaN or infinite ({names}): the training that wrote it "
+                         "diverged; train the run again with a lower --lr")
 
 
 def _verify_weights(path: Path) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import finite
 from .atomic import atomic_write, atomic_write_bytes
 from .errors import UsageError
 
@@ -102,7 +103,7 @@ class ArrayStore:
         self.expect = expect
         self.root.mkdir(parents=True, exist_ok=True)
         info = self.root / "key.json"  # what the folder's key stands for, for people looking at the cache
-        text = json.dumps(description, indent=2, default=str).encode()
+        text = finite.dumps(description, indent=2, default=str).encode()
         if not info.exists() or info.read_bytes() != text:
             atomic_write_bytes(info, text, fsync=False)
 

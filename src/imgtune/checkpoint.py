@@ -10,7 +10,7 @@ training sampler's position, the early-stopping state (with the best weights for
 and the metrics rows so far. It is a ``torch.save`` of plain containers only, so it loads with
 ``weights_only=True`` (nothing is unpickled that could run code). Each is written atomically
 (temporary file, fsync, rename); the newest :data:`KEEP` are kept. An unusable newest file (cut
-short, damaged, or missing keys) is reported and the one before it is used.
+short, damaged, missing keys, or NaN weights) is reported and the one before it is used.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed
+from . import distributed, finite
 from .artifact import CHECKPOINTS, atomic_write_bytes
 from .errors import DataError, Interrupted
 
@@ -96,6 +96,8 @@ def load(path: Path) -> dict:
         raise UnusableCheckpoint(f"lacks {', '.join(missing)}")
     if payload["format"] != FORMAT:
         raise UnusableCheckpoint(f"has format {payload['format']!r}; this imgtune reads format {FORMAT}")
+    if finite.nonfinite_tensors(payload["model"]):  # written before imgtune stopped diverging runs
+        raise UnusableCheckpoint("holds weights that are NaN or infinite (the training that wrote it diverged)")
     return payload
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,8 @@ from tqdm.auto import tqdm
 from . import checkpoint, distributed
 from .config import TrainConfig
 from .distributed import quiet_rank
-from .errors import DataError
+from .errors import DataError, TrainingDiverged
+from .finite import nonfinite_tensors
 from .inference import autocast, predict_probs, to_channels_last
 from .metrics import quick_metrics
 from .models import Classifier
@@ -39,12 +41,14 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, dev
     divided by N) before one optimizer step, as one batch N times larger would give; a short last group
     of k < N batches is divided by k (timm's ``last_accum_steps``), as its one larger batch would be.
     Under DDP the gradients are only averaged across ranks on the step's last batch (``no_sync``).
-    Returns the epoch's mean loss and accuracy."""
+    A loss that is not a finite number stops training before its optimizer step
+    (:class:`~imgtune.errors.TrainingDiverged`). Returns the epoch's mean loss and accuracy."""
     tally = tally or Tally(optimizer.param_groups[0]["lr"])
     model.train()
     total = len(loader)
     bar = tqdm(loader, desc=description, unit="batch", leave=False, disable=quiet_rank(), initial=tally.batches)
     optimizer.zero_grad(set_to_none=True)
+    diverged = None  # the first non-finite loss of the optimizer step in progress
     for batch in bar:
         tally.batches += 1
         boundary = tally.batches % accumulate == 0 or tally.batches >= total
@@ -60,11 +64,17 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, dev
                 group = min(accumulate, total - (tally.batches - 1) // accumulate * accumulate)
                 scaled = loss / group if group > 1 else loss
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            tally.loss_sum += loss.item() * len(targets)
+            value = loss.item()
+            if not math.isfinite(value):
+                diverged = diverged or f"{description}, batch {tally.batches} of {total}: the training loss is {value}"
+            tally.loss_sum += value * len(targets)
             tally.correct += (logits.argmax(1) == targets).sum().item()
             tally.seen += len(targets)
             bar.set_postfix(loss=f"{tally.loss_sum / tally.seen:.3f}", acc=f"{tally.correct / tally.seen:.3f}")
         if boundary:
+            if distributed.any_rank(diverged is not None):  # before the step spreads NaN to every weight
+                raise TrainingDiverged(diverged or f"{description}, batch {tally.batches} of {total}: the training "
+                                       "loss of another rank is NaN or infinite")
             _step(optimizer, scaler)
             scheduler.step()
             after_step()
@@ -211,8 +221,12 @@ class _Run:
             loss_sum, correct, seen = distributed.sum_across([progress.tally.loss_sum, progress.tally.correct,
                                                               progress.tally.seen])
             loss, acc = loss_sum / max(seen, 1), correct / max(seen, 1)
+        self._check_weights()
         probs, targets, _ = predict_probs(self.net, self.val_loader, self.device, "validating")
         val = quick_metrics(targets, probs, self.num_classes)
+        if not math.isfinite(val["loss"]):  # finite weights whose outputs overflow
+            raise TrainingDiverged(f"{self._where()}: the validation loss is {val['loss']}, although the weights "
+                                   "are finite numbers (their outputs overflow)")
         result = EpochResult(epoch, self.phase.name, progress.tally.lr, loss, acc, val, progress.tally.elapsed())
         log.info("epoch %d (%s): train loss %.4f acc %.4f | val loss %.4f acc %.4f macro-F1 %.4f | %.1fs",
                  epoch, self.phase.name, loss, acc, val["loss"], val["accuracy"], val["macro_f1"], result.seconds)
@@ -226,13 +240,32 @@ class _Run:
                      self.train.monitor, stopper.stale, stopper.best_value, stopper.best_epoch)
         self.hooks.after_epoch(self.snapshot)
 
+    def _where(self) -> str:
+        """The epoch and batch reached, for a message."""
+        tally = self.progress.tally
+        if tally is None:
+            return f"epoch {self.progress.epochs_done} ({self.phase.name}), at its end"
+        return f"epoch {self.progress.epochs_done + 1} ({self.phase.name}), batch {tally.batches} of " \
+               f"{len(self.train_loader)}"
+
+    def _check_weights(self) -> None:
+        """After each epoch and before every checkpoint: a checkpoint with NaN weights must never replace
+        the good ones (in training mode, batch norm can keep the loss finite while its running
+        statistics, used by validation and prediction, are already NaN)."""
+        bad = nonfinite_tensors(self.model.state_dict())
+        if bad:
+            names = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise TrainingDiverged(f"{self._where()}: the weights are NaN or infinite ({names})")
+
     def _after_step(self) -> None:
         self.progress.steps += 1
         self.hooks.after_step(self.progress.steps, self.snapshot)
 
     def snapshot(self) -> dict:
         """The checkpoint payload of this moment: plain containers and tensors only. (Distributed: every
-        rank calls it at the same step; the epoch's running sums are those of all ranks.)"""
+        rank calls it at the same step; the epoch's running sums are those of all ranks.) Weights that
+        are not finite are refused (:class:`~imgtune.errors.TrainingDiverged`)."""
+        self._check_weights()
         progress = self.progress.state_dict()
         tally = progress["tally"]
         if distributed.current().enabled and tally is not None:

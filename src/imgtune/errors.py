@@ -31,6 +31,13 @@ class ModelError(ImgtuneError):
     exit_code = 4
 
 
+class TrainingDiverged(ImgtuneError):
+    """Training stopped because a loss or the weights stopped being finite numbers (NaN or infinite);
+    the checkpoints written before it are kept, and no weights are saved."""
+
+    exit_code = 5
+
+
 class Interrupted(ImgtuneError):
     """Training stopped by SIGINT or SIGTERM after writing a checkpoint; the exit code is the shell's
     convention for a signal: 128 + its number (130 for SIGINT, 143 for SIGTERM)."""
@@ -49,6 +56,8 @@ EXIT_CODES = {
     "usage or configuration error": UsageError.exit_code,
     "data error": DataError.exit_code,
     "model or weights error": ModelError.exit_code,
+    "training diverged (a loss or the weights became NaN or infinite; the checkpoints before it are kept)":
+        TrainingDiverged.exit_code,
     "training stopped by SIGINT (after a checkpoint)": 130,
     "training stopped by SIGTERM (after a checkpoint)": 143,
 }

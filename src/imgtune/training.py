@@ -25,7 +25,7 @@ from .config import RunConfig, load_yaml, resolve, save_yaml
 from .data import content
 from .data.sources import build_loaders
 from .engine import fit
-from .errors import DataError, ImgtuneError, UsageError
+from .errors import DataError, ImgtuneError, TrainingDiverged, UsageError
 from .interrupt import StopRequest
 from .prepare import Setup, prepare, run_meta
 from .results import final_metrics
@@ -141,6 +141,17 @@ def _check_resumable(found: checkpoint.Found, config: RunConfig, epochs: int | N
                     "to train it further)", done)
 
 
+def _diverged(exc: TrainingDiverged, out: Path, config: RunConfig) -> TrainingDiverged:
+    """The engine's finding (epoch, batch, what is not finite) with what was kept and what to try."""
+    kept = checkpoint.listed(out / checkpoint.FOLDER)
+    last = f"the newest checkpoint, {kept[-1]}, is kept (no checkpoint with NaN or infinite weights was written)" \
+        if kept else "no checkpoint had been written yet"
+    return TrainingDiverged(
+        f"training diverged in {exc}; {artifact.WEIGHTS} was not written and {last}. Try a lower learning rate "
+        f"(--lr {config.train.lr:g} now: 3 to 10 times lower, or --warmup-epochs 1), and check the data for "
+        "broken or mislabelled images (imgtune doctor)")
+
+
 def _train_and_save(setup: Setup, start: float, resume: dict | None = None) -> TrainResult:
     config, built, device = setup.config, setup.built, setup.device
     out, main = Path(config.out), distributed.current().is_main
@@ -159,8 +170,11 @@ def _train_and_save(setup: Setup, start: float, resume: dict | None = None) -> T
                 extra(result.epoch, result.row())
 
         hooks = checkpoint.Checkpointer(out, config.train.checkpoint_every, stop)
-        stopper = fit(model, phases, loaders, config.train, device, len(setup.source.classes), on_epoch, weights,
-                      hooks, resume).stopper
+        try:
+            stopper = fit(model, phases, loaders, config.train, device, len(setup.source.classes), on_epoch,
+                          weights, hooks, resume).stopper
+        except TrainingDiverged as exc:
+            raise _diverged(exc, out, config) from exc
     if config.train.keep == "best" and stopper.best_state is not None:
         log.warning("keeping the weights of epoch %d, chosen on val %s: the val metrics below are optimistic; "
                     "trust the test split (--test-fraction) for an unbiased figure", stopper.best_epoch,

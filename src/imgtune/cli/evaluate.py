@@ -5,8 +5,8 @@ other data (DATA) the names end in _<split>_<tag>, the tag made of DATA's name a
 
 from __future__ import annotations
 
-import json
 
+from .. import finite
 from .args import positive_int
 from .output import console, print_confusion, print_metrics, print_per_class, print_split_calibration
 
@@ -37,7 +37,7 @@ def run(args) -> int:
         result = evaluate(args.run, args.data, args.split, args.device, args.batch_size)
         files = write_evaluation(result)
     if args.format == "json":
-        print(json.dumps({"split": result.split, "data": result.source, **result.report}, indent=2))
+        print(finite.dumps({"split": result.split, "data": result.source, **result.report}, indent=2))
         return 0
     classes = list(result.report["per_class"])
     print_metrics(result.report, f"{result.split} of {result.source}")

@@ -7,13 +7,13 @@ read gives an error row and the others go on; the exit code is then 3."""
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from pathlib import Path
 
 from rich.markup import escape
 from rich.table import Table
 
+from .. import finite
 from ..errors import DataError
 from .output import console
 
@@ -55,7 +55,7 @@ def run(args) -> int:
         explainer = Explainer.from_run(args.run, args.device)
         results = explain_files(explainer, paths, out, tuple(args.methods or DEFAULT_METHODS), args.class_name)
     if args.format == "json":
-        print(json.dumps([r.to_dict() for r in results], indent=2))
+        print(finite.dumps([r.to_dict() for r in results], indent=2))
     else:
         _table(results)
     failed = sum(r.error is not None for r in results)

@@ -5,12 +5,12 @@ A file that cannot be read gives an error row and the others go on; the exit cod
 from __future__ import annotations
 
 import csv
-import json
 import sys
 
 from rich.markup import escape
 from rich.table import Table
 
+from .. import finite
 from ..errors import DataError
 from .args import positive_int
 from .output import console
@@ -67,4 +67,4 @@ def _csv(results) -> None:
 
 
 def _json(results) -> None:
-    print(json.dumps([r.to_dict() for r in results], indent=2))
+    print(finite.dumps([r.to_dict() for r in results], indent=2))

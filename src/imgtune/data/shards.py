@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .. import finite
 from ..errors import DataError
 from .content import folder_files, split_digests
 from .decode import DecodeError, load_rgb
@@ -71,7 +72,7 @@ def write_shards(splits: DataSplits, out: Path, source: str, seed: int = 0, max_
                 "formats": dict(splits.formats.most_common()),
                 "skipped": [{"path": p, "reason": r} for p, r in splits.skipped],
                 "content": split_digests(folder_files(splits.samples, source))}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    (out / MANIFEST).write_text(finite.dumps(manifest, indent=2) + "\n")
     return manifest
 
 

@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 
+from .. import finite
 from ..artifact import atomic_write_text
 from ..data.decode import DecodeError, load_rgb
 from ..encode import data_uri, image_jpeg
@@ -26,7 +26,7 @@ def environment() -> Environment:
 
 
 def write_json(diagnosis: Diagnosis, path: Path) -> None:
-    atomic_write_text(path, json.dumps(diagnosis.to_dict(), indent=2, default=str) + "\n")
+    atomic_write_text(path, finite.dumps(diagnosis.to_dict(), indent=2, default=str) + "\n")
 
 
 def html_section(diagnosis: Diagnosis) -> Markup:
