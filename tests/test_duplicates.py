@@ -1,6 +1,7 @@
 """Exact and near duplicates: perceptual fingerprints, duplicate groups and their kinds, splits that
 keep copies together, and what ``imgtune train`` does about copies across splits and classes.
-Generated photo-like images (``plantgen``), hand-built Samples, and a tiny CNN from scratch."""
+Generated photo-like images (``plantgen``), distinct look-alikes (``lookalike``: scikit-learn's digit
+scans), hand-built Samples, and a tiny CNN from scratch."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import lookalike
 import plantgen
 from datagen import SCRATCH_ARGS
 from imagegen import write_class_tree
 from imgtune.cli import main
 from imgtune.data.duplicates import exact_groups, leaks_into, near_groups
-from imgtune.data.fingerprint import NEAR_BITS, fingerprint, near_pairs, stack
+from imgtune.data.fingerprint import NEAR_BITS, ROWS, WORDS, _hash_pairs, fingerprint, near_pairs, stack
+from imgtune.data.pixelcheck import THUMB
 from imgtune.data.scan import Sample, assign_splits, load_splits
 
 LABELS = list(plantgen.CLASSES)
@@ -309,3 +312,45 @@ def test_near_duplicate_across_splits_trains_with_a_warning(data, tmp_path, caps
     assert warnings[0].startswith("WARNING")
     assert f"{near} (val/triangle) looks like {source} (train/triangle)" in warnings[0]
     assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+# ---- distinct images of one kind are not near-duplicates (issue 12, item 9) ---------------------------
+
+
+@pytest.fixture(scope="module")
+def digit_samples() -> list[Sample]:
+    """scikit-learn's 1,797 distinct 8x8 digit scans, upscaled to 32 px, split as ``train`` splits them."""
+    images, labels = lookalike.digits()
+    samples = [Sample(Path(f"{label}/{i}.png"), label, digest=f"digit-{i}", fingerprint=fingerprint(image))
+               for i, (image, label) in enumerate(zip(images, labels))]
+    return assign_splits(samples, val_fraction=0.2, test_fraction=0.0, seed=0)
+
+
+def test_digit_scans_give_at_most_20_near_duplicate_warnings(digit_samples):
+    train = [s for s in digit_samples if s.split == "train"]
+    held_out = [s for s in digit_samples if s.split != "train"]
+    found = leaks_into(train, held_out)
+    assert len(found) <= 20, f"{len(found)} false near-duplicate pairs across splits among distinct scans"
+
+
+def test_the_pixel_check_refuses_look_alikes_the_hash_accepts(digit_samples):
+    prints = stack([s.fingerprint for s in digit_samples[:600]])
+    candidates = _hash_pairs(prints.hashes, prints.hashes, True, 64)
+    confirmed = near_pairs(prints)
+    assert len(candidates) > 50  # the hash alone calls many distinct scans near-duplicates ...
+    assert len(confirmed) <= len(candidates) // 10  # ... the pixels do not
+    assert set(confirmed) <= set(candidates)
+
+
+def test_blank_images_are_still_near_duplicates():
+    black, dark = Image.new("RGB", (64, 64)), Image.new("RGB", (80, 80), (3, 3, 3))
+    assert [(i, j) for i, j, _ in near_pairs(stack([fingerprint(black), fingerprint(dark)]))] == [(0, 1)]
+
+
+def test_fingerprint_holds_hashes_and_a_thumbnail():
+    image = photos(1, seed=4)[0]
+    raw = fingerprint(image)
+    assert len(raw) == ROWS * WORDS * 8 + THUMB * THUMB
+    prints = stack([raw, fingerprint(image.resize((40, 40)))])
+    assert prints.hashes.shape == (2, ROWS, WORDS) and prints.thumbs.shape == (2, THUMB * THUMB)
+    assert len(stack([])) == 0 and near_pairs(stack([])) == []

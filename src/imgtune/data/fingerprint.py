@@ -11,19 +11,25 @@ window) and (window, whole) is within ``NEAR_BITS`` of 256 bits. Measured on hym
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from PIL import Image
+
+from .pixelcheck import MIN_CORRELATION, THUMB, correlations, thumbnail
 
 WINDOWS = [(frac, ox, oy) for frac, offsets in ((0.9, (0.0, 0.05, 0.1)), (0.95, (0.0, 0.025, 0.05)))
            for ox in offsets for oy in offsets]
 ROWS = 1 + len(WINDOWS)  # whole image first
 WORDS = 5  # per row: one uint64 of the 64-bit hash, four of the 256-bit hash
+HASH_BYTES = ROWS * WORDS * 8
 NEAR_BITS = 60  # of 256: at most this many differing bits is a near-duplicate (crops measured <= 56, photos >= 78)
 FIRST_PASS_BITS = 16  # of 64: candidates for the 256-bit check (crops measured at most 8)
 
 
 def fingerprint(img: Image.Image) -> bytes:
-    """``ROWS x WORDS`` uint64 values as bytes (stored in ``Sample.fingerprint``).
+    """``ROWS x WORDS`` uint64 values as bytes, then the ``THUMB x THUMB`` thumbnail (pixelcheck.py):
+    ``Sample.fingerprint``, 1,784 bytes.
 
     The algorithm of ``imagehash.phash`` (greyscale, resize, 2-D DCT-II, low frequencies above their
     median), batched: each view is resized once to 64x64 and one DCT of all 19 views gives both
@@ -43,7 +49,7 @@ def fingerprint(img: Image.Image) -> bytes:
         low = dct[:, :size, :size].reshape(ROWS, -1)
         bits = low > np.median(low, axis=1, keepdims=True)
         out[:, columns] = np.frombuffer(np.packbits(bits, axis=1).tobytes(), dtype=">u8").reshape(ROWS, -1)
-    return out.tobytes()
+    return out.tobytes() + thumbnail(grey)
 
 
 def _fit(size: tuple[int, int], longest: int) -> tuple[int, int]:
@@ -51,19 +57,37 @@ def _fit(size: tuple[int, int], longest: int) -> tuple[int, int]:
     return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
-def stack(fingerprints: list[bytes]) -> np.ndarray:
-    """``(n, ROWS, WORDS)`` uint64."""
+@dataclass(frozen=True)
+class Prints:
+    """Fingerprints of ``n`` images: ``hashes`` ``(n, ROWS, WORDS)`` uint64, ``thumbs`` ``(n, THUMB**2)`` uint8."""
+    hashes: np.ndarray
+    thumbs: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+
+def stack(fingerprints: list[bytes]) -> Prints:
     if not fingerprints:
-        return np.zeros((0, ROWS, WORDS), dtype=np.uint64)
-    return np.frombuffer(b"".join(fingerprints), dtype=np.uint64).reshape(len(fingerprints), ROWS, WORDS)
+        return Prints(np.zeros((0, ROWS, WORDS), dtype=np.uint64), np.zeros((0, THUMB * THUMB), dtype=np.uint8))
+    raw = np.frombuffer(b"".join(fingerprints), dtype=np.uint8).reshape(len(fingerprints), -1)
+    return Prints(raw[:, :HASH_BYTES].copy().view(np.uint64).reshape(len(fingerprints), ROWS, WORDS),
+                  raw[:, HASH_BYTES:HASH_BYTES + THUMB * THUMB])
 
 
-def near_pairs(prints: np.ndarray, queries: np.ndarray | None = None, chunk: int = 64
-               ) -> list[tuple[int, int, int]]:
+def near_pairs(prints: Prints, queries: Prints | None = None, chunk: int = 64) -> list[tuple[int, int, int]]:
     """Pairs ``(i, j, bits)`` of near-duplicates with ``bits`` the 256-bit distance. Without ``queries``,
-    all pairs i < j of ``prints``; with them, ``i`` indexes ``queries`` and ``j`` indexes ``prints``."""
+    all pairs i < j of ``prints``; with them, ``i`` indexes ``queries`` and ``j`` indexes ``prints``.
+    Hash candidates count only when their pixels agree (``pixelcheck.correlations``)."""
     same = queries is None
     queries = prints if same else queries
+    candidates = _hash_pairs(prints.hashes, queries.hashes, same, chunk)
+    scores = correlations(queries.thumbs, prints.thumbs, [(i, j) for i, j, _ in candidates], WINDOWS)
+    return [pair for pair, score in zip(candidates, scores) if score >= MIN_CORRELATION]
+
+
+def _hash_pairs(prints: np.ndarray, queries: np.ndarray, same: bool, chunk: int) -> list[tuple[int, int, int]]:
+    """The hash candidates: within ``NEAR_BITS`` of 256 bits (after a 64-bit first pass)."""
     if not len(prints) or not len(queries):
         return []
     full64 = np.ascontiguousarray(prints[:, 0, 0])
