@@ -20,6 +20,7 @@ from PIL import Image
 
 from datagen import CLASSES, PRETRAINED_ARGS, SCRATCH_ARGS, make_split_dataset
 from imgtune import export as export_lib
+from imgtune import runlock
 from imgtune import models
 from imgtune.cli import main
 from imgtune.consumer_recipe import preprocess as consumer_preprocess
@@ -57,7 +58,8 @@ def exported(run) -> Path:
 
 def leftovers(folder: Path) -> list[str]:
     """Anything an export leaves beside its target besides the target: temporary or failed folders."""
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") or p.name.endswith(".failed"))
+    return sorted(p.name for p in folder.iterdir()
+                  if (p.name.startswith(".") or p.name.endswith(".failed")) and p.name != runlock.LOCK_FILE)
 
 
 def large_photos(folder: Path, rng: np.random.Generator) -> list[Path]:

@@ -109,12 +109,15 @@ def test_overwrite_while_held_is_refused_and_nothing_is_removed(data, trained, t
     assert files_of(run) == before
 
 
-@pytest.mark.parametrize("command", ["evaluate", "report", "explain"])
+@pytest.mark.parametrize("command", ["evaluate", "report", "explain", "export"])
 def test_evaluate_report_explain_are_refused_while_training_holds(data, trained, holder, command, capsys):
+    if command == "export":
+        pytest.importorskip("onnxruntime")
     proc = holder(trained)
     args = {"evaluate": ["evaluate", str(trained), "--device", "cpu"],
             "report": ["report", str(trained), "--device", "cpu"],
-            "explain": ["explain", str(trained), str(next((data / "val").rglob("*.png"))), "--device", "cpu"]}
+            "explain": ["explain", str(trained), str(next((data / "val").rglob("*.png"))), "--device", "cpu"],
+            "export": ["export", str(trained)]}
     capsys.readouterr()
     assert main(args[command]) == 2
     assert f"in use by process {proc.pid} (train" in capsys.readouterr().err

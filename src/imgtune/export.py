@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__, artifact
+from . import __version__, artifact, runlock
 from .atomic import _UMASK
 from .consumer_recipe import preprocess as consumer_preprocess
 from .data.decode import DecodeError, load_rgb
@@ -99,11 +99,17 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, fmt: str = "o
     if opset not in OPSETS:
         raise UsageError(f"--opset must be between {OPSETS[0]} and {OPSETS[-1]}; got {opset}")
     require_runtime()
-    from .predict import Predictor
-
     run = artifact.read_run(run_dir)
     final = Path(out) if out else run.path / EXPORT_DIR
     _check_target(final)
+    holding = runlock.hold(run.path, "export") if runlock.inside(final, run.path) else contextlib.nullcontext()
+    with holding:  # writing into the run folder: one writer at a time
+        return _export(run, final, opset, check_images, calibrated)
+
+
+def _export(run: artifact.RunInfo, final: Path, opset: int, check_images, calibrated: bool) -> ExportResult:
+    from .predict import Predictor
+
     predictor = Predictor.from_run(run.path, "cpu", calibrated=calibrated)
     images, source = _parity_images(run, check_images)
     final.parent.mkdir(parents=True, exist_ok=True)
