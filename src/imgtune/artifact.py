@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -39,6 +38,7 @@ from safetensors.torch import load_model, save_model
 
 from . import __version__, finite, runlock
 from .atomic import atomic_write, atomic_write_bytes, atomic_write_text, check_writable_folder  # noqa: F401
+from .cache import file_sha256
 from .config import RunConfig, from_dict
 from .data.transforms import Preprocessing
 from .errors import DataError, ModelError, UsageError
@@ -144,14 +144,6 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
         meta = json.loads(meta_path.read_text())
         meta[WEIGHTS_SHA256] = file_sha256(path)
         write_json(meta_path, meta)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_metrics_csv(path: Path, rows: list[dict]) -> None:

@@ -17,7 +17,6 @@ folder and renamed at the end: a failed check leaves ``<out>.failed``, anything 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,9 @@ import torch
 from torch import nn
 
 from . import __version__, artifact, runlock
+from .cache import file_sha256
+from .export_card import (CARD_FILE, INPUT_NAME, LARGE_PHOTO_SIZE, MODEL_FILE, OUTPUT_NAME, REPORT_FILE,
+                          build_report, model_card)
 from .atomic import _UMASK
 from .consumer_recipe import preprocess as consumer_preprocess
 from .data.decode import DecodeError, load_rgb
@@ -44,10 +46,7 @@ FORMATS = ("onnx",)
 DEFAULT_OPSET = 18
 OPSETS = range(9, 21)  # what the TorchScript-based exporter of torch 2.x writes
 EXPORT_DIR = "export"
-MODEL_FILE, CARD_FILE, REPORT_FILE = "model.onnx", "model_card.md", "export.json"
-INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
 PROB_TOLERANCE = 1e-4  # the largest |probability difference| a passing export may have
-LARGE_PHOTO_SIZE = (3024, 4032)  # width, height of the synthetic phone photos added to every check
 METADATA_KEYS = ("classes", "preprocessing", "temperature", "imgtune_version", "weights_sha256")
 INSTALL_HINT = "pip install 'imgtune[export]'"
 
@@ -161,14 +160,6 @@ def _replace_folder(new: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def weights_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def preprocessing_contract(predictor) -> dict:
     """The ``preprocessing`` metadata: what :func:`consumer_preprocess` reads, and what the graph expects."""
     pre = predictor.preprocessing
@@ -184,7 +175,7 @@ def onnx_metadata(run: artifact.RunInfo, predictor) -> dict[str, str]:
     """``metadata_props``: every value a JSON text except imgtune_version and weights_sha256."""
     return {"classes": json.dumps(run.classes), "preprocessing": json.dumps(preprocessing_contract(predictor)),
             "temperature": json.dumps(predictor.temperature), "imgtune_version": __version__,
-            "weights_sha256": weights_sha256(run.path / artifact.WEIGHTS)}
+            "weights_sha256": file_sha256(run.path / artifact.WEIGHTS)}
 
 
 def write_onnx(predictor, path: Path, opset: int, metadata: dict[str, str], model_name: str) -> None:
@@ -311,128 +302,3 @@ def parity_text(parity: dict) -> str:
             f"{LARGE_PHOTO_SIZE[0]}x{LARGE_PHOTO_SIZE[1]} EXIF-rotated JPEGs): top-1 agreement "
             f"{parity['top1_agreement']:.1%}, max |prob difference| {parity['max_abs_prob_diff']:.2e} "
             f"(limit {parity['tolerance']:.0e}), input pixels identical in {parity['input_pixels_identical']}")
-
-
-def build_report(run: artifact.RunInfo, predictor, metadata: dict[str, str], opset: int, parity: dict) -> dict:
-    import onnx
-    import onnxruntime
-
-    size = predictor.preprocessing.img_size
-    return {
-        "format": "onnx", "file": MODEL_FILE, "opset": opset,
-        "exporter": "torch.onnx.export, TorchScript-based (dynamo=False)",
-        "versions": {"imgtune": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
-                     "onnxruntime": onnxruntime.__version__},
-        "run": str(run.path), "model": run.meta.get("model", {}).get("name", run.config.model.name),
-        "classes": run.classes,
-        "input": {"name": INPUT_NAME, "shape": ["batch", size, size, 3], "dtype": "uint8"},
-        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(run.classes)], "dtype": "float32"},
-        "preprocessing": json.loads(metadata["preprocessing"]),
-        "temperature": predictor.temperature, "weights_sha256": metadata["weights_sha256"],
-        "metrics": _metrics(run.path), "calibration": _calibration(run.path), "parity": parity,
-    }
-
-
-def _metrics(run_path: Path) -> dict:
-    """Val (and test) figures with their 95% intervals from metrics.json; empty when it is missing."""
-    try:
-        values = json.loads((run_path / artifact.METRICS_JSON).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    keep = ("n", "accuracy", "balanced_accuracy", "macro_f1", "loss", "ci95")
-    found = {"val": {k: values[k] for k in keep if k in values}}
-    if isinstance(values.get("test"), dict):
-        found["test"] = {k: values["test"][k] for k in keep if k in values["test"]}
-    return found
-
-
-def _calibration(run_path: Path) -> dict | None:
-    try:
-        return json.loads((run_path / artifact.CALIBRATION).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def model_card(report: dict) -> str:
-    """Markdown: classes, contract, metrics, calibration, parity and the runnable consumer code."""
-    pre, parity = report["preprocessing"], report["parity"]
-    lines = [f"# {report['model']}: ONNX export by imgtune {report['versions']['imgtune']}", "",
-             f"Classes, in output order: {', '.join(f'`{c}`' for c in report['classes'])}.", "",
-             "## Input and output", "",
-             f"- input `{INPUT_NAME}`: uint8, `N x {pre['input_size']} x {pre['input_size']} x 3` (NHWC, RGB): "
-             f"images with EXIF orientation applied, alpha on white, the shorter side resized to "
-             f"{pre['resize_size']} ({pre['interpolation']}, antialiased), then centre-cropped; any batch size",
-             f"- inside the graph: /255, mean {pre['mean']}, std {pre['std']}, the model, "
-             + (f"logits / {report['temperature']:.6g} (temperature), " if report["temperature"] else "")
-             + "softmax",
-             f"- output `{OUTPUT_NAME}`: float32 `N x {len(report['classes'])}` class probabilities", "",
-             "## Metrics of the run", "", *_metrics_table(report["metrics"]), "",
-             "## Calibration", "", _calibration_text(report), "",
-             "## Parity with `imgtune predict`", "",
-             f"On {parity['images']} image(s) ({parity['images'] - parity['synthetic_large_photos']} from the "
-             f"{parity['source']} and {parity['synthetic_large_photos']} synthetic "
-             f"{LARGE_PHOTO_SIZE[0]}x{LARGE_PHOTO_SIZE[1]} EXIF-rotated JPEGs), decoded by the code below and run "
-             f"with onnxruntime {report['versions']['onnxruntime']}: top-1 agreement "
-             f"{parity['top1_agreement']:.1%}, largest |probability difference| {parity['max_abs_prob_diff']:.2e} "
-             f"(limit {parity['tolerance']:.0e}); the uint8 input equals imgtune's own in "
-             f"{parity['input_pixels_identical']} of {parity['images']}.", "",
-             "## Use it with onnxruntime, numpy and Pillow only", "",
-             "Save this as `classify.py` and run `python classify.py model.onnx photo.jpg ...`:", "",
-             "```python", consumer_snippet().rstrip(), "```", ""]
-    return "\n".join(lines)
-
-
-def consumer_snippet() -> str:
-    """The model card's code: the consumer recipe module, verbatim, and a few lines that call the model."""
-    from . import consumer_recipe
-
-    return Path(consumer_recipe.__file__).read_text() + _CALL
-
-
-_CALL = '''
-
-if __name__ == "__main__":
-    import json
-    import sys
-
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
-    meta = session.get_modelmeta().custom_metadata_map
-    classes, pre = json.loads(meta["classes"]), json.loads(meta["preprocessing"])
-    batch = np.stack([preprocess(path, pre) for path in sys.argv[2:]])  # N x H x W x 3, uint8
-    probabilities = session.run(None, {"images": batch})[0]
-    for path, row in zip(sys.argv[2:], probabilities):
-        print(path, classes[int(row.argmax())], f"{row.max():.4f}")
-'''
-
-
-def _metrics_table(metrics: dict) -> list[str]:
-    if not metrics:
-        return ["(the run has no metrics.json)"]
-    rows = ["| split | images | accuracy (95% CI) | macro F1 (95% CI) |", "| --- | --- | --- | --- |"]
-    for split, values in metrics.items():
-        ci = values.get("ci95", {})
-        cells = [_with_interval(values.get(k), ci.get(k)) for k in ("accuracy", "macro_f1")]
-        rows.append(f"| {split} | {values.get('n', '?')} | {cells[0]} | {cells[1]} |")
-    return rows
-
-
-def _with_interval(value, interval) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.4f} ({interval[0]:.3f}-{interval[1]:.3f})" if interval else f"{value:.4f}"
-
-
-def _calibration_text(report: dict) -> str:
-    calibration = report["calibration"]
-    applied = (f"The graph divides the logits by the fitted temperature {report['temperature']:.6g} "
-               "(exported with --calibrated)." if report["temperature"] else
-               "The graph gives the model's own probabilities (no temperature; export with --calibrated "
-               "to include the fitted one).")
-    if not calibration:
-        return applied + " The run has no calibration.json."
-    return (f"{applied} Temperature fitted on {calibration.get('fitted_on')} "
-            f"({calibration.get('n_fit')} images): {calibration['temperature']:.6g}; ECE on "
-            f"{calibration.get('assessed_on')} {calibration.get('ece_before', float('nan')):.4f} before, "
-            f"{calibration.get('ece_after', float('nan')):.4f} after.")

@@ -12,10 +12,12 @@ Conversions (documented in docs/data.md):
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
+from collections.abc import Iterator
 from typing import BinaryIO
 
 import numpy as np
@@ -60,14 +62,8 @@ def load_rgb(path: str | Path | ImageRef | BinaryIO, draft_size: int | None = No
     at least ``draft_size`` pixels on its shorter side). Raises :class:`DecodeError`. A path is opened as
     an :class:`ImageRef` is: a regular file under the size limit, or a ``DecodeError`` saying why not.
     """
-    if isinstance(path, (str, Path)):
-        path = ImageRef.file(path)
-    if isinstance(path, ImageRef):
-        try:
-            handle = path.open()
-        except OSError as exc:
-            raise DecodeError(_describe(exc), _kind(exc)) from exc
-        with handle:
+    if isinstance(path, (str, Path, ImageRef)):  # opened the one checked way
+        with _opened(path) as handle:
             return load_rgb(handle, draft_size)
     try:
         with Image.open(path) as img:
@@ -80,15 +76,24 @@ def load_rgb(path: str | Path | ImageRef | BinaryIO, draft_size: int | None = No
         raise DecodeError(_describe(exc), _kind(exc)) from exc
 
 
+@contextlib.contextmanager
+def _opened(source: str | Path | ImageRef) -> Iterator[BinaryIO]:
+    """``source`` opened as an :class:`ImageRef` opens it (a regular file under the size limit, or bytes);
+    what cannot be opened is a :class:`DecodeError` saying why."""
+    ref = source if isinstance(source, ImageRef) else ImageRef.file(source)
+    try:
+        handle = ref.open()
+    except OSError as exc:
+        raise DecodeError(_describe(exc), _kind(exc)) from exc
+    with handle:
+        yield handle
+
+
 def probe(path: str | Path | BinaryIO, fingerprint: bool = False) -> ImageInfo:
     """Decode ``path`` (cheaply for large JPEGs) and return what it is; with ``fingerprint``, also its
     perceptual fingerprint (:mod:`imgtune.data.fingerprint`). Raises :class:`DecodeError`."""
-    if isinstance(path, (str, Path)):
-        try:
-            handle = ImageRef.file(path).open()
-        except OSError as exc:
-            raise DecodeError(_describe(exc), _kind(exc)) from exc
-        with handle:
+    if isinstance(path, (str, Path, ImageRef)):
+        with _opened(path) as handle:
             return probe(handle, fingerprint)
     try:
         with Image.open(path) as img:
