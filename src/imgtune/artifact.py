@@ -32,16 +32,18 @@ import platform
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-
-import torch
-from safetensors.torch import load_model, save_model
+from typing import TYPE_CHECKING
 
 from . import __version__, finite, runlock
 from .atomic import atomic_write, atomic_write_bytes, atomic_write_text, check_writable_folder  # noqa: F401
 from .cache import file_sha256
 from .config import RunConfig, from_dict
-from .data.transforms import Preprocessing
 from .errors import DataError, ModelError, UsageError
+
+if TYPE_CHECKING:  # torch is imported only where weights are read or written, so that reading a run folder
+    import torch    # stays torch-free (imgtune predict --engine onnxruntime)
+
+    from .data.transforms import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +140,8 @@ def write_json(path: Path, values: dict) -> None:
 def save_weights(model: torch.nn.Module, path: Path) -> None:
     """Write the weights, then record their SHA-256 in the meta.json beside them (both atomically), so
     that :func:`load_weights` can tell damaged weights from good ones."""
+    from safetensors.torch import save_model
+
     atomic_write(path, lambda tmp: save_model(model, str(tmp)))
     meta_path = path.parent / META
     if meta_path.is_file():
@@ -160,6 +164,7 @@ def write_metrics_csv(path: Path, rows: list[dict]) -> None:
 
 def versions() -> dict:
     import timm
+    import torch
     import torchvision
 
     return {"imgtune": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
@@ -177,7 +182,9 @@ class RunInfo:
         return list(self.meta["classes"])
 
     @property
-    def preprocessing(self) -> Preprocessing:
+    def preprocessing(self) -> "Preprocessing":
+        from .data.transforms import Preprocessing
+
         return Preprocessing.from_dict(self.meta["preprocessing"])
 
 
@@ -220,6 +227,8 @@ def read_calibration(path: Path) -> dict:
 def load_weights(model: torch.nn.Module, path: Path) -> None:
     """Load ``path`` into ``model`` after checking it against the SHA-256 that the meta.json beside it
     recorded when it was written (runs written before imgtune recorded one load unchecked)."""
+    from safetensors.torch import load_model
+
     _verify_weights(path)
     try:
         load_model(model, str(path))

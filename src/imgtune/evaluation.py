@@ -29,7 +29,7 @@ from .errors import DataError, UsageError
 from .metrics import bootstrap_ci, classification_report
 
 if TYPE_CHECKING:
-    from .predict import Predictor
+    from .predictions import RunPredictor
 
 log = logging.getLogger(__name__)
 
@@ -118,22 +118,25 @@ def _from_shards(source: str, name: str) -> Selection:
 
 
 def evaluate(run_dir: str | Path, data: str | None = None, split: str | None = None, device: str = "auto",
-             batch_size: int = 32) -> EvaluationResult:
-    """Measure the run on its own split (val by default) or on ``data`` (see :func:`select_images`).
-    Computes only: :func:`write_evaluation` writes the files ``imgtune evaluate`` writes."""
-    from .predict import Predictor
+             batch_size: int = 32, engine: str = "auto", int8: bool = False) -> EvaluationResult:
+    """Measure the run on its own split (val by default) or on ``data`` (see :func:`select_images`), with
+    the ``engine`` of :func:`~imgtune.ort_predict.open_predictor`. Computes only: :func:`write_evaluation`
+    writes the files ``imgtune evaluate`` writes."""
+    from .ort_predict import open_predictor
 
-    return measure(Predictor.from_run(run_dir, device), data, split, batch_size)
+    return measure(open_predictor(run_dir, engine, device, int8=int8), data, split, batch_size)
 
 
-def measure(predictor: "Predictor", data: str | None = None, split: str | None = None,
+def measure(predictor: "RunPredictor", data: str | None = None, split: str | None = None,
             batch_size: int = 32) -> EvaluationResult:
-    """:func:`evaluate` with a Predictor already built (``Predictor.from_run``, uncalibrated), so a caller
-    that needs the model again (the report's Grad-CAM gallery) builds it once."""
+    """:func:`evaluate` with a predictor already built from the run (``Predictor.from_run`` or
+    ``OrtPredictor.from_run``, uncalibrated), so a caller that needs the model again (the report's
+    Grad-CAM gallery) builds it once."""
     run = predictor.run
     if run is None or predictor.temperature is not None:
-        raise UsageError("measure() needs an uncalibrated Predictor made by Predictor.from_run(RUN) (it reads "
-                         "the run's data and calibration)")
+        raise UsageError("measure() needs an uncalibrated predictor made from the run folder "
+                         "(Predictor.from_run(RUN) or OrtPredictor.from_run(RUN); it reads the run's data and "
+                         "calibration)")
     chosen = select_images(run, data, split)
     probs, errors = predictor.probabilities(chosen.images, batch_size)
     failed = [(str(image), e) for image, e in zip(chosen.images, errors) if e]

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from . import __version__, artifact
 
 MODEL_FILE, CARD_FILE, REPORT_FILE = "model.onnx", "model_card.md", "export.json"
@@ -19,6 +17,7 @@ LARGE_PHOTO_SIZE = (3024, 4032)  # width, height of the synthetic phone photos a
 def build_report(run: artifact.RunInfo, predictor, metadata: dict[str, str], opset: int, parity: dict) -> dict:
     import onnx
     import onnxruntime
+    import torch
 
     size = predictor.preprocessing.img_size
     return {

@@ -10,7 +10,6 @@ import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,31 +18,12 @@ import torch
 from . import artifact, models
 from .data.decode import DecodeError, load_rgb
 from .data.image_ref import ImageRef, as_image_ref
-from .data.reading import is_regular, kind_of
-from .data.scan import IMAGE_EXTENSIONS
 from .data.transforms import Preprocessing, eval_transform
 from .inference import forward, select_device
-from .errors import DataError, UsageError
+from .errors import UsageError
+from .predictions import Prediction, expand_paths, top_predictions  # noqa: F401 (also read as predict.X)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Prediction:
-    path: str
-    labels: list[str] = field(default_factory=list)
-    probs: list[float] = field(default_factory=list)
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def to_dict(self) -> dict:
-        if self.error:
-            return {"path": self.path, "error": self.error}
-        return {"path": self.path, "label": self.labels[0], "prob": self.probs[0],
-                "top": [{"label": label, "prob": p} for label, p in zip(self.labels, self.probs)]}
 
 
 class Predictor:
@@ -98,15 +78,7 @@ class Predictor:
         """Top ``top_k`` classes of each image; ``Prediction.path`` is its path (or an ImageRef's name)."""
         paths = [as_image_ref(p) for p in paths]
         probs, errors = self.probabilities(paths, batch_size)
-        k = max(1, min(top_k, len(self.classes)))
-        results = []
-        for path, row, error in zip(paths, probs, errors):
-            if error:
-                results.append(Prediction(str(path), error=error))
-                continue
-            order = np.argsort(-row)[:k]
-            results.append(Prediction(str(path), [self.classes[i] for i in order], [float(row[i]) for i in order]))
-        return results
+        return top_predictions(paths, probs, errors, self.classes, top_k)
 
     def _batches(self, paths: list[str | Path | ImageRef], batch_size: int,
                  ahead: int = 2) -> Iterator[tuple[int, list, dict]]:
@@ -146,27 +118,3 @@ def _fuse_batch_norm(model: torch.nn.Module) -> torch.nn.Module:
     except Exception as exc:  # tracing fails on data-dependent control flow, in many ways
         log.debug("batch-norm fusion not possible for this model (%s); running it as it is", exc)
         return model
-
-
-def expand_paths(inputs: Iterable[str | Path]) -> list[Path]:
-    """Files as given (whatever their extension) and image files found recursively in folders; in a
-    folder, what is not a regular file (a FIFO, device or socket with an image's name) is skipped with a
-    warning. A file given by name that cannot be read becomes an error row, not a crash."""
-    found: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if not path.is_dir():
-            found.append(path)
-            continue
-        for p in sorted(path.rglob("*")):
-            if p.suffix.lower() not in IMAGE_EXTENSIONS or p.is_dir() or \
-                    any(part.startswith(".") for part in p.relative_to(path).parts):
-                continue
-            if is_regular(p):
-                found.append(p)
-            elif p.exists():  # not a dangling link
-                log.warning("skipping %s: %s, not a regular file (only regular files are read)", p,
-                            kind_of(p.stat().st_mode))
-    if not found:
-        raise DataError(f"no image files in {', '.join(map(str, inputs))}")
-    return found

@@ -27,13 +27,25 @@ def register(commands) -> None:
     p.add_argument("--calibrated", action="store_true",
                    help="temperature-scaled probabilities, softmax(logits / T) with the T fitted on the run's "
                         "validation split (calibration.json); the labels are the same")
+    add_engine(p)
     p.set_defaults(handler=run)
 
 
-def run(args) -> int:
-    from ..predict import Predictor, expand_paths
+def add_engine(p) -> None:
+    """--engine and --int8, for predict and evaluate."""
+    p.add_argument("--engine", choices=("auto", "torch", "onnxruntime"), default="auto",
+                   help="what runs the model: onnxruntime uses the run's ONNX export (imgtune export RUN) and "
+                        "never imports torch; auto (default) uses it when it was made from the run's current "
+                        "weights and onnxruntime is installed, else torch")
+    p.add_argument("--int8", action="store_true",
+                   help="run the int8 export (model.int8.onnx, imgtune export RUN --int8) with onnxruntime")
 
-    predictor = Predictor.from_run(args.run, args.device, calibrated=args.calibrated)
+
+def run(args) -> int:
+    from ..ort_predict import open_predictor
+    from ..predictions import expand_paths
+
+    predictor = open_predictor(args.run, args.engine, args.device, calibrated=args.calibrated, int8=args.int8)
     results = predictor.predict(expand_paths(args.paths), args.top_k, args.batch_size)
     {"table": _table, "csv": _csv, "json": _json}[args.format](results)
     failed = sum(not r.ok for r in results)

@@ -1,9 +1,18 @@
-"""Data: finding and checking labelled images, decoding them exactly, and feeding them to models."""
+"""Data: finding and checking labelled images, decoding them exactly, and feeding them to models.
 
-from .decode import ALPHA_BACKGROUND, DecodeError, load_rgb, probe
-from .image_ref import ImageRef
-from .scan import DataSplits, Sample, find_samples, load_splits
-from .transforms import Preprocessing, eval_transform, train_transform
+The names below are imported on first use (PEP 562), so that importing a torch-free submodule
+(``imgtune.data.decode``, ``imgtune.data.image_ref``) does not import torch through ``transforms``."""
 
-__all__ = ["ALPHA_BACKGROUND", "DataSplits", "DecodeError", "ImageRef", "Preprocessing", "Sample", "eval_transform",
-           "find_samples", "load_rgb", "load_splits", "probe", "train_transform"]
+from importlib import import_module
+
+_WHERE = {"ALPHA_BACKGROUND": "decode", "DecodeError": "decode", "load_rgb": "decode", "probe": "decode",
+          "ImageRef": "image_ref", "DataSplits": "scan", "Sample": "scan", "find_samples": "scan",
+          "load_splits": "scan", "Preprocessing": "transforms", "eval_transform": "transforms",
+          "train_transform": "transforms"}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_WHERE[name]}", __name__), name)

@@ -1,0 +1,92 @@
+"""What every inference engine returns and reads, without torch: :class:`Prediction` rows, the top-k of a
+probability matrix, which files the PATH arguments of ``imgtune predict`` mean, and the
+:class:`RunPredictor` protocol that ``predict``, ``evaluate`` and ``measure`` call (the torch
+:class:`~imgtune.predict.Predictor` and the ONNX Runtime :class:`~imgtune.ort_predict.OrtPredictor`)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from .data.image_ref import ImageRef
+from .data.reading import is_regular, kind_of
+from .data.scan import IMAGE_EXTENSIONS
+from .errors import DataError
+
+if TYPE_CHECKING:
+    from .artifact import RunInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prediction:
+    path: str
+    labels: list[str] = field(default_factory=list)
+    probs: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict:
+        if self.error:
+            return {"path": self.path, "error": self.error}
+        return {"path": self.path, "label": self.labels[0], "prob": self.probs[0],
+                "top": [{"label": label, "prob": p} for label, p in zip(self.labels, self.probs)]}
+
+
+class RunPredictor(Protocol):
+    """What ``imgtune predict`` and ``evaluate`` use of a predictor, whichever engine runs the model."""
+
+    classes: list[str]
+    run: "RunInfo | None"  # the run folder it was made from (measure() reads its data and calibration)
+    temperature: float | None  # None: the model's own probabilities
+
+    def probabilities(self, paths: list, batch_size: int = 32) -> tuple[np.ndarray, list[str | None]]: ...
+
+    def predict(self, paths: Iterable, top_k: int = 3, batch_size: int = 32) -> list[Prediction]: ...
+
+
+def top_predictions(paths: Sequence[str | Path | ImageRef], probs: np.ndarray, errors: Sequence[str | None],
+                    classes: list[str], top_k: int) -> list[Prediction]:
+    """One :class:`Prediction` per image: its ``top_k`` classes, or its error."""
+    k = max(1, min(top_k, len(classes)))
+    results = []
+    for path, row, error in zip(paths, probs, errors):
+        if error:
+            results.append(Prediction(str(path), error=error))
+            continue
+        order = np.argsort(-row)[:k]
+        results.append(Prediction(str(path), [classes[i] for i in order], [float(row[i]) for i in order]))
+    return results
+
+
+def expand_paths(inputs: Iterable[str | Path]) -> list[Path]:
+    """Files as given (whatever their extension) and image files found recursively in folders; in a
+    folder, what is not a regular file (a FIFO, device or socket with an image's name) is skipped with a
+    warning. A file given by name that cannot be read becomes an error row, not a crash."""
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if not path.is_dir():
+            found.append(path)
+            continue
+        for p in sorted(path.rglob("*")):
+            if p.suffix.lower() not in IMAGE_EXTENSIONS or p.is_dir() or \
+                    any(part.startswith(".") for part in p.relative_to(path).parts):
+                continue
+            if is_regular(p):
+                found.append(p)
+            elif p.exists():  # not a dangling link
+                log.warning("skipping %s: %s, not a regular file (only regular files are read)", p,
+                            kind_of(p.stat().st_mode))
+    if not found:
+        raise DataError(f"no image files in {', '.join(map(str, inputs))}")
+    return found
