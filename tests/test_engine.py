@@ -173,8 +173,9 @@ def test_retraining_with_overwrite_removes_the_export(data, tmp_path, images):
 
 def test_onnxruntime_predict_never_imports_torch(run, images):
     """The whole command in a fresh interpreter: no torch, torchvision or timm in sys.modules."""
+    argv = ["predict", str(run), str(images[0]), "--engine", "onnxruntime", "--format", "csv"]
     script = ("import sys\nfrom imgtune.cli import main\n"
-              f"code = main(['predict', {str(run)!r}, {str(images[0])!r}, '--engine', 'onnxruntime', '--format', 'csv'])\n"
+              f"code = main({argv!r})\n"
               "heavy = sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules)\n"
               "print('HEAVY', heavy)\nsys.exit(code)\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}

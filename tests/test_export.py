@@ -187,7 +187,7 @@ def test_model_card_code_runs_without_torch_and_agrees_with_predict(exported, ru
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr
     labels = {line.rsplit(" ", 2)[0]: line.rsplit(" ", 2)[1] for line in done.stdout.splitlines()}
-    assert main(["predict", str(run), *paths, "--format", "json"]) == 0
+    assert main(["predict", str(run), *paths, "--format", "json", "--engine", "torch"]) == 0
     predicted = {row["path"]: row["label"] for row in json.loads(capsys.readouterr().out)}
     assert labels == predicted
 
