@@ -90,9 +90,10 @@ class WithPreprocessing(nn.Module):
 
 
 def export_run(run_dir: str | Path, out: str | Path | None = None, fmt: str = "onnx", opset: int = DEFAULT_OPSET,
-               check_images: str | Path | None = None, calibrated: bool = False) -> ExportResult:
+               check_images: str | Path | None = None, calibrated: bool = False, int8: bool = False) -> ExportResult:
     """Export the run in ``run_dir`` to ``out`` (default ``RUN/export``) and check it; raises ModelError
-    (leaving ``<out>.failed``) when the check fails."""
+    (leaving ``<out>.failed``) when the check fails. ``int8`` adds ``model.int8.onnx`` and its accuracy
+    change (:mod:`imgtune.export_int8`)."""
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
     if opset not in OPSETS:
@@ -103,10 +104,11 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, fmt: str = "o
     _check_target(final)
     holding = runlock.hold(run.path, "export") if runlock.inside(final, run.path) else contextlib.nullcontext()
     with holding:  # writing into the run folder: one writer at a time
-        return _export(run, final, opset, check_images, calibrated)
+        return _export(run, final, opset, check_images, calibrated, int8)
 
 
-def _export(run: artifact.RunInfo, final: Path, opset: int, check_images, calibrated: bool) -> ExportResult:
+def _export(run: artifact.RunInfo, final: Path, opset: int, check_images, calibrated: bool,
+            int8: bool) -> ExportResult:
     from .predict import Predictor
 
     predictor = Predictor.from_run(run.path, "cpu", calibrated=calibrated)
@@ -122,6 +124,10 @@ def _export(run: artifact.RunInfo, final: Path, opset: int, check_images, calibr
             parity = check_parity(tmp / MODEL_FILE, predictor, images + large)
         parity.update(source=source, synthetic_large_photos=len(large))
         report = build_report(run, predictor, metadata, opset, parity)
+        if int8 and parity["passed"]:
+            from .export_int8 import INT8_FILE, quantize_export
+
+            report["int8"] = quantize_export(run, tmp / MODEL_FILE, tmp / INT8_FILE, metadata)
         artifact.write_json(tmp / REPORT_FILE, report)
         artifact.atomic_write_text(tmp / CARD_FILE, model_card(report))
     except BaseException:
