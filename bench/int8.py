@@ -31,7 +31,11 @@ def val_batch(run, pre: dict) -> np.ndarray:
     from imgtune.consumer_recipe import preprocess
     from imgtune.evaluation import select_images
 
-    return np.stack([preprocess(str(ref.path), pre) for ref in select_images(run, None, "val").images])
+    batch = []
+    for ref in select_images(run, None, "val").images:
+        with ref.open() as handle:
+            batch.append(preprocess(handle, pre))
+    return np.stack(batch)
 
 
 def images_per_second(session, batch: np.ndarray) -> float:
