@@ -183,3 +183,27 @@ def test_onnxruntime_predict_never_imports_torch(run, images):
     assert done.returncode == 0, done.stderr
     assert "HEAVY []" in done.stdout
     assert Path(images[0]).name in done.stdout
+
+
+def test_int8_flag_runs_the_int8_file(run, images, tmp_path, capsys):
+    """After ``export --int8``, ``predict --int8`` runs model.int8.onnx: its probabilities are those of
+    that file fed by the consumer recipe, and not the fp32 file's."""
+    import onnxruntime
+
+    from imgtune.consumer_recipe import preprocess
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns(EXPORT_DIR, ".imgtune.lock"))
+    assert main(["-q", "export", str(copy), "--int8"]) == 0
+    int8 = OrtPredictor.from_run(copy, int8=True).probabilities(images)[0]
+    fp32 = OrtPredictor.from_run(copy).probabilities(images)[0]
+    session = onnxruntime.InferenceSession(str(copy / EXPORT_DIR / "model.int8.onnx"),
+                                           providers=["CPUExecutionProvider"])
+    pre = json.loads(session.get_modelmeta().custom_metadata_map["preprocessing"])
+    batch = np.stack([preprocess(str(path), pre) for path in images])
+    direct = session.run(None, {session.get_inputs()[0].name: batch})[0]
+    assert np.abs(int8 - direct).max() <= 1e-6
+    assert np.abs(int8 - fp32).max() > 0  # the quantised model, not the fp32 one
+    rows = predict_json(capsys, copy, *map(str, images), "--int8")
+    classes = OrtPredictor.from_run(copy, int8=True).classes
+    assert [r["label"] for r in rows] == [classes[i] for i in int8.argmax(1)]

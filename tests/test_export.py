@@ -287,3 +287,76 @@ def test_timm_models_export_with_parity(data, tmp_path, model):
     assert main(["-q", "export", str(run)]) == 0
     parity = json.loads((run / "export" / "export.json").read_text())["parity"]
     assert parity["passed"] and parity["input_pixels_identical"] == parity["images"]
+
+
+def session_outputs(path: Path, inputs: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": inputs})[0]
+
+
+def test_int8_export_writes_the_file_its_metadata_and_recomputable_figures(run, data, tmp_path, capsys):
+    out = tmp_path / "int8"
+    assert main(["export", str(run), "--int8", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "int8 (QDQ, per-channel, calibrated on 30 training images)" in printed and "WARNING" not in printed
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.int8.onnx", "model.onnx", "model_card.md"]
+    assert leftovers(tmp_path) == []
+    # metadata: the fp32 file's keys and values, plus quantization
+    fp32_props = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
+    int8_model = onnx.load(str(out / "model.int8.onnx"))
+    props = {p.key: p.value for p in int8_model.metadata_props}
+    assert set(props) == set(export_lib.METADATA_KEYS) | {"quantization"}
+    assert {k: props[k] for k in fp32_props} == fp32_props
+    quantization = json.loads(props["quantization"])
+    assert (quantization["method"], quantization["format"], quantization["per_channel"]) == (
+        "onnxruntime.quantization.quantize_static", "QDQ", True)
+    assert quantization["calibration_images"] == 10 * len(CLASSES)
+    ops = {node.op_type for node in int8_model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Softmax"} <= ops
+    # the figures, recomputed from the two files with the consumer recipe
+    block = json.loads((out / "export.json").read_text())["int8"]
+    assert block["quantization"] == quantization and block["warning"] is None and list(block["splits"]) == ["val"]
+    pre = json.loads(fp32_props["preprocessing"])
+    paths = sorted((data / "val").rglob("*.png"))
+    inputs = np.stack([consumer_preprocess(p, pre) for p in paths])
+    labels = np.array([sorted(CLASSES).index(p.parent.name) for p in paths])
+    fp32, int8 = session_outputs(out / "model.onnx", inputs), session_outputs(out / "model.int8.onnx", inputs)
+    val = block["splits"]["val"]
+    assert val["images"] == len(paths) and val["unreadable"] == 0
+    assert val["fp32_accuracy"] == float(np.mean(fp32.argmax(1) == labels))
+    assert val["int8_accuracy"] == float(np.mean(int8.argmax(1) == labels))
+    assert val["drop_points"] == pytest.approx((val["fp32_accuracy"] - val["int8_accuracy"]) * 100)
+    assert val["top1_agreement"] == float(np.mean(fp32.argmax(1) == int8.argmax(1)))
+    assert val["max_abs_prob_diff"] == pytest.approx(float(np.abs(fp32 - int8).max()), abs=1e-6)
+    assert 0 < val["max_abs_prob_diff"] < 0.5  # quantised, and still the same model
+    assert "## int8 model" in (out / "model_card.md").read_text()
+
+
+def test_int8_drop_over_the_limit_is_a_stored_warning(run, tmp_path, monkeypatch, capsys):
+    from imgtune import export_int8
+
+    monkeypatch.setattr(export_int8, "MAX_DROP_POINTS", -1.0)  # any result is "too large a drop"
+    out = tmp_path / "out"
+    assert main(["export", str(run), "--int8", "--out", str(out)]) == 0
+    assert "WARNING: int8 top-1 accuracy is" in capsys.readouterr().out
+    block = json.loads((out / "export.json").read_text())["int8"]
+    assert block["max_drop_points"] == -1.0 and "prefer model.onnx" in block["warning"]
+    assert "**Warning:** int8 top-1 accuracy" in (out / "model_card.md").read_text()
+
+
+def test_failed_quantisation_leaves_nothing_and_keeps_the_previous_export(run, tmp_path, monkeypatch, capsys):
+    import onnxruntime.quantization as quantization
+
+    out = tmp_path / "out"
+    assert main(["-q", "export", str(run), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken(*args, **kwargs):
+        raise ValueError("no kernel for this op")
+
+    monkeypatch.setattr(quantization, "quantize_static", broken)
+    assert main(["export", str(run), "--int8", "--out", str(out)]) == 4
+    err = capsys.readouterr().err
+    assert "small_cnn failed: no kernel for this op" in err and "without --int8" in err
+    assert "symbolic shape inference" not in err  # onnxruntime.quantization's INFO lines are kept out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

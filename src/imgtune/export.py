@@ -32,8 +32,8 @@ from torch import nn
 
 from . import __version__, artifact, runlock
 from .cache import file_sha256
-from .export_card import (CARD_FILE, INPUT_NAME, LARGE_PHOTO_SIZE, MODEL_FILE, OUTPUT_NAME, REPORT_FILE,
-                          build_report, model_card)
+from .export_card import (CARD_FILE, EXPORT_DIR, INPUT_NAME, INT8_FILE, LARGE_PHOTO_SIZE, MODEL_FILE, OUTPUT_NAME,
+                          REPORT_FILE, build_report, model_card)
 from .atomic import _UMASK
 from .consumer_recipe import preprocess as consumer_preprocess
 from .data.decode import DecodeError, load_rgb
@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 FORMATS = ("onnx",)
 DEFAULT_OPSET = 18
 OPSETS = range(9, 21)  # what the TorchScript-based exporter of torch 2.x writes
-EXPORT_DIR = "export"
 PROB_TOLERANCE = 1e-4  # the largest |probability difference| a passing export may have
 METADATA_KEYS = ("classes", "preprocessing", "temperature", "imgtune_version", "weights_sha256")
 INSTALL_HINT = "pip install 'imgtune[export]'"
@@ -90,9 +89,10 @@ class WithPreprocessing(nn.Module):
 
 
 def export_run(run_dir: str | Path, out: str | Path | None = None, fmt: str = "onnx", opset: int = DEFAULT_OPSET,
-               check_images: str | Path | None = None, calibrated: bool = False) -> ExportResult:
+               check_images: str | Path | None = None, calibrated: bool = False, int8: bool = False) -> ExportResult:
     """Export the run in ``run_dir`` to ``out`` (default ``RUN/export``) and check it; raises ModelError
-    (leaving ``<out>.failed``) when the check fails."""
+    (leaving ``<out>.failed``) when the check fails. ``int8`` adds ``model.int8.onnx`` and its accuracy
+    change (:mod:`imgtune.export_int8`)."""
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
     if opset not in OPSETS:
@@ -103,10 +103,11 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, fmt: str = "o
     _check_target(final)
     holding = runlock.hold(run.path, "export") if runlock.inside(final, run.path) else contextlib.nullcontext()
     with holding:  # writing into the run folder: one writer at a time
-        return _export(run, final, opset, check_images, calibrated)
+        return _export(run, final, opset, check_images, calibrated, int8)
 
 
-def _export(run: artifact.RunInfo, final: Path, opset: int, check_images, calibrated: bool) -> ExportResult:
+def _export(run: artifact.RunInfo, final: Path, opset: int, check_images, calibrated: bool,
+            int8: bool) -> ExportResult:
     from .predict import Predictor
 
     predictor = Predictor.from_run(run.path, "cpu", calibrated=calibrated)
@@ -122,6 +123,10 @@ def _export(run: artifact.RunInfo, final: Path, opset: int, check_images, calibr
             parity = check_parity(tmp / MODEL_FILE, predictor, images + large)
         parity.update(source=source, synthetic_large_photos=len(large))
         report = build_report(run, predictor, metadata, opset, parity)
+        if int8 and parity["passed"]:
+            from .export_int8 import quantize_export
+
+            report["int8"] = quantize_export(run, tmp / MODEL_FILE, tmp / INT8_FILE, metadata)
         artifact.write_json(tmp / REPORT_FILE, report)
         artifact.atomic_write_text(tmp / CARD_FILE, model_card(report))
     except BaseException:

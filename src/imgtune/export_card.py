@@ -9,7 +9,8 @@ from pathlib import Path
 
 from . import __version__, artifact
 
-MODEL_FILE, CARD_FILE, REPORT_FILE = "model.onnx", "model_card.md", "export.json"
+EXPORT_DIR = "export"  # the default export folder inside a run folder
+MODEL_FILE, INT8_FILE, CARD_FILE, REPORT_FILE = "model.onnx", "model.int8.onnx", "model_card.md", "export.json"
 INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
 LARGE_PHOTO_SIZE = (3024, 4032)  # width, height of the synthetic phone photos added to every parity check
 
@@ -78,6 +79,7 @@ def model_card(report: dict) -> str:
              f"{parity['top1_agreement']:.1%}, largest |probability difference| {parity['max_abs_prob_diff']:.2e} "
              f"(limit {parity['tolerance']:.0e}); the uint8 input equals imgtune's own in "
              f"{parity['input_pixels_identical']} of {parity['images']}.", "",
+             *_int8_section(report.get("int8")),
              "## Use it with onnxruntime, numpy and Pillow only", "",
              "Save this as `classify.py` and run `python classify.py model.onnx photo.jpg ...`:", "",
              "```python", consumer_snippet().rstrip(), "```", ""]
@@ -107,6 +109,28 @@ if __name__ == "__main__":
     for path, row in zip(sys.argv[2:], probabilities):
         print(path, classes[int(row.argmax())], f"{row.max():.4f}")
 '''
+
+
+def _int8_section(block: dict | None) -> list[str]:
+    """The int8 file's quantisation and its accuracy against model.onnx, when exported with --int8."""
+    if not block:
+        return []
+    q = block["quantization"]
+    lines = ["## int8 model", "",
+             f"`{block['file']}` takes the same input and gives the same output, quantised statically with "
+             f"ONNX Runtime ({q['format']}, {q['calibration_method']} calibration on {q['calibration_images']} "
+             f"training images, {'per-channel' if q['per_channel'] else 'per-tensor'} {q['weights']} weights, "
+             f"{q['activations']} activations; kept in float: {q['kept_float']}). Against `model.onnx`, "
+             "both fed by the code below:", "",
+             "| split | images | fp32 top-1 | int8 top-1 | change (points) | top-1 agreement | max abs prob diff |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, s in block["splits"].items():
+        change = (s["int8_accuracy"] - s["fp32_accuracy"]) * 100
+        lines.append(f"| {name} | {s['images']} | {s['fp32_accuracy']:.4f} | {s['int8_accuracy']:.4f} | "
+                     f"{change:+.2f} | {s['top1_agreement']:.1%} | {s['max_abs_prob_diff']:.2e} |")
+    if block["warning"]:
+        lines += ["", f"**Warning:** {block['warning']}."]
+    return lines + [""]
 
 
 def _metrics_table(metrics: dict) -> list[str]:

@@ -32,14 +32,12 @@ from .consumer_recipe import RESAMPLE, center_crop, resize_shorter_side
 from .data.decode import DecodeError, load_rgb
 from .data.image_ref import ImageRef, as_image_ref
 from .errors import UsageError
-from .export_card import INPUT_NAME, MODEL_FILE
+from .export_card import EXPORT_DIR, INPUT_NAME, INT8_FILE, MODEL_FILE
 from .predictions import Prediction, RunPredictor, top_predictions
 
 log = logging.getLogger(__name__)
 
 ENGINES = ("auto", "torch", "onnxruntime")
-EXPORT_DIR = "export"  # imgtune.export.EXPORT_DIR, the default folder of imgtune export
-INT8_FILE = "model.int8.onnx"  # what imgtune export --int8 writes beside model.onnx
 INSTALL_HINT = "pip install 'imgtune[export]'"
 
 

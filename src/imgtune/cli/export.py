@@ -24,13 +24,20 @@ def register(commands) -> None:
                    help="images to check the export on (default: the run's validation split)")
     p.add_argument("--calibrated", action="store_true",
                    help="put the temperature fitted on the validation split (calibration.json) into the graph")
+    p.add_argument("--int8", action="store_true",
+                   help="also write model.int8.onnx (static int8 quantisation calibrated on training images) "
+                        "and report its accuracy change on the val (and test) split")
     p.set_defaults(handler=run)
 
 
 def run(args) -> int:
     from ..export import export_run, parity_text
 
-    result = export_run(args.run, args.out, args.format, args.opset, args.check_images, args.calibrated)
+    result = export_run(args.run, args.out, args.format, args.opset, args.check_images, args.calibrated, args.int8)
     print(f"parity with imgtune predict on {parity_text(result.report['parity'])}")
+    if "int8" in result.report:
+        from ..export_int8 import int8_text
+
+        print(int8_text(result.report["int8"]))
     print(f"export folder: {result.path}  ({', '.join(sorted(p.name for p in result.path.iterdir()))})")
     return 0
