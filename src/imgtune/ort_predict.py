@@ -16,12 +16,9 @@ float32 rounding of p, since log softmax differs from the logits by a constant p
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
-import os
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +26,11 @@ import numpy as np
 from . import artifact
 from .cache import file_sha256
 from .consumer_recipe import RESAMPLE, center_crop, resize_shorter_side
-from .data.decode import DecodeError, load_rgb
+from .data.decode import load_rgb
 from .data.image_ref import ImageRef, as_image_ref
 from .errors import UsageError
 from .export_card import EXPORT_DIR, INPUT_NAME, INT8_FILE, MODEL_FILE
-from .predictions import Prediction, RunPredictor, top_predictions
+from .predictions import Prediction, RunPredictor, batched_probabilities, top_predictions
 
 log = logging.getLogger(__name__)
 
@@ -134,16 +131,11 @@ class OrtPredictor:
     def probabilities(self, paths: list[str | Path | ImageRef],
                       batch_size: int = 32) -> tuple[np.ndarray, list[str | None]]:
         """Class probabilities for each image (rows of NaN where it failed) and the errors."""
-        probs = np.full((len(paths), len(self.classes)), np.nan, dtype=np.float64)
-        errors: list[str | None] = [None] * len(paths)
-        for start, pixels, failures in self._batches(paths, batch_size):
-            for offset, message in failures.items():
-                errors[start + offset] = message
-            keep = [i for i, p in enumerate(pixels) if p is not None]
-            if keep:
-                out = self.session.run(None, {INPUT_NAME: np.stack([pixels[i] for i in keep])})[0]
-                probs[[start + i for i in keep]] = self._rescale(out.astype(np.float64))
-        return probs, errors
+        return batched_probabilities(paths, self._pixels, self._run, len(self.classes), batch_size)
+
+    def _run(self, pixels: list[np.ndarray]) -> np.ndarray:
+        out = self.session.run(None, {INPUT_NAME: np.stack(pixels)})[0]
+        return self._rescale(out.astype(np.float64))
 
     def predict(self, paths: Iterable[str | Path | ImageRef], top_k: int = 3,
                 batch_size: int = 32) -> list[Prediction]:
@@ -162,27 +154,7 @@ class OrtPredictor:
         exp = np.exp(scaled)
         return exp / exp.sum(axis=1, keepdims=True)
 
-    def _pixels(self, source: str | Path | ImageRef) -> tuple[np.ndarray | None, str | None]:
-        try:
-            img = load_rgb(source, self.pre["resize_size"])
-        except DecodeError as exc:
-            return None, str(exc)
-        except OSError as exc:
-            return None, exc.strerror or str(exc)
+    def _pixels(self, source: str | Path | ImageRef) -> np.ndarray:
+        img = load_rgb(source, self.pre["resize_size"])
         img = resize_shorter_side(img, self.pre["resize_size"], self.resample)
-        return center_crop(np.asarray(img), self.pre["input_size"]), None
-
-    def _batches(self, paths: list, batch_size: int) -> Iterator[tuple[int, list, dict]]:
-        """Decoding in threads, one batch ahead of the model."""
-        starts = range(0, len(paths), batch_size)
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            def submit(start: int):
-                return start, [pool.submit(self._pixels, p) for p in paths[start:start + batch_size]]
-
-            pending = [submit(start) for start in starts[:1]]
-            for following in itertools.chain(starts[1:], [None]):
-                start, futures = pending.pop()
-                if following is not None:
-                    pending.append(submit(following))
-                loaded = [f.result() for f in futures]
-                yield start, [p for p, _ in loaded], {i: err for i, (_, err) in enumerate(loaded) if err}
+        return center_crop(np.asarray(img), self.pre["input_size"])

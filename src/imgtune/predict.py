@@ -4,24 +4,20 @@ folder, so inference can never disagree with training."""
 
 from __future__ import annotations
 
-import itertools
 import logging
-import os
-from collections import deque
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import artifact, models
-from .data.decode import DecodeError, load_rgb
+from .data.decode import load_rgb
 from .data.image_ref import ImageRef, as_image_ref
 from .data.transforms import Preprocessing, eval_transform
 from .inference import forward, select_device
 from .errors import UsageError
-from .predictions import Prediction, expand_paths, top_predictions  # noqa: F401 (also read as predict.X)
+from .predictions import Prediction, batched_probabilities, expand_paths, top_predictions  # noqa: F401 (also read as predict.X)
 
 log = logging.getLogger(__name__)
 
@@ -61,18 +57,7 @@ class Predictor:
                       batch_size: int = 32) -> tuple[np.ndarray, list[str | None]]:
         """Class probabilities for each image (a path or an :class:`~imgtune.data.image_ref.ImageRef`;
         rows of NaN where it failed) and the errors."""
-        probs = np.full((len(paths), len(self.classes)), np.nan, dtype=np.float64)
-        errors: list[str | None] = [None] * len(paths)
-        for start, tensors, failures in self._batches(paths, batch_size):
-            for offset, message in failures.items():
-                errors[start + offset] = message
-            keep = [i for i, tensor in enumerate(tensors) if tensor is not None]
-            if keep:
-                logits = forward(self.inference_model, torch.stack([tensors[i] for i in keep]), self.device)
-                if self.temperature is not None:
-                    logits = logits / self.temperature
-                probs[[start + i for i in keep]] = torch.softmax(logits, dim=1).numpy()
-        return probs, errors
+        return batched_probabilities(paths, self._load, self._run, len(self.classes), batch_size)
 
     def predict(self, paths: Iterable[str | Path | ImageRef], top_k: int = 3, batch_size: int = 32) -> list[Prediction]:
         """Top ``top_k`` classes of each image; ``Prediction.path`` is its path (or an ImageRef's name)."""
@@ -80,31 +65,14 @@ class Predictor:
         probs, errors = self.probabilities(paths, batch_size)
         return top_predictions(paths, probs, errors, self.classes, top_k)
 
-    def _batches(self, paths: list[str | Path | ImageRef], batch_size: int,
-                 ahead: int = 2) -> Iterator[tuple[int, list, dict]]:
-        """Decode in threads (Pillow releases the GIL) up to ``ahead`` batches in front of the model,
-        so decoding overlaps inference and memory holds a few batches, not the whole list."""
-        def load(path: str | Path | ImageRef):
-            try:
-                return self.transform(load_rgb(path, self.preprocessing.resize_size)), None
-            except DecodeError as exc:
-                return None, str(exc)
-            except OSError as exc:
-                return None, exc.strerror or str(exc)
+    def _load(self, source: str | Path | ImageRef) -> torch.Tensor:
+        return self.transform(load_rgb(source, self.preprocessing.resize_size))
 
-        starts = iter(range(0, len(paths), batch_size))
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            def submit(start: int):
-                return start, [pool.submit(load, p) for p in paths[start:start + batch_size]]
-
-            pending = deque(submit(start) for start in itertools.islice(starts, ahead))
-            while pending:
-                start, futures = pending.popleft()
-                following = next(starts, None)
-                if following is not None:
-                    pending.append(submit(following))
-                loaded = [future.result() for future in futures]
-                yield start, [t for t, _ in loaded], {i: err for i, (_, err) in enumerate(loaded) if err}
+    def _run(self, tensors: list[torch.Tensor]) -> np.ndarray:
+        logits = forward(self.inference_model, torch.stack(tensors), self.device)
+        if self.temperature is not None:
+            logits = logits / self.temperature
+        return torch.softmax(logits, dim=1).numpy()
 
 
 def _fuse_batch_norm(model: torch.nn.Module) -> torch.nn.Module:

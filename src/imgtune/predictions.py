@@ -5,11 +5,15 @@ probability matrix, which files the PATH arguments of ``imgtune predict`` mean, 
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Iterable, Sequence
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -90,3 +94,50 @@ def expand_paths(inputs: Iterable[str | Path]) -> list[Path]:
     if not found:
         raise DataError(f"no image files in {', '.join(map(str, inputs))}")
     return found
+
+
+def batched_probabilities(paths: Sequence, load: Callable[[Any], Any], run: Callable[[list], np.ndarray],
+                          num_classes: int, batch_size: int = 32, ahead: int = 2
+                          ) -> tuple[np.ndarray, list[str | None]]:
+    """What every predictor does with a list of images: ``load`` each (returning what ``run`` takes, or
+    raising :class:`DecodeError`/``OSError``) in threads up to ``ahead`` batches in front of the model
+    (Pillow releases the GIL, so decoding overlaps inference and memory holds a few batches), then
+    ``run`` each batch of loaded images to probabilities. Returns the probabilities (rows of NaN where an
+    image failed) and each image's error (``None`` when it was read)."""
+    probs = np.full((len(paths), num_classes), np.nan, dtype=np.float64)
+    errors: list[str | None] = [None] * len(paths)
+    for start, loaded in _read_ahead(paths, _catching(load), batch_size, ahead):
+        for offset, (_, message) in enumerate(loaded):
+            errors[start + offset] = message
+        keep = [i for i, (item, _) in enumerate(loaded) if item is not None]
+        if keep:
+            probs[[start + i for i in keep]] = run([loaded[i][0] for i in keep])
+    return probs, errors
+
+
+def _catching(load: Callable[[Any], Any]) -> Callable[[Any], tuple[Any, str | None]]:
+    from .data.decode import DecodeError
+
+    def safe(source):
+        try:
+            return load(source), None
+        except DecodeError as exc:
+            return None, str(exc)
+        except OSError as exc:
+            return None, exc.strerror or str(exc)
+    return safe
+
+
+def _read_ahead(paths: Sequence, load: Callable, batch_size: int, ahead: int) -> Iterator[tuple[int, list]]:
+    starts = iter(range(0, len(paths), batch_size))
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        def submit(start: int):
+            return start, [pool.submit(load, p) for p in paths[start:start + batch_size]]
+
+        pending = deque(submit(start) for start in itertools.islice(starts, ahead))
+        while pending:
+            start, futures = pending.popleft()
+            following = next(starts, None)
+            if following is not None:
+                pending.append(submit(following))
+            yield start, [future.result() for future in futures]
