@@ -265,7 +265,8 @@ class _Run:
         """The checkpoint payload of this moment: plain containers and tensors only. (Distributed: every
         rank calls it at the same step; the epoch's running sums are those of all ranks.) Weights that
         are not finite are refused (:class:`~imgtune.errors.TrainingDiverged`)."""
-        self._check_weights()
+        if self.progress.tally is not None:  # mid-epoch; at an epoch's end epoch() has just checked them
+            self._check_weights()
         progress = self.progress.state_dict()
         tally = progress["tally"]
         if distributed.current().enabled and tally is not None:
