@@ -10,13 +10,16 @@
   offline file (torchvision IMAGENET1K_V1, what ``pretrained=True`` loads).
 - imgtune: ``imgtune train DATA --model mobilenet_v2 --strategy S`` with defaults, each with an empty
   cache (cold); then linear-probe again on the warm cache with other head settings (``--lr 1e-3``).
+  linear-probe also runs cold with ``--feature-engine torch`` (the body on PyTorch, as before ONNX
+  Runtime became the CPU default), so both feature paths are timed in the same invocation.
 
 Prints validation accuracy, wall time, and each time as a ratio of the plain loop of its kind (frozen
 for linear-probe, full otherwise). Child processes may write bytecode (``PYTHONDONTWRITEBYTECODE`` is
 removed from their environment, as on a normal install) and a warm-up import runs first, so no run
 pays for compiling its imports.
 
-    python bench/hymenoptera.py [--data DIR] [--skip plain fastai] [--strategies linear-probe ...]
+    python bench/hymenoptera.py [--data DIR] [--skip plain plain-full fastai warm torch-features]
+                                [--strategies linear-probe ...]
 """
 
 from __future__ import annotations
@@ -100,7 +103,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=HYMENOPTERA)
     parser.add_argument("--strategies", nargs="+", default=["linear-probe", "gradual", "finetune"])
-    parser.add_argument("--skip", nargs="*", default=[], choices=["plain", "fastai", "warm"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["plain", "plain-full", "fastai", "warm", "torch-features"])
     args = parser.parse_args()
     data = args.data.resolve()
     warm_imports()
@@ -114,6 +118,8 @@ def main() -> None:
         tmp = Path(tmp)
         if "plain" not in args.skip:
             for name, frozen in (("plain loop, frozen", True), ("plain loop, full", False)):
+                if not frozen and "plain-full" in args.skip:
+                    continue
                 code = PLAIN_LOOP.format(data=data, weights=offline_weights(), frozen=frozen)
                 record(name, run_script(code, child_env()))
         if "fastai" not in args.skip:
@@ -123,6 +129,9 @@ def main() -> None:
             record("fastai fine_tune(5)", run_script(FASTAI.format(data=data), child_env(TORCH_HOME=str(tmp / "torch"))))
         for strategy in args.strategies:
             cache = tmp / f"cache-{strategy}"
+            if strategy == "linear-probe" and "torch-features" not in args.skip:
+                record("imgtune linear-probe (cold, --feature-engine torch)",
+                       run_imgtune(data, strategy, tmp / "torch-features", tmp / "cache-torch", ["--feature-engine", "torch"]))
             record(f"imgtune {strategy} (cold)", run_imgtune(data, strategy, tmp / strategy, cache, []))
             if strategy == "linear-probe" and "warm" not in args.skip:
                 record("imgtune linear-probe (warm, --lr 1e-3)",

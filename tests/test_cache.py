@@ -30,9 +30,9 @@ def counted(monkeypatch):
     calls = []
     original = features._compute
 
-    def spy(built, samples, *args, **kwargs):
+    def spy(built, run, samples, *args, **kwargs):
         calls.append(len(samples))
-        return original(built, samples, *args, **kwargs)
+        return original(built, run, samples, *args, **kwargs)
 
     monkeypatch.setattr(features, "_compute", spy)
     return calls
@@ -228,7 +228,8 @@ def test_cache_command_info_and_clear(tmp_path, capsys):
     capsys.readouterr()
     assert main(["cache", "info", "--cache-dir", str(store)]) == 0
     assert "features: 18 file(s)" in capsys.readouterr().out
+    assert len(list(store.glob("features/*/body-*.onnx"))) == 1  # the body ONNX Runtime ran (imgtune.body_runtime)
     assert main(["cache", "clear", "--cache-dir", str(store)]) == 0
-    assert "removed 18 cached file(s) and 1 other file(s)" in capsys.readouterr().out  # and the key.json
+    assert "removed 18 cached file(s) and 2 other file(s)" in capsys.readouterr().out  # key.json, body-*.onnx
     assert cache.cache_size(store) == (0, 0)
     assert sorted(path.name for path in store.rglob("*")) == ["CACHEDIR.TAG", "IMGTUNE_CACHE.json", "features"]

@@ -212,14 +212,15 @@ def pixel_store(root: Path, resize_size: int, interpolation: str) -> ArrayStore:
 _ENTRY = r"(?P<ab>[0-9a-f]{2})/(?P=ab)[0-9a-f]+\.(?:arr|npy)"  # .npy: format 1
 _STORES = r"(?:features/[0-9a-f]{24}|pixels/[0-9]+-[a-z][a-z-]*)"
 _WRITING = r"\.[^/]+\.[A-Za-z0-9_]+\.tmp"  # a write that a killed process left (see imgtune.atomic)
-_OWN = re.compile(rf"{_STORES}/(?:{_ENTRY}|key\.json|(?:[0-9a-f]{{2}}/)?{_WRITING})")
+_BODY = r"features/[0-9a-f]{24}/body-[0-9a-f]{16}\.onnx"  # the exported body (imgtune.body_runtime)
+_OWN = re.compile(rf"{_BODY}|{_STORES}/(?:{_ENTRY}|key\.json|(?:[0-9a-f]{{2}}/)?{_WRITING})")
 _OWN_ENTRY = re.compile(rf"(?:.*/)?{_ENTRY}")
 
 
 @dataclass
 class Removed:
     entries: int = 0  # cached arrays
-    others: int = 0  # key.json files and unfinished writes
+    others: int = 0  # key.json files, exported bodies and unfinished writes
     size: int = 0  # bytes
 
 

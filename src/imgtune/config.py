@@ -38,6 +38,7 @@ BODIES = ("penultimate", "conv")
 MONITORS = ("accuracy", "macro_f1", "loss")
 KEEPS = ("final", "best")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+FEATURE_ENGINES = ("auto", "torch", "onnxruntime")  # imgtune.body_runtime
 BALANCES = ("none", "weights", "sampler")
 LOGS = ("csv", "tensorboard")  # where per-epoch metrics go besides metrics.csv (which is always written)
 # Above this ratio of the largest to the smallest training class, --balance defaults to "weights".
@@ -70,6 +71,9 @@ class DataConfig:
     augment: str = option("light", "training augmentation (docs/training.md)", choices=AUGMENTS)
     cache: bool = option(True, "cache backbone features and decoded pixels on disk (imgtune.cache)")
     cache_dir: str | None = option(None, "cache folder", unset="$IMGTUNE_CACHE, else ~/.cache/imgtune")
+    feature_engine: str = option("auto", "what runs the frozen backbone to compute its features: auto (ONNX Runtime "
+                                         "on a CPU when installed, else torch), torch or onnxruntime "
+                                         "(docs/performance.md)", choices=FEATURE_ENGINES)
     allow_leakage: bool = option(False, "train even when the same file is in two splits (leakage) or under two "
                                         "classes (a label conflict); imgtune doctor DATA lists them")
     allow_outside_paths: bool = option(False, "let a CSV name files outside its own folder (../x.jpg, absolute "

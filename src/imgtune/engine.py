@@ -175,6 +175,7 @@ class _Run:
     def start_phase(self, index: int, phase: Phase, warmup_epochs: float) -> None:
         self.phase_index, self.phase = index, phase
         self.model.freeze_body(phase.body_frozen)
+        self._check_weights(everything=True)
         net, self.train_loader, self.val_loader = self.loaders.for_phase(self.model, phase)
         self.net = distributed.wrap(net, self.device)
         self.optimizer = make_optimizer(self.model, phase, self.train)
@@ -248,11 +249,13 @@ class _Run:
         return f"epoch {self.progress.epochs_done + 1} ({self.phase.name}), batch {tally.batches} of " \
                f"{len(self.train_loader)}"
 
-    def _check_weights(self) -> None:
+    def _check_weights(self, everything: bool = False) -> None:
         """After each epoch and before every checkpoint: a checkpoint with NaN weights must never replace
         the good ones (in training mode, batch norm can keep the loss finite while its running
-        statistics, used by validation and prediction, are already NaN)."""
-        bad = nonfinite_tensors(self.model.state_dict())
+        statistics, used by validation and prediction, are already NaN). While the body is frozen (eval
+        mode, no gradients) only the head can change: the whole model is checked when a phase starts."""
+        frozen = self.model.body_frozen and not everything
+        bad = nonfinite_tensors(self.model.head.state_dict(prefix="head.") if frozen else self.model.state_dict())
         if bad:
             names = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
             raise TrainingDiverged(f"{self._where()}: the weights are NaN or infinite ({names})")

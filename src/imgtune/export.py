@@ -22,7 +22,6 @@ import logging
 import os
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from .consumer_recipe import preprocess as consumer_preprocess
 from .data.decode import DecodeError, load_rgb
 from .data.image_ref import ImageRef
 from .errors import DataError, ModelError, UsageError
+from .onnx_trace import trace_to_onnx
 
 log = logging.getLogger(__name__)
 
@@ -184,51 +184,18 @@ def onnx_metadata(run: artifact.RunInfo, predictor) -> dict[str, str]:
 
 
 def write_onnx(predictor, path: Path, opset: int, metadata: dict[str, str], model_name: str) -> None:
-    """The TorchScript-based exporter (``dynamo=False``): exact and dynamic-batch for the timm and
-    torchvision models tried (docs/export.md), several times faster to export than the dynamo one, and
-    it needs no onnxscript."""
     import onnx
 
     pre = predictor.preprocessing
     wrapped = WithPreprocessing(predictor.model, pre.mean, pre.std, predictor.temperature).eval()
     example = torch.zeros(2, pre.img_size, pre.img_size, 3, dtype=torch.uint8)
-    try:
-        with _captured_stderr() as captured, warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(wrapped, (example,), str(path), dynamo=False, opset_version=opset,
-                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
-    except Exception as exc:  # the exporter's errors name the operator (e.g. 'aten::fft_fft2')
-        log.debug("exporter output:\n%s", "".join(captured))
-        raise ModelError(f"{model_name} cannot be exported to ONNX (opset {opset}): {_first_line(exc)}. "
-                         "Try another --opset, or another model") from exc
+    trace_to_onnx(wrapped, example, path, opset, INPUT_NAME, OUTPUT_NAME, model_name)
     model = onnx.load(str(path))
     onnx.helper.set_model_props(model, metadata)
     model.producer_name, model.producer_version = "imgtune", __version__
     model.doc_string = (f"{model_name} trained with imgtune; input uint8 NHWC RGB, already resized and "
                         "centre-cropped (metadata_props['preprocessing']); output class probabilities")
     onnx.save(model, str(path))
-
-
-@contextlib.contextmanager
-def _captured_stderr():
-    """The exporter's C++ side prints the whole graph to fd 2 when it fails; keep it for -v."""
-    text: list[str] = []
-    with tempfile.TemporaryFile(mode="w+") as sink:
-        saved = os.dup(2)
-        try:
-            os.dup2(sink.fileno(), 2)
-            yield text
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            text.append(sink.read())
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 def _parity_images(run: artifact.RunInfo, check_images: str | Path | None) -> tuple[list[ImageRef], str]:

@@ -15,11 +15,12 @@ import numpy as np
 import torch
 
 from .cache import ArrayStore, file_sha256, feature_store
-from .data.dataset import ImageDataset, make_loader
+from .body_runtime import body_engine
+from .data.dataset import ImageDataset, ReadAhead, make_loader
 from .data.sampler import training_sampler
 from .data.scan import Sample
 from .data.transforms import eval_transform
-from .inference import batched_outputs
+from .inference import batched_calls
 from .models import BuiltModel
 
 log = logging.getLogger(__name__)
@@ -51,9 +52,10 @@ class FeatureSet:
 
 def extract(built: BuiltModel, samples: list[Sample], classes: list[str], store: ArrayStore | None,
             device: torch.device, batch_size: int, workers: int, pixels: ArrayStore | None = None,
-            description: str = "features") -> FeatureSet:
-    """Features of ``samples``: read from ``store`` where present, computed (and stored) otherwise.
-    Samples whose file fails to load are left out (``positions`` says which rows exist)."""
+            description: str = "features", engine: str = "auto") -> FeatureSet:
+    """Features of ``samples``: read from ``store`` where present, computed (and stored) otherwise, the
+    body run by ``engine`` (``--feature-engine``, see :mod:`imgtune.body_runtime`). Samples whose file
+    fails to load are left out (``positions`` says which rows exist)."""
     rows: dict[int, np.ndarray] = {}
     todo = []
     for i, sample in enumerate(samples):
@@ -64,8 +66,9 @@ def extract(built: BuiltModel, samples: list[Sample], classes: list[str], store:
             todo.append(i)
     if todo:
         log.info("computing %s of %d image(s) (%d cached)", description, len(todo), len(samples) - len(todo))
-        rows.update(_compute(built, [samples[i] for i in todo], todo, classes, store, device, batch_size,
-                             workers, pixels, description))
+        run = _body(built, device, engine, store, description)
+        rows.update(_compute(built, run, [samples[i] for i in todo], todo, classes, store, batch_size, workers,
+                             pixels, description))
     positions = sorted(rows)
     index = {c: i for i, c in enumerate(classes)}
     features = torch.from_numpy(np.stack([rows[i] for i in positions])) if positions else torch.zeros(0, 0)
@@ -73,13 +76,19 @@ def extract(built: BuiltModel, samples: list[Sample], classes: list[str], store:
     return FeatureSet(features.float(), targets, torch.tensor(positions, dtype=torch.long))
 
 
-def _compute(built, samples, positions, classes, store, device, batch_size, workers, pixels, description):
+def _body(built: BuiltModel, device: torch.device, engine: str, store: ArrayStore | None, description: str):
+    name, run = body_engine(built.model.body, built.preprocessing.img_size, device, engine, store)
+    log.info("%s: the body runs on %s", description, name)
+    return run
+
+
+def _compute(built, run, samples, positions, classes, store, batch_size, workers, pixels, description):
     dataset = ImageDataset(samples, classes, eval_transform(built.preprocessing),
                            draft_size=built.preprocessing.resize_size, pixels=pixels,
                            preprocessing=built.preprocessing)
-    loader = make_loader(dataset, batch_size, False, workers)
+    loader = ReadAhead(dataset, batch_size) if workers == 0 else make_loader(dataset, batch_size, False, workers)
     out: dict[int, np.ndarray] = {}
-    for vectors, _, index in batched_outputs(built.model.body, loader, device, description):
+    for vectors, _, index in batched_calls(run, loader, description):
         for i, vector in zip(index.tolist(), vectors.numpy()):
             out[positions[i]] = vector
             if store is not None and samples[i].digest:
@@ -91,10 +100,11 @@ def store_for(built: BuiltModel, body: str, cache_dir) -> ArrayStore:
     return feature_store(cache_dir, describe_model(built, body), built.model.num_features)
 
 
-def from_stream(built: BuiltModel, loader, device: torch.device, description: str = "features") -> FeatureSet:
+def from_stream(built: BuiltModel, loader, device: torch.device, description: str = "features",
+                engine: str = "auto") -> FeatureSet:
     """Features of every item a (non-shuffling) stream loader yields, in its order."""
     vectors, targets = [], []
-    for batch, target, _ in batched_outputs(built.model.body, loader, device, description):
+    for batch, target, _ in batched_calls(_body(built, device, engine, None, description), loader, description):
         vectors.append(batch)
         targets.append(target)
     features = torch.cat(vectors) if vectors else torch.zeros(0, 0)

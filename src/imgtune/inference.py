@@ -4,7 +4,7 @@ inference loop that validation, features, evaluation and prediction share."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -59,11 +59,17 @@ def batched_outputs(model: nn.Module, loader, device: torch.device, description:
     """``(outputs, targets, positions)`` for every batch a loader of ``(images, targets, positions)``
     yields (batches whose files all failed, ``None``, are passed over), with a progress bar."""
     model.eval()
+    yield from batched_calls(lambda images: forward(model, images, device), loader, description)
+
+
+def batched_calls(run: Callable[[torch.Tensor], torch.Tensor], loader, description: str
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`batched_outputs` with any function of a batch of images (e.g. an ONNX Runtime session)."""
     for batch in tqdm(loader, desc=description, unit="batch", leave=False, disable=quiet_rank()):
         if batch is None:
             continue
         images, targets, positions = batch
-        yield forward(model, images, device), targets, positions
+        yield run(images), targets, positions
 
 
 def predict_probs(model: nn.Module, loader, device: torch.device, description: str = "predicting"):

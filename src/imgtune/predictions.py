@@ -106,7 +106,7 @@ def batched_probabilities(paths: Sequence, load: Callable[[Any], Any], run: Call
     image failed) and each image's error (``None`` when it was read)."""
     probs = np.full((len(paths), num_classes), np.nan, dtype=np.float64)
     errors: list[str | None] = [None] * len(paths)
-    for start, loaded in _read_ahead(paths, _catching(load), batch_size, ahead):
+    for start, loaded in read_ahead(paths, _catching(load), batch_size, ahead):
         for offset, (_, message) in enumerate(loaded):
             errors[start + offset] = message
         keep = [i for i, (item, _) in enumerate(loaded) if item is not None]
@@ -128,7 +128,9 @@ def _catching(load: Callable[[Any], Any]) -> Callable[[Any], tuple[Any, str | No
     return safe
 
 
-def _read_ahead(paths: Sequence, load: Callable, batch_size: int, ahead: int) -> Iterator[tuple[int, list]]:
+def read_ahead(paths: Sequence, load: Callable, batch_size: int, ahead: int) -> Iterator[tuple[int, list]]:
+    """``(start, [load(item) ...])`` for each batch of ``paths``, loaded by threads ``ahead`` batches in
+    front of the consumer."""
     starts = iter(range(0, len(paths), batch_size))
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         def submit(start: int):

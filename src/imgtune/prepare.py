@@ -43,7 +43,8 @@ class Setup:
         data = self.config.data
         cache_dir = cache_folder(self.config) if data.cache else None
         return LoaderOptions(data.batch_size // distributed.current().world, data.num_workers,
-                             self.config.train.seed, self.config.train.balance == "sampler", cache_dir)
+                             self.config.train.seed, self.config.train.balance == "sampler", cache_dir,
+                             data.feature_engine)
 
 
 def cache_folder(config: RunConfig) -> Path:

@@ -22,7 +22,7 @@ def run(args) -> int:
     if args.action == "clear":
         removed = clear(root)
         console.print(f"removed {removed.entries} cached file(s) and {removed.others} other file(s) of the cache "
-                      f"(key.json, unfinished writes), {removed.size / 2**20:.1f} MiB, from {root}")
+                      f"(key.json, exported bodies, unfinished writes), {removed.size / 2**20:.1f} MiB, from {root}")
     else:
         for kind in ("features", "pixels"):
             files, size = cache_size(root / kind)

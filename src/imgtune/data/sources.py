@@ -45,6 +45,7 @@ class LoaderOptions:
     seed: int
     balanced: bool  # class-balanced sampling of the training split (--balance sampler)
     cache_dir: Path | None  # the disk caches' folder; None: no disk caches (--no-cache)
+    feature_engine: str = "auto"  # what runs the frozen body (--feature-engine, imgtune.body_runtime)
 
 
 class _Source:
@@ -112,10 +113,10 @@ class FolderSource(_Source):
         args = (built, samples, self.classes, store, device, options.batch_size, options.workers)
         ctx = distributed.current()
         if ctx.enabled and store is not None:
-            features.extract(built, samples[ctx.rank::ctx.world], *args[2:],
+            features.extract(built, samples[ctx.rank::ctx.world], *args[2:], engine=options.feature_engine,
                              description=f"{split} features (share of rank {ctx.rank})")
             distributed.barrier()
-        return features.extract(*args, description=f"{split} features")
+        return features.extract(*args, description=f"{split} features", engine=options.feature_engine)
 
 
 class ShardSource(_Source):
@@ -148,7 +149,7 @@ class ShardSource(_Source):
         """Computed by streaming the split once, kept in memory."""
         stream = self.images(split, eval_transform(built.preprocessing), False, options, built.preprocessing,
                              False)
-        return features.from_stream(built, stream, device, f"{split} features")
+        return features.from_stream(built, stream, device, f"{split} features", options.feature_engine)
 
 
 DataSource = FolderSource | ShardSource

@@ -1,0 +1,141 @@
+"""The frozen body's engine for feature extraction: PyTorch, or ONNX Runtime on a CPU.
+
+On this project's CPUs ONNX Runtime runs a CNN body about twice as fast as imgtune's PyTorch path
+(docs/benchmarks.md, ``bench/onnx_speed.py``), and a cold ``linear-probe`` spends most of its time
+there. The body is exported once with the TorchScript-based exporter and kept in the feature store's
+own folder (``features/<key>/body-<sha256 prefix>.onnx``: the file is checked against its name before
+use), so later runs that add images only open it.
+
+Features keep one cache key whichever engine made them: every exported body is checked against the
+torch body on a fixed batch before it is used, and must agree to :data:`TOLERANCE` of the largest
+feature; measured differences are under 1e-5 absolute (docs/performance.md), far below what a head
+trained on them can notice. A body that cannot be exported or fails the check is run by torch
+(``--feature-engine auto``) or refused (``--feature-engine onnxruntime``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .atomic import _UMASK
+from .cache import ArrayStore
+from .errors import ModelError, UsageError
+from .onnx_trace import trace_to_onnx
+from .inference import forward
+
+log = logging.getLogger(__name__)
+
+TOLERANCE = 1e-4  # largest |feature difference| allowed, relative to max(1, the largest |feature|)
+OPSET = 17
+INSTALL_HINT = "pip install 'imgtune[export]'"
+
+Run = Callable[[torch.Tensor], torch.Tensor]  # a batch of normalised NCHW images -> float32 features on the CPU
+
+
+def body_engine(body: nn.Module, img_size: int, device: torch.device, choice: str,
+                store: ArrayStore | None = None) -> tuple[str, Run]:
+    """(engine name, function) computing the body's features of a batch. ``choice`` is
+    ``--feature-engine``: ``auto`` takes ONNX Runtime on a CPU when it is installed and the body exports
+    and passes the check, torch otherwise."""
+    body.eval()
+    torch_run = (lambda images: forward(body, images, device))
+    if choice == "torch" or (choice == "auto" and (device.type != "cpu" or not _runtime_installed())):
+        return "torch", torch_run
+    if device.type != "cpu":
+        raise UsageError(f"--feature-engine onnxruntime runs the body on the CPU, not on {device.type}; use "
+                         "--feature-engine auto (or torch)")
+    if not _runtime_installed():
+        raise UsageError(f"--feature-engine onnxruntime needs onnx and onnxruntime: {INSTALL_HINT}")
+    try:
+        return "onnxruntime", _session_run(_body_file(body, img_size, store))
+    except ModelError as exc:
+        if choice == "onnxruntime":
+            raise
+        log.info("features with torch: %s", exc)
+        return "torch", torch_run
+
+
+def _runtime_installed() -> bool:
+    return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
+
+
+def _body_file(body: nn.Module, img_size: int, store: ArrayStore | None) -> Path:
+    """The checked ONNX body in ``store``'s folder (exported there first if need be); without a store,
+    in a temporary folder removed when the process ends."""
+    folder = store.root if store is not None else Path(_scratch().name)
+    for found in sorted(folder.glob("body-*.onnx")):
+        if _digest(found)[:16] == found.stem.removeprefix("body-"):
+            return found
+        log.warning("damaged cache entry %s (checksum mismatch): exporting the body again", found)
+        found.unlink(missing_ok=True)
+    fd, name = tempfile.mkstemp(dir=folder, prefix=".body.onnx.", suffix=".tmp")  # what cache clear knows
+    os.close(fd)
+    trial = Path(name)
+    try:
+        example = torch.zeros(2, 3, img_size, img_size)
+        trace_to_onnx(body, example, trial, OPSET, "images", "features", "the model's body")
+        _check(body, trial, img_size)
+        final = folder / f"body-{_digest(trial)[:16]}.onnx"
+        os.chmod(trial, 0o666 & ~_UMASK)  # mkstemp made it private; a cache file is as any other
+        os.replace(trial, final)
+    finally:
+        trial.unlink(missing_ok=True)
+    return final
+
+
+_SCRATCH: list[tempfile.TemporaryDirectory] = []
+
+
+def _scratch() -> tempfile.TemporaryDirectory:
+    if not _SCRATCH:
+        _SCRATCH.append(tempfile.TemporaryDirectory(prefix="imgtune-body-"))
+    return _SCRATCH[0]
+
+
+def _check(body: nn.Module, path: Path, img_size: int) -> None:
+    """The exported body against torch's on a fixed random batch (the check that keeps the cache key's
+    meaning: features from either engine are interchangeable)."""
+    images = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+    expected = forward(body, images, torch.device("cpu")).numpy()
+    got = _session_run(path)(images).numpy()
+    scale = max(1.0, float(np.abs(expected).max()))
+    worst = float(np.abs(got - expected).max()) if got.shape == expected.shape else float("inf")
+    if not worst <= TOLERANCE * scale:
+        raise ModelError(f"the ONNX Runtime body disagrees with torch's by {worst:.3g} (allowed "
+                         f"{TOLERANCE * scale:.3g})")
+    log.debug("ONNX body checked: largest |difference| from torch %.2e (largest feature %.3g)", worst, scale)
+
+
+def _session_run(path: Path) -> Run:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # what torch would use (OMP_NUM_THREADS honoured)
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's own error types (InvalidGraph, Fail, ...)
+        raise ModelError(f"ONNX Runtime cannot load the exported body {path}: {exc}") from exc
+    name = session.get_inputs()[0].name
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        batch = np.ascontiguousarray(images.numpy(), dtype=np.float32)
+        return torch.from_numpy(session.run(None, {name: batch})[0])
+    return run
+
+
+def _digest(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(chunk)
+    return sha.hexdigest()
