@@ -39,6 +39,7 @@ MONITORS = ("accuracy", "macro_f1", "loss")
 KEEPS = ("final", "best")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 FEATURE_ENGINES = ("auto", "torch", "onnxruntime")  # imgtune.body_runtime
+HEAD_FITS = ("auto", "lbfgs", "sgd")  # imgtune.head_fit
 BALANCES = ("none", "weights", "sampler")
 LOGS = ("csv", "tensorboard")  # where per-epoch metrics go besides metrics.csv (which is always written)
 # Above this ratio of the largest to the smallest training class, --balance defaults to "weights".
@@ -99,6 +100,11 @@ class ModelConfig:
 class TrainConfig:
     strategy: str = option("gradual", "transfer strategy (docs/training.md)", choices=STRATEGIES)
     epochs: int | None = option(None, "epochs to train")
+    head_fit: str = option("auto", "a linear head on cached features while the backbone is frozen: lbfgs fits it to "
+                                   "convergence (logistic regression, its regularisation chosen by cross-validation "
+                                   "on the training split; the frozen epochs and --lr do not apply), sgd trains it "
+                                   "for the frozen epochs; auto: lbfgs when the frozen phase is the last "
+                                   "(linear-probe), sgd before fine-tuning (docs/training.md)", choices=HEAD_FITS)
     freeze_epochs: int | None = option(None, "gradual: epochs with the backbone frozen", unset="half of --epochs")
     lr: float | None = option(None, "head learning rate")
     backbone_lr_factor: float | None = option(None, "backbone lr = lr x this (finetune, gradual, scratch)")

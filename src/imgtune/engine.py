@@ -23,6 +23,7 @@ from .config import TrainConfig
 from .distributed import quiet_rank
 from .errors import DataError, TrainingDiverged
 from .finite import nonfinite_tensors
+from .head_fit import fit_linear_head, linear_layer
 from .inference import autocast, predict_probs, to_channels_last
 from .metrics import quick_metrics
 from .models import Classifier
@@ -144,6 +145,8 @@ def fit(model: Classifier, phases: list[Phase], loaders: Loaders, train: TrainCo
         if resume is not None:
             run.restore(resume)
             resume = None
+        if run.head_is_fitted(phase, last=index == len(phases) - 1):
+            run.fit_head(end)
         while run.progress.epochs_done < end and not run.progress.stopped_early:
             run.epoch()
     return run.progress
@@ -222,16 +225,54 @@ class _Run:
             loss_sum, correct, seen = distributed.sum_across([progress.tally.loss_sum, progress.tally.correct,
                                                               progress.tally.seen])
             loss, acc = loss_sum / max(seen, 1), correct / max(seen, 1)
+        self._finish(epoch, progress.tally.lr, loss, acc, progress.tally.elapsed())
+
+    def head_is_fitted(self, phase: Phase, last: bool) -> bool:
+        """``--head-fit lbfgs``: a linear head on cached features is fitted to convergence instead of
+        trained for the phase's epochs (imgtune.head_fit); ``auto``: where the frozen phase is the last
+        (linear-probe), not yet before fine-tuning (gradual), where it has not been measured to help."""
+        fit = self.train.head_fit if self.train.head_fit != "auto" else ("lbfgs" if last else "sgd")
+        if not (phase.body_frozen and self.loaders.frozen_train is not None and fit == "lbfgs"):
+            return False
+        if linear_layer(self.model.head) is None:
+            log.info("head fit: the %s head is trained by SGD for the phase's epochs (only a linear head is fitted "
+                     "by L-BFGS)", type(self.model.head).__name__)
+            return False
+        return True
+
+    def fit_head(self, end: int) -> None:
+        """The whole frozen phase at once: the head fitted on every cached training feature, then one row
+        (numbered as the phase's last epoch) with its training and validation figures."""
+        since = time.perf_counter()
+        features, targets = self.train_loader.dataset.tensors[:2]
+        weights = self.loss_fn.weight
+        class_weight = "balanced" if self.train.balance == "sampler" else \
+            ({i: float(w) for i, w in enumerate(weights.cpu())} if weights is not None else None)
+        info = fit_linear_head(linear_layer(self.model.head), features, targets, self.num_classes, class_weight,
+                               self.train.seed)
+        self.model.head.eval()
+        with torch.inference_mode():
+            logits, labels = self.model.head(features.to(self.device)), targets.to(self.device)
+            loss, acc = float(self.loss_fn(logits, labels)), float((logits.argmax(1) == labels).float().mean())
+        log.info("epochs %d-%d (%s): head fitted to convergence by L-BFGS, C %.3g chosen by %d-fold cross-validation "
+                 "on the training split (%d iterations, %.1fs)", self.progress.epochs_done + 1, end, self.phase.name,
+                 info["C"], info["folds"], info["iterations"], info["seconds"])
+        self._finish(end, None, loss, acc, time.perf_counter() - since, {"head_fit": "lbfgs", "C": info["C"]})
+
+    def _finish(self, epoch: int, lr: float | None, loss: float, acc: float, seconds: float,
+                extra: dict | None = None) -> None:
+        """Validate, record the row and tell the hooks: the end of an epoch (or of a fitted phase)."""
+        progress = self.progress
         self._check_weights()
         probs, targets, _ = predict_probs(self.net, self.val_loader, self.device, "validating")
         val = quick_metrics(targets, probs, self.num_classes)
         if not math.isfinite(val["loss"]):  # finite weights whose outputs overflow
             raise TrainingDiverged(f"{self._where()}: the validation loss is {val['loss']}, although the weights "
                                    "are finite numbers (their outputs overflow)")
-        result = EpochResult(epoch, self.phase.name, progress.tally.lr, loss, acc, val, progress.tally.elapsed())
+        result = EpochResult(epoch, self.phase.name, lr, loss, acc, val, seconds)
         log.info("epoch %d (%s): train loss %.4f acc %.4f | val loss %.4f acc %.4f macro-F1 %.4f | %.1fs",
                  epoch, self.phase.name, loss, acc, val["loss"], val["accuracy"], val["macro_f1"], result.seconds)
-        progress.rows.append(result.row())
+        progress.rows.append({**result.row(), **(extra or {})})
         progress.tally, progress.epochs_done = None, epoch
         self.on_epoch(result, progress.rows)
         progress.stopped_early = progress.stopper.update(epoch, val[self.train.monitor], self.model)

@@ -15,7 +15,7 @@ from torch import nn
 class EpochResult:
     epoch: int
     phase: str
-    lr: float
+    lr: float | None  # None: a phase fitted by L-BFGS (no learning rate)
     train_loss: float
     train_accuracy: float
     val: dict

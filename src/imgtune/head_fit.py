@@ -1,0 +1,100 @@
+"""A linear head fitted to convergence on cached features: L2-regularised (multinomial) logistic
+regression by L-BFGS (scikit-learn), its strength chosen by stratified cross-validation on the training
+split only, then copied into the head's ``nn.Linear``.
+
+Why: a fixed number of SGD epochs is not enough optimisation for a small training set (20 images at
+batch 32 are 8 optimizer steps in 8 epochs: 0.70 val accuracy on hymenoptera with 10 images per class)
+and more than needed for a large one. A convex problem solved to convergence is right at every size,
+and choosing its regularisation by cross-validation (on log loss: as accurate as choosing on accuracy
+on hymenoptera, whole or 10 images per class, fewer ties, and better-calibrated probabilities) is what
+a probe in the literature does
+(Kornblith et al., 2019). Features are standardised for the fit (the scaling is folded back into the
+weights, so the head takes the raw features as before).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+CS = np.logspace(-3, 1, 9)  # inverse regularisation strengths tried (on standardised features)
+MAX_FOLDS = 5
+SELECT_ON = 4000  # above this many images, C is chosen on a stratified sample of this size, then refitted on all
+MAX_ITER = 1000
+
+
+def linear_layer(head: nn.Module) -> nn.Linear | None:
+    """The head's only ``nn.Linear`` when it is a linear head (optionally after dropout), else None."""
+    layers = [m for m in head.modules() if not isinstance(m, (nn.Sequential, nn.Dropout))]
+    return layers[0] if len(layers) == 1 and isinstance(layers[0], nn.Linear) else None
+
+
+def fit_linear_head(layer: nn.Linear, features: torch.Tensor, targets: torch.Tensor, num_classes: int,
+                    class_weight: dict[int, float] | str | None, seed: int) -> dict:
+    """Fit ``layer`` (``features`` -> logits) in place; returns what was chosen, for the log and the run."""
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
+
+    start = time.perf_counter()
+    x, y = features.double().numpy(), targets.numpy()
+    keep = y >= 0
+    x, y = x[keep], y[keep]
+    mean, scale = x.mean(axis=0), x.std(axis=0)
+    scale[scale < 1e-12] = 1.0
+    z = (x - mean) / scale
+    present = np.unique(y)
+    with warnings.catch_warnings(), threadpool_limits(1):  # one BLAS thread: the problem is small
+        warnings.simplefilter("ignore")  # ConvergenceWarning (n_iter says it) and API FutureWarnings
+        c, folds, losses = _choose_c(z, y, class_weight, seed)
+        model = LogisticRegression(C=c, max_iter=MAX_ITER, class_weight=class_weight).fit(z, y)
+    weight, bias = _logits_of(model, present, num_classes)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(weight / scale).to(layer.weight))
+        layer.bias.copy_(torch.from_numpy(bias - (weight / scale) @ mean).to(layer.bias))
+    iterations = int(np.max(model.n_iter_))
+    return {"method": "lbfgs", "C": float(c), "folds": folds, "cv_log_loss": losses, "iterations": iterations,
+            "converged": iterations < MAX_ITER, "images": int(len(y)), "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _choose_c(z: np.ndarray, y: np.ndarray, class_weight, seed: int) -> tuple[float, int, dict | None]:
+    """C with the best mean cross-validated log loss (ties: the stronger regularisation) over
+    stratified folds of the training split (as many as the smallest class allows, at most 5), the path
+    of Cs warm-started in each fold (``LogisticRegressionCV``)."""
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold, train_test_split
+
+    smallest = int(np.bincount(y)[np.unique(y)].min())
+    folds = min(MAX_FOLDS, smallest)
+    if folds < 2:
+        log.info("head fit: a class has one training image, so no cross-validation: C = 1")
+        return 1.0, 0, None
+    if len(y) > SELECT_ON:
+        z, _, y, _ = train_test_split(z, y, train_size=SELECT_ON, stratify=y, random_state=seed)
+    search = LogisticRegressionCV(Cs=CS, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
+                                  max_iter=MAX_ITER, class_weight=class_weight, refit=False, scoring="neg_log_loss")
+    search.fit(z, y)
+    scores = search.scores_
+    scores = np.asarray(next(iter(scores.values())) if isinstance(scores, dict) else scores).reshape(folds, -1)
+    mean = scores.mean(axis=0)
+    best = int(np.flatnonzero(mean >= mean.max() - 1e-9)[0])  # CS ascend: the strongest regularisation
+    return float(CS[best]), folds, {f"{c:g}": round(float(-m), 4) for c, m in zip(CS, mean)}
+
+
+def _logits_of(model, present: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's coefficients as a ``num_classes``-row linear layer: a binary model's one row
+    ``w`` becomes ``(-w/2, w/2)`` (the same softmax); a class absent from the training split gets
+    logits far below the others."""
+    coef, intercept = model.coef_, model.intercept_
+    if len(present) == 2:
+        coef, intercept = np.vstack([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
+    weight = np.zeros((num_classes, coef.shape[1]))
+    bias = np.full(num_classes, -50.0)
+    weight[present], bias[present] = coef, intercept
+    return weight, bias
