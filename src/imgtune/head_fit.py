@@ -5,9 +5,9 @@ split only, then copied into the head's ``nn.Linear``.
 Why: a fixed number of SGD epochs is not enough optimisation for a small training set (20 images at
 batch 32 are 8 optimizer steps in 8 epochs: 0.70 val accuracy on hymenoptera with 10 images per class)
 and more than needed for a large one. A convex problem solved to convergence is right at every size,
-and choosing its regularisation by cross-validation (on log loss: as accurate as choosing on accuracy
-on hymenoptera, whole or 10 images per class, fewer ties, and better-calibrated probabilities) is what
-a probe in the literature does
+and choosing its regularisation by cross-validation (on log loss: a proper scoring rule, smoother than
+accuracy on small folds, so fewer ties, and better-calibrated probabilities) is what a probe in the
+literature does
 (Kornblith et al., 2019). Features are standardised for the fit (the scaling is folded back into the
 weights, so the head takes the raw features as before).
 """
