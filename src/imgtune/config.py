@@ -77,6 +77,9 @@ class DataConfig:
                                          "(docs/performance.md)", choices=FEATURE_ENGINES)
     allow_leakage: bool = option(False, "train even when the same file is in two splits (leakage) or under two "
                                         "classes (a label conflict); imgtune doctor DATA lists them")
+    extra_labels: str | None = option(None, "a CSV of more training images (path,label; rows with an empty label are "
+                                            "skipped), e.g. the one imgtune suggest wrote, filled in "
+                                            "(docs/unlabelled.md)", metavar="FILE.csv")
     allow_outside_paths: bool = option(False, "let a CSV name files outside its own folder (../x.jpg, absolute "
                                               "paths elsewhere); only for a CSV you trust (docs/data.md)")
 

@@ -61,7 +61,7 @@ def prepare(config: RunConfig, progress: bool = True, started_with: dict | None 
     seed_everything(config.train.seed + distributed.current().rank)
     data = config.data
     source = open_source(absolute_source(data.source), data.val_fraction, data.test_fraction, config.train.seed,
-                         progress, data.allow_outside_paths)
+                         progress, data.allow_outside_paths, data.extra_labels)
     log_data(source)
     if started_with is not None:
         check_same_data(started_with, data.source, source, Path(config.out) / artifact.DATA_FILES)
@@ -75,12 +75,13 @@ def prepare(config: RunConfig, progress: bool = True, started_with: dict | None 
 def finalize(config: RunConfig, source: DataSource, built: models.BuiltModel, device: torch.device) -> RunConfig:
     """Fill what was left to imgtune with what will run: the data's absolute location, the model's input
     size, loader workers sized to the data and device, the device, the class balance (already chosen),
-    and the run folder. Idempotent: a finalized config comes back unchanged."""
+    and the run folder (the data and --extra-labels stored as absolute paths). Idempotent: a finalized config comes back unchanged."""
     data, model, train = config.data, config.model, config.train
     workers = data.num_workers if data.num_workers is not None else auto_workers(total_images(source), device)
     out = config.out if config.out is not None else distributed.broadcast(str(default_out_dir()))
     config = replace(config, out=out,
-                     data=replace(data, source=absolute_source(data.source), num_workers=workers),
+                     data=replace(data, source=absolute_source(data.source), num_workers=workers,
+                                  extra_labels=data.extra_labels and absolute_source(data.extra_labels)),
                      model=replace(model, img_size=built.preprocessing.img_size),
                      train=replace(train, device=device.type))
     validate(config)

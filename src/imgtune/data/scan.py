@@ -330,11 +330,21 @@ def _identical_groups(members: list[Sample]) -> list[list[Sample]]:
 
 
 def load_splits(source: str | Path, val_fraction: float = 0.2, test_fraction: float = 0.0, seed: int = 0,
-                progress: bool = True, allow_outside_paths: bool = False) -> DataSplits:
-    """Find, check and split a dataset; raises DataError before any training could start."""
+                progress: bool = True, allow_outside_paths: bool = False,
+                extra_labels: str | Path | None = None) -> DataSplits:
+    """Find, check and split a dataset; raises DataError before any training could start.
+    ``extra_labels``: a CSV of more training images (:mod:`imgtune.data.extra_labels`)."""
     samples, layout = find_samples(source, allow_outside_paths)
     good, skipped, formats = _check_files_shared(samples, progress)
-    assigned = split_readable(good, layout, val_fraction, test_fraction, seed, source, samples)
+    added = []
+    if extra_labels:
+        from .extra_labels import read_extra_labels
+
+        added, more_skipped, more_formats = _check_files_shared(
+            read_extra_labels(extra_labels, {s.label for s in samples}, allow_outside_paths), progress)
+        skipped, formats = skipped + more_skipped, formats + more_formats
+        log.info("--extra-labels %s: %d training image(s) added", extra_labels, len(added))
+    assigned = split_readable(good, layout, val_fraction, test_fraction, seed, source, samples) + added
     classes = check_classes(assigned, {s.label for s in samples}, source, skipped)
     return DataSplits(classes, sorted(assigned, key=lambda s: (s.split, s.label, str(s.path))), layout,
                       skipped, formats)

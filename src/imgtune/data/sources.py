@@ -156,11 +156,16 @@ DataSource = FolderSource | ShardSource
 
 
 def open_source(source: str, val_fraction: float, test_fraction: float, seed: int,
-                progress: bool = True, allow_outside_paths: bool = False) -> DataSource:
+                progress: bool = True, allow_outside_paths: bool = False,
+                extra_labels: str | None = None) -> DataSource:
     """A folder or CSV (checked and split), or the manifest of WebDataset shards (streamed)."""
     if is_shards(source):
+        if extra_labels:
+            raise UsageError("--extra-labels adds files to a folder or CSV dataset; for shards, add the images to "
+                             "the data and write the shards again (imgtune shard)")
         return ShardSource(load_manifest(source), source)
-    return FolderSource(load_splits(source, val_fraction, test_fraction, seed, progress, allow_outside_paths),
+    return FolderSource(load_splits(source, val_fraction, test_fraction, seed, progress, allow_outside_paths,
+                                    extra_labels),
                         source)
 
 

@@ -1,0 +1,117 @@
+"""imgtune suggest (which unlabelled images to label next) and train --extra-labels."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from datagen import PRETRAINED_ARGS, make_split_dataset, write_images, write_unreadable
+from imgtune import suggest
+from imgtune.cli import main
+from imgtune.cli import suggest as suggest_cli
+
+
+def test_diverse_takes_one_of_a_group_of_near_copies_margin_takes_them_all():
+    rng = np.random.default_rng(0)
+    copies = np.tile(rng.normal(size=(1, 16)), (5, 1)) + rng.normal(scale=1e-3, size=(5, 16))
+    others = rng.normal(size=(10, 16))
+    vectors = np.concatenate([copies, others])
+    uncertainty = np.concatenate([np.full(5, 0.9) - np.arange(5) * 1e-3, np.linspace(0.8, 0.1, 10)])
+    order = suggest._diverse(vectors, uncertainty, 4)
+    assert order[0] == 0  # the most uncertain first
+    assert len(order) == 4 and len(set(order)) == 4
+    assert sum(i < 5 for i in order) == 1  # one of the five near-copies, then images elsewhere
+    assert list(np.argsort(-uncertainty, kind="stable")[:4]) == [0, 1, 2, 3]  # what margin alone would list
+
+
+def test_uncertainty_measures_rank_the_boundary_first():
+    probs = np.array([[0.98, 0.01, 0.01], [0.5, 0.45, 0.05], [0.34, 0.33, 0.33], [0.7, 0.2, 0.1]])
+    assert list(np.argsort(-suggest._one_minus_margin(probs))) == [2, 1, 3, 0]
+    assert list(np.argsort(-suggest._entropy(probs))) == [2, 1, 3, 0]
+    assert suggest_cli.STRATEGIES == suggest.STRATEGIES and suggest_cli.CSV_NAME == suggest.CSV_NAME
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("suggest")
+    data = make_split_dataset(root / "data", train=6, val=3)
+    run = root / "run"
+    assert main(["-q", "train", str(data), "--out", str(run), "--strategy", "linear-probe",
+                 "--cache-dir", str(root / "cache"), *PRETRAINED_ARGS]) == 0
+    return data, run
+
+
+def _pool(folder, data):
+    rng = np.random.default_rng(7)
+    for name in ("red_circle", "green_square", "blue_triangle"):
+        write_images(folder / name, name, 3, rng)
+    first = sorted((folder / "red_circle").glob("*"))[0]
+    image = np.array(Image.open(first)).astype(np.int16)
+    image[0, 0] = (image[0, 0] + 1) % 256
+    Image.fromarray(image.astype(np.uint8)).save(folder / "near_copy.png")
+    shutil.copy(sorted((data / "val" / "red_circle").glob("*"))[0], folder / "copy_of_val.png")
+    write_unreadable(folder / "broken.jpg")
+    return first
+
+
+def _read(path):
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.slow
+def test_suggest_writes_a_csv_to_fill_in_and_extra_labels_trains_on_it(trained, tmp_path, capsys):
+    data, run = trained
+    pool = tmp_path / "pool"
+    original = _pool(pool, data)
+    assert main(["suggest", str(run), str(pool), "--n", "5"]) == 0
+    err = capsys.readouterr().err
+    assert "broken.jpg" in err and "copy_of_val.png: a copy of" in err and "val split" in err
+    rows = _read(pool / "suggestions.csv")
+    assert list(rows[0]) == ["path", "label", "guess", "prob"] and len(rows) == 5
+    assert all(r["label"] == "" and 0 < float(r["prob"]) <= 1 for r in rows)
+    paths = [r["path"] for r in rows]
+    assert "copy_of_val.png" not in paths and "broken.jpg" not in paths
+    assert not {original.relative_to(pool).as_posix(), "near_copy.png"} <= set(paths)  # not both near-copies
+    assert main(["suggest", str(run), str(pool)]) == 2  # the CSV (maybe filled in) is kept
+    assert "exists" in capsys.readouterr().err
+    rows[0]["label"], rows[1]["label"] = "red_circle", "green_square"
+    with open(pool / "suggestions.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    args = ["-q", "train", str(data), "--strategy", "linear-probe", "--cache-dir", str(tmp_path / "cache"),
+            *PRETRAINED_ARGS, "--extra-labels", str(pool / "suggestions.csv")]
+    assert main([*args, "--out", str(tmp_path / "more")]) == 0
+    meta = json.loads((tmp_path / "more" / "meta.json").read_text())
+    assert sum(meta["data"]["counts"]["train"].values()) == 18 + 2
+
+
+@pytest.mark.slow
+def test_bad_unlabelled_folders_and_bad_extra_labels(trained, tmp_path, capsys):
+    data, run = trained
+    (tmp_path / "empty").mkdir()
+    assert main(["suggest", str(run), str(tmp_path / "empty")]) == 3
+    assert "holds no image files" in capsys.readouterr().err
+    write_unreadable(tmp_path / "broken" / "a.jpg")
+    assert main(["suggest", str(run), str(tmp_path / "broken")]) == 3
+    assert "none of its 1 image file(s) can be read" in capsys.readouterr().err
+    shutil.copytree(data / "val", tmp_path / "only_val")
+    assert main(["suggest", str(run), str(tmp_path / "only_val")]) == 3
+    assert "every image given is a copy" in capsys.readouterr().err
+    labels = tmp_path / "labels.csv"
+    image = sorted((data / "train" / "red_circle").glob("*"))[0]
+    labels.write_text(f"path,label,guess\n{image},,red_circle\n{image},purple_star,red_circle\n")
+    args = ["-q", "train", str(data), "--out", str(tmp_path / "x"), *PRETRAINED_ARGS, "--allow-outside-paths"]
+    assert main([*args, "--extra-labels", str(labels)]) == 3
+    assert f"--extra-labels {labels} line 3: class 'purple_star' is not one of" in capsys.readouterr().err
+    val_copy = sorted((data / "val" / "red_circle").glob("*"))[0]
+    labels.write_text(f"path,label\n{val_copy},red_circle\n")
+    assert main([*args, "--extra-labels", str(labels)]) == 3  # a val image added to train: leakage
+    assert "leak" in capsys.readouterr().err.lower()
+    assert not (tmp_path / "x" / "model.safetensors").exists()
