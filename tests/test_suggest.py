@@ -16,17 +16,23 @@ from imgtune.cli import main
 from imgtune.cli import suggest as suggest_cli
 
 
-def test_diverse_takes_one_of_a_group_of_near_copies_margin_takes_them_all():
+def test_diverse_takes_one_of_a_group_of_near_copies_margin_takes_them_all(tmp_path):
     rng = np.random.default_rng(0)
-    copies = np.tile(rng.normal(size=(1, 16)), (5, 1)) + rng.normal(scale=1e-3, size=(5, 16))
-    others = rng.normal(size=(10, 16))
-    vectors = np.concatenate([copies, others])
-    uncertainty = np.concatenate([np.full(5, 0.9) - np.arange(5) * 1e-3, np.linspace(0.8, 0.1, 10)])
-    order = suggest._diverse(vectors, uncertainty, 4)
-    assert order[0] == 0  # the most uncertain first
-    assert len(order) == 4 and len(set(order)) == 4
-    assert sum(i < 5 for i in order) == 1  # one of the five near-copies, then images elsewhere
-    assert list(np.argsort(-uncertainty, kind="stable")[:4]) == [0, 1, 2, 3]  # what margin alone would list
+    write_images(tmp_path / "pool", "red_circle", 6, rng)
+    first = sorted((tmp_path / "pool").glob("*"))[0]
+    image = np.array(Image.open(first)).astype(np.int16)
+    for k in range(1, 4):  # three near-copies of the first image
+        Image.fromarray(np.clip(image + k, 0, 255).astype(np.uint8)).save(tmp_path / "pool" / f"near{k}.png")
+    shutil.copy(first, tmp_path / "pool" / "exact.png")
+    samples = sorted(suggest.unlabelled_images(tmp_path / "pool"), key=lambda s: s.path.name != first.name and
+                     not s.path.name.startswith(("near", "exact")))
+    group = [i for i, s in enumerate(samples) if s.path == first or s.path.name.startswith(("near", "exact"))]
+    assert len(group) == 5
+    uncertainty = np.array([0.9 - i * 1e-3 for i in range(len(samples))])  # the copies are the least sure
+    order = suggest._one_per_group(samples, uncertainty, 4)
+    assert order[0] == 0 and len(set(order)) == 4
+    assert sum(i in group for i in order) == 1  # one of the five copies, then other images
+    assert list(np.argsort(-uncertainty, kind="stable")[:4]) == group[:4]  # what margin alone would list
 
 
 def test_uncertainty_measures_rank_the_boundary_first():

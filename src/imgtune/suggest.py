@@ -10,10 +10,11 @@ Strategies (``--strategy``):
 
 - ``margin``: smallest gap between the two most likely classes first (uncertainty sampling);
 - ``entropy``: highest entropy of the probabilities first;
-- ``diverse`` (default): the most uncertain images by margin (a pool of ``POOL_FACTOR`` × n), then chosen
-  from that pool by greedy k-centre on the L2-normalised features (Sener & Savarese, 2018), starting at
-  the most uncertain: each pick is the image farthest from those already picked, so the list covers the
-  uncertain region instead of holding near-copies of one confusing image.
+- ``diverse`` (default): by margin, but at most one image of each group of copies or near-copies (the
+  perceptual fingerprints ``imgtune doctor`` groups by), so the list never holds near-copies of one
+  confusing image. A spread in feature space (greedy k-centre over the uncertain images, Sener &
+  Savarese 2018) was measured too and did worse than margin alone on hymenoptera
+  (docs/benchmarks.md, "Active learning").
 
 The CSV (``path,label,guess,prob``, best first) has an empty ``label`` column to fill in; ``imgtune train
 DATA --extra-labels FILE.csv`` adds the filled rows. Paths are relative to the CSV's folder when the
@@ -35,6 +36,7 @@ import torch
 from . import artifact, features, models
 from .atomic import atomic_write_text
 from .data.content import read_files
+from .data.duplicates import exact_groups, near_groups
 from .data.scan import Sample, _image_files, check_files
 from .errors import DataError, UsageError
 from .inference import select_device
@@ -42,7 +44,6 @@ from .inference import select_device
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("diverse", "margin", "entropy")
-POOL_FACTOR = 5
 CSV_NAME = "suggestions.csv"
 COLUMNS = ("path", "label", "guess", "prob")
 
@@ -70,7 +71,7 @@ def suggest(run_dir: str | Path, folder: str | Path, n: int = 50, strategy: str 
     kept = [samples[i] for i in found.positions.tolist()]
     probs = _probabilities(built.model.head, found.features, temperature)
     uncertainty = _entropy(probs) if strategy == "entropy" else _one_minus_margin(probs)
-    order = _diverse(found.features.numpy(), uncertainty, n) if strategy == "diverse" else \
+    order = _one_per_group(kept, uncertainty, n) if strategy == "diverse" else \
         np.argsort(-uncertainty, kind="stable")[:n]
     return [Suggestion(kept[i].path, run.classes[int(probs[i].argmax())], float(probs[i].max()),
                        float(uncertainty[i])) for i in order]
@@ -129,18 +130,24 @@ def _entropy(probs: np.ndarray) -> np.ndarray:
     return -(probs * np.log(np.clip(probs, 1e-12, None))).sum(axis=1)
 
 
-def _diverse(vectors: np.ndarray, uncertainty: np.ndarray, n: int) -> list[int]:
-    """Greedy k-centre over the ``POOL_FACTOR * n`` most uncertain images, from the most uncertain."""
-    pool = np.argsort(-uncertainty, kind="stable")[:POOL_FACTOR * n]
-    unit = vectors[pool] / np.maximum(np.linalg.norm(vectors[pool], axis=1, keepdims=True), 1e-12)
-    chosen = [0]
-    nearest = np.linalg.norm(unit - unit[0], axis=1)
-    while len(chosen) < min(n, len(pool)):
-        pick = int(np.argmax(nearest))  # ties: the first, i.e. the more uncertain
-        chosen.append(pick)
-        nearest = np.minimum(nearest, np.linalg.norm(unit - unit[pick], axis=1))
-        nearest[chosen] = -1.0  # never twice, even among exact copies
-    return [int(pool[i]) for i in chosen]
+def _one_per_group(samples: list[Sample], uncertainty: np.ndarray, n: int) -> list[int]:
+    """The most uncertain first (by margin), at most one image of each group of copies or near-copies
+    (the perceptual fingerprints ``imgtune doctor`` groups by; :mod:`imgtune.data.duplicates`)."""
+    group: dict[Path, int] = {}
+    for number, found in enumerate(exact_groups(samples) + near_groups(samples)):
+        first = {group[s.path] for s in found.members if s.path in group}
+        target = min(first) if first else number  # groups that share a member become one
+        for sample in found.members:
+            group[sample.path] = target
+    chosen, taken = [], set()
+    for i in np.argsort(-uncertainty, kind="stable"):
+        key = group.get(samples[i].path, ("alone", int(i)))
+        if key not in taken:
+            taken.add(key)
+            chosen.append(int(i))
+            if len(chosen) == n:
+                break
+    return chosen
 
 
 def write_csv(suggestions: list[Suggestion], out: str | Path, overwrite: bool = False) -> Path:

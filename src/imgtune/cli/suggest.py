@@ -26,7 +26,7 @@ def register(commands) -> None:
     p.add_argument("--n", type=positive_int, default=50, help="images to suggest (default 50)")
     p.add_argument("--strategy", choices=STRATEGIES, default="diverse",
                    help="margin or entropy: the least certain first; diverse (default): the least certain by "
-                        "margin, spread over the features (greedy k-centre) so the list holds no near-copies")
+                        "margin, at most one image of each group of copies or near-copies")
     p.add_argument("--out", metavar="FILE.csv", help=f"where to write the CSV (default DIR/{CSV_NAME})")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (it may hold your labels)")
     p.add_argument("--device", default="auto")
