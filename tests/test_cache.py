@@ -230,6 +230,34 @@ def test_cache_command_info_and_clear(tmp_path, capsys):
     assert "features: 18 file(s)" in capsys.readouterr().out
     assert len(list(store.glob("features/*/body-*.onnx"))) == 1  # the body ONNX Runtime ran (imgtune.body_runtime)
     assert main(["cache", "clear", "--cache-dir", str(store)]) == 0
-    assert "removed 18 cached file(s) and 2 other file(s)" in capsys.readouterr().out  # key.json, body-*.onnx
+    # 18 feature vectors and 18 file checks; the key.json of both stores and the exported body
+    assert "removed 36 cached file(s) and 3 other file(s)" in capsys.readouterr().out
     assert cache.cache_size(store) == (0, 0)
-    assert sorted(path.name for path in store.rglob("*")) == ["CACHEDIR.TAG", "IMGTUNE_CACHE.json", "features"]
+    assert sorted(path.name for path in store.rglob("*")) == ["CACHEDIR.TAG", "IMGTUNE_CACHE.json", "checks",
+                                                               "features"]
+
+
+def test_file_checks_are_remembered_by_content_and_redone_when_damaged(tmp_path, monkeypatch, caplog):
+    from imgtune.data import scan
+
+    data = make_split_dataset(tmp_path / "data", train=3, val=1)
+    store = cache.check_store(tmp_path / "cache")
+    samples, _ = find_samples(data)
+    decoded = []
+    probe = scan.probe
+    monkeypatch.setattr(scan, "probe", lambda *a, **k: decoded.append(1) or probe(*a, **k))
+    first = scan.inspect_files(samples, progress=False, checks=store)
+    assert len(decoded) == len(samples) == 12
+    again = scan.inspect_files(samples, progress=False, checks=store)
+    assert len(decoded) == 12  # nothing decoded the second time
+    assert [(c.sample, c.info) for c in again] == [(c.sample, c.info) for c in first]  # digests and fingerprints
+    entry = store.path(first[0].sample.digest)
+    _flip_last_byte(entry)
+    scan.inspect_files(samples, progress=False, checks=store)
+    assert len(decoded) == 13 and f"damaged cache entry {entry}" in caplog.text
+    write_unreadable_copy = data / "train" / "red_circle" / "broken.png"
+    write_unreadable_copy.write_bytes(b"not an image")
+    for _ in range(2):  # a broken file is never remembered: checked (and skipped) every time
+        good, skipped, _ = check_files([*samples, scan.Sample(write_unreadable_copy, "red_circle")], False, store)
+        assert len(good) == 12 and skipped[0][0] == str(write_unreadable_copy)
+    assert len(decoded) == 15

@@ -188,8 +188,9 @@ def open_cache(root: Path) -> None:
         atomic_write_bytes(root / TAG, TAG_TEXT.encode(), fsync=False)
     if not (root / MARKER).exists():
         about = {"imgtune_cache": FORMAT_VERSION,
-                 "about": "imgtune's feature and decoded-pixel caches; `imgtune cache clear` removes only "
-                          "the files imgtune wrote here (features/<key>/..., pixels/<size>-<interpolation>/...)"}
+                 "about": "imgtune's feature, decoded-pixel and file-check caches; `imgtune cache clear` removes "
+                          "only the files imgtune wrote here (features/<key>/..., pixels/<size>-<interpolation>/..., "
+                          "checks/<key>/...)"}
         atomic_write_bytes(root / MARKER, json.dumps(about, indent=2).encode(), fsync=False)
 
 
@@ -198,6 +199,18 @@ def feature_store(root: Path, model_description: dict, num_features: int | None 
     open_cache(root)
     expect = Expect("float32", (num_features,)) if num_features else None
     return ArrayStore(root / "features" / key_of(description), description, expect)
+
+
+def check_store(root: Path) -> ArrayStore:
+    """What the file checks found for each file content (:mod:`imgtune.data.checked`); Pillow's and
+    imgtune's versions are in the key, so an upgrade checks every file again."""
+    import PIL
+
+    from . import __version__
+
+    description = {"kind": "checks", "version": FORMAT_VERSION, "imgtune": __version__, "pillow": PIL.__version__}
+    open_cache(root)
+    return ArrayStore(root / "checks" / key_of(description), description, Expect("uint8", (None,)))
 
 
 def pixel_store(root: Path, resize_size: int, interpolation: str) -> ArrayStore:
@@ -210,7 +223,8 @@ def pixel_store(root: Path, resize_size: int, interpolation: str) -> ArrayStore:
 
 # What imgtune writes under a cache folder, relative to it; anything else there is not imgtune's.
 _ENTRY = r"(?P<ab>[0-9a-f]{2})/(?P=ab)[0-9a-f]+\.(?:arr|npy)"  # .npy: format 1
-_STORES = r"(?:features/[0-9a-f]{24}|pixels/[0-9]+-[a-z][a-z-]*)"
+_STORES = r"(?:features/[0-9a-f]{24}|checks/[0-9a-f]{24}|pixels/[0-9]+-[a-z][a-z-]*)"
+KINDS = ("features", "pixels", "checks")  # the folders of a cache
 _WRITING = r"\.[^/]+\.[A-Za-z0-9_]+\.tmp"  # a write that a killed process left (see imgtune.atomic)
 _BODY = r"features/[0-9a-f]{24}/body-[0-9a-f]{16}\.onnx"  # the exported body (imgtune.body_runtime)
 _OWN = re.compile(rf"{_BODY}|{_STORES}/(?:{_ENTRY}|key\.json|(?:[0-9a-f]{{2}}/)?{_WRITING})")
@@ -244,7 +258,7 @@ def clear(root: Path) -> Removed:
         raise UsageError(f"--cache-dir {root} is not a folder; nothing was removed")
     if not (root / MARKER).is_file():
         _check_unmarked(root)
-    for path, relative in _walk(root, ("features", "pixels")):
+    for path, relative in _walk(root, KINDS):
         if _OWN.fullmatch(relative):
             size = path.lstat().st_size
             path.unlink(missing_ok=True)
@@ -259,9 +273,9 @@ def clear(root: Path) -> Removed:
 
 def _check_unmarked(root: Path) -> None:
     """Refuse a folder without the marker unless everything in it is what imgtune format 1 wrote."""
-    stranger = next((path for path in root.iterdir() if path.name not in ("features", "pixels")), None)
+    stranger = next((path for path in root.iterdir() if path.name not in KINDS), None)
     found_key = False
-    for path, relative in _walk(root, ("features", "pixels")) if stranger is None else ():
+    for path, relative in _walk(root, KINDS) if stranger is None else ():
         if not _OWN.fullmatch(relative) or path.is_symlink():
             stranger = path
             break
@@ -285,7 +299,7 @@ def _walk(root: Path, parts: tuple[str, ...] = ("",)):
 
 
 def _remove_empty_stores(root: Path) -> None:
-    for kind in ("features", "pixels"):
+    for kind in KINDS:
         for store in sorted((root / kind).glob("*")) if (root / kind).is_dir() else ():
             if store.is_dir() and not store.is_symlink() and re.fullmatch(_STORES, f"{kind}/{store.name}"):
                 for part in sorted(store.glob("??")):

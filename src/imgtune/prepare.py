@@ -20,7 +20,7 @@ import torch
 
 from . import artifact, balance, distributed, experiment_log, models
 from .artifact import check_writable_folder, default_out_dir
-from .cache import default_cache_dir
+from .cache import check_store, default_cache_dir
 from .config import RunConfig, to_dict, validate
 from .data import content
 from .data.sources import DataSource, LoaderOptions, open_source, total_images
@@ -60,8 +60,9 @@ def prepare(config: RunConfig, progress: bool = True, started_with: dict | None 
     experiment_log.require(config.train.log)
     seed_everything(config.train.seed + distributed.current().rank)
     data = config.data
+    checks = check_store(cache_folder(config)) if data.cache else None
     source = open_source(absolute_source(data.source), data.val_fraction, data.test_fraction, config.train.seed,
-                         progress, data.allow_outside_paths, data.extra_labels)
+                         progress, data.allow_outside_paths, data.extra_labels, checks)
     log_data(source)
     if started_with is not None:
         check_same_data(started_with, data.source, source, Path(config.out) / artifact.DATA_FILES)

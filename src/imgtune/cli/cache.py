@@ -1,4 +1,4 @@
-"""imgtune cache info|clear: what the feature and pixel caches hold, and emptying them."""
+"""imgtune cache info|clear: what the feature, pixel and file-check caches hold, and emptying them."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def register(commands) -> None:
 
 
 def run(args) -> int:
-    from ..cache import cache_size, clear, default_cache_dir
+    from ..cache import KINDS, cache_size, clear, default_cache_dir
 
     root = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     if args.action == "clear":
@@ -24,7 +24,7 @@ def run(args) -> int:
         console.print(f"removed {removed.entries} cached file(s) and {removed.others} other file(s) of the cache "
                       f"(key.json, exported bodies, unfinished writes), {removed.size / 2**20:.1f} MiB, from {root}")
     else:
-        for kind in ("features", "pixels"):
+        for kind in KINDS:
             files, size = cache_size(root / kind)
             console.print(f"{kind}: {files} file(s), {size / 2**20:.1f} MiB in {root / kind}")
     return 0

@@ -21,7 +21,9 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..cache import ArrayStore
 from ..errors import DataError
+from . import checked
 from .decode import DecodeError, ImageInfo, probe
 from .reading import FileTooLarge, NotRegularFile, kind_of, read_bounded
 
@@ -227,9 +229,10 @@ def _check_inside(csv_path: Path, name: str, where: str) -> None:
                         "or pass --allow-outside-paths if you trust this CSV to name any file on this machine")
 
 
-def inspect_file(sample: Sample) -> FileCheck:
+def inspect_file(sample: Sample, checks: ArrayStore | None = None) -> FileCheck:
     """Read the file once: its bytes' digest, and a full decode (which is what finds truncated and
-    corrupt files) giving format, mode, size, bit depth and perceptual fingerprint."""
+    corrupt files) giving format, mode, size, bit depth and perceptual fingerprint; not decoded again
+    when ``checks`` (:mod:`imgtune.data.checked`) has seen the same bytes."""
     try:
         data = read_bounded(sample.path)
     except FileNotFoundError:
@@ -242,26 +245,31 @@ def inspect_file(sample: Sample) -> FileCheck:
         return FileCheck(sample, problem="unreadable", reason=f"cannot read the file ({exc.strerror})")
     if not data:
         return FileCheck(sample, problem="empty", reason="empty file (0 bytes)")
-    try:
-        info = probe(io.BytesIO(data), fingerprint=True)
-    except DecodeError as exc:
-        return FileCheck(sample, problem=exc.kind, reason=str(exc), size=len(data))
-    return FileCheck(replace(sample, digest=file_digest(data), fingerprint=info.fingerprint), info, size=len(data))
+    digest = file_digest(data)
+    info = checked.known(checks, digest)
+    if info is None:
+        try:
+            info = probe(io.BytesIO(data), fingerprint=True)
+        except DecodeError as exc:
+            return FileCheck(sample, problem=exc.kind, reason=str(exc), size=len(data))
+        checked.remember(checks, digest, info)
+    return FileCheck(replace(sample, digest=digest, fingerprint=info.fingerprint), info, size=len(data))
 
 
 def inspect_files(samples: list[Sample], progress: bool = True, min_for_bar: int = 2000,
-                  description: str = "checking images") -> list[FileCheck]:
+                  description: str = "checking images", checks: ArrayStore | None = None) -> list[FileCheck]:
     """:func:`inspect_file` for every sample, in threads (decoding releases the GIL), in order."""
     workers = min(8, (os.cpu_count() or 1) * 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(inspect_file, samples)
+        results = pool.map(lambda sample: inspect_file(sample, checks), samples)
         return list(tqdm(results, total=len(samples), desc=description, unit="img", leave=False,
                          disable=not progress or len(samples) < min_for_bar))
 
 
-def check_files(samples: list[Sample], progress: bool = True) -> tuple[list[Sample], list[tuple[str, str]], Counter]:
+def check_files(samples: list[Sample], progress: bool = True, checks: ArrayStore | None = None
+                ) -> tuple[list[Sample], list[tuple[str, str]], Counter]:
     """Decode every file once; returns (readable samples, skipped (path, reason), formats found)."""
-    return _summarise(inspect_files(samples, progress))
+    return _summarise(inspect_files(samples, progress, checks=checks))
 
 
 def _summarise(checks: list[FileCheck]) -> tuple[list[Sample], list[tuple[str, str]], Counter]:
@@ -276,14 +284,14 @@ def _summarise(checks: list[FileCheck]) -> tuple[list[Sample], list[tuple[str, s
     return good, skipped, formats
 
 
-def _check_files_shared(samples: list[Sample], progress: bool):
+def _check_files_shared(samples: list[Sample], progress: bool, checks: ArrayStore | None = None):
     """:func:`check_files`; in distributed training each rank checks its share and all get the whole."""
     from ..distributed import current, gather
 
     ctx = current()
     if not ctx.enabled:
-        return check_files(samples, progress)
-    shares = gather(inspect_files(samples[ctx.rank::ctx.world], progress and ctx.is_main))
+        return check_files(samples, progress, checks)
+    shares = gather(inspect_files(samples[ctx.rank::ctx.world], progress and ctx.is_main, checks=checks))
     checks = [shares[i % ctx.world][i // ctx.world] for i in range(len(samples))]  # back in order
     return _summarise(checks)
 
@@ -331,17 +339,18 @@ def _identical_groups(members: list[Sample]) -> list[list[Sample]]:
 
 def load_splits(source: str | Path, val_fraction: float = 0.2, test_fraction: float = 0.0, seed: int = 0,
                 progress: bool = True, allow_outside_paths: bool = False,
-                extra_labels: str | Path | None = None) -> DataSplits:
+                extra_labels: str | Path | None = None, checks: ArrayStore | None = None) -> DataSplits:
     """Find, check and split a dataset; raises DataError before any training could start.
-    ``extra_labels``: a CSV of more training images (:mod:`imgtune.data.extra_labels`)."""
+    ``extra_labels``: a CSV of more training images (:mod:`imgtune.data.extra_labels`); ``checks``: the
+    file checks already done (:mod:`imgtune.data.checked`)."""
     samples, layout = find_samples(source, allow_outside_paths)
-    good, skipped, formats = _check_files_shared(samples, progress)
+    good, skipped, formats = _check_files_shared(samples, progress, checks)
     added = []
     if extra_labels:
         from .extra_labels import read_extra_labels
 
         added, more_skipped, more_formats = _check_files_shared(
-            read_extra_labels(extra_labels, {s.label for s in samples}, allow_outside_paths), progress)
+            read_extra_labels(extra_labels, {s.label for s in samples}, allow_outside_paths), progress, checks)
         skipped, formats = skipped + more_skipped, formats + more_formats
         log.info("--extra-labels %s: %d training image(s) added", extra_labels, len(added))
     assigned = split_readable(good, layout, val_fraction, test_fraction, seed, source, samples) + added

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .. import balance, distributed, features
-from ..cache import pixel_store
+from ..cache import ArrayStore, pixel_store
 from ..config import RunConfig
 from ..engine import Loaders
 from ..errors import UsageError
@@ -157,7 +157,7 @@ DataSource = FolderSource | ShardSource
 
 def open_source(source: str, val_fraction: float, test_fraction: float, seed: int,
                 progress: bool = True, allow_outside_paths: bool = False,
-                extra_labels: str | None = None) -> DataSource:
+                extra_labels: str | None = None, checks: ArrayStore | None = None) -> DataSource:
     """A folder or CSV (checked and split), or the manifest of WebDataset shards (streamed)."""
     if is_shards(source):
         if extra_labels:
@@ -165,7 +165,7 @@ def open_source(source: str, val_fraction: float, test_fraction: float, seed: in
                              "the data and write the shards again (imgtune shard)")
         return ShardSource(load_manifest(source), source)
     return FolderSource(load_splits(source, val_fraction, test_fraction, seed, progress, allow_outside_paths,
-                                    extra_labels),
+                                    extra_labels, checks),
                         source)
 
 
