@@ -130,7 +130,7 @@ def _routes(app: FastAPI, service: Service) -> None:
         if len(uploads) != 1:
             raise ApiError(400, "one-image", f"/explain takes one image; got {len(uploads)}")
         png, info = await service.explain(uploads[0], class_name, method, max_side)
-        headers = {f"X-Imgtune-{k.replace('_', '-').title()}": quote(str(v)) for k, v in info.items()}
+        headers = {f"X-Imgtune-{k.replace('_', '-').title()}": quote(str(v), safe=" +()") for k, v in info.items()}
         return Response(png, media_type="image/png", headers=headers)
 
 
