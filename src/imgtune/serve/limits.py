@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 OPEN_PATHS = ("/healthz",)  # answered without the key, even while draining
 RETRY_AFTER_S = 1
+MAX_HEADER_BYTES = 32 << 10  # all request headers together (h11 only bounds headers that arrive in pieces)
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,10 @@ class Guard:
             self.metrics.request(endpoint, status[0], time.perf_counter() - start)
 
     def _refusal(self, scope) -> ApiError | None:
+        size = sum(len(k) + len(v) for k, v in scope["headers"])
+        if size > MAX_HEADER_BYTES:
+            return ApiError(431, "headers-too-large", f"the request headers ({size} bytes) are over the limit of "
+                            f"{MAX_HEADER_BYTES} bytes", {"Connection": "close"})
         if scope["path"] in OPEN_PATHS:
             return None
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
