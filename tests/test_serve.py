@@ -8,6 +8,7 @@ import io
 import json
 import time
 import re
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -238,3 +239,26 @@ def test_cli_refuses_an_open_address_without_a_key_and_bad_runs(tiny_run, tmp_pa
     assert main(["serve", str(tmp_path / "missing")]) == 3
     assert main(["serve", str(run), "--engine", "onnxruntime"]) == 2  # no export
 
+
+
+@pytest.mark.slow
+def test_onnxruntime_engine_serves_the_export_as_imgtune_predict_does(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run, ignore=shutil.ignore_patterns("checkpoints"))
+    assert main(["-q", "export", str(run)]) == 0
+    capsys.readouterr()
+    paths = val_images(tiny_run[1])
+    assert main(["-q", "predict", str(run), *map(str, paths), "--format", "json", "--engine", "onnxruntime"]) == 0
+    expected = json.loads(capsys.readouterr().out)
+    service = Service(open_predictor(run, "auto", "cpu"), ServeOptions(limits=LIMITS))
+    assert service.engine == "onnxruntime"
+    with served(service) as base:
+        got = post_files(base, [(p.name, p.read_bytes()) for p in paths], "?top_k=3").json()["results"]
+        explained = httpx.post(f"{base}/explain", files={"file": ("a.png", paths[0].read_bytes())}, timeout=60)
+        meta = httpx.get(f"{base}/metadata").json()
+    for want, answer in zip(expected, got):
+        reference = {t["label"]: t["prob"] for t in want["top"]}
+        assert answer["label"] == want["label"]
+        assert max(abs(p - reference[k]) for k, p in served_probs(answer).items()) < 1e-5
+    assert explained.status_code == 200 and explained.headers["x-imgtune-explained"] == got[0]["label"]
+    assert meta["engine"] == "onnxruntime" and meta["model_card"].startswith("# ")

@@ -42,9 +42,14 @@ def register(commands) -> None:
 
 def run(args) -> int:
     from ..errors import UsageError
-    from ..serve.limits import Limits
-    from ..serve.server import serve
-    from ..serve.service import ServeOptions
+
+    try:
+        from ..serve.limits import Limits
+        from ..serve.server import serve
+        from ..serve.service import ServeOptions
+    except ImportError as exc:
+        raise UsageError(f"imgtune serve needs FastAPI, uvicorn, python-multipart and prometheus-client "
+                         f"({exc}): pip install 'imgtune[serve]'") from exc
 
     if args.max_wait_ms < 0 or not args.max_wait_ms < float("inf"):
         raise UsageError(f"--max-wait-ms must be 0 or more; got {args.max_wait_ms}")
