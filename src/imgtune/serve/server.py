@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -75,18 +76,39 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, engine: st
 
     key = api_key_from_env(api_key_env)
     check_address(host, key, insecure)
+    listening = bind(host, port)  # before the model loads: a port in use is an error at once
     settings = {"run": str(run), "engine": engine, "device": device, "options": _options_dict(options),
                 "api_key_env": api_key_env}
-    app = app_from_settings(settings, key)  # with several workers, this checks the run before they start
+    try:
+        app = app_from_settings(settings, key)  # with several workers, this checks the run before they start
+    except BaseException:
+        listening.close()
+        raise
     common = dict(host=host, port=port, log_config=None, log_level=log_level, timeout_graceful_shutdown=5,
                   server_header=False)
     if workers > 1:
         del app
+        listening.close()  # uvicorn binds again for its workers
         os.environ[SETTINGS_ENV] = json.dumps(settings)
         uvicorn.run("imgtune.serve.server:app_from_env", factory=True, workers=workers, **common)
         return
     log.info("serving %s on http://%s:%d (engine %s)", run, host, port, engine)
-    uvicorn.Server(uvicorn.Config(app, **common)).run()
+    uvicorn.Server(uvicorn.Config(app, **common)).run(sockets=[listening])
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host``:``port``, or a UsageError that says what to do."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listening = socket.socket(family, socket.SOCK_STREAM)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listening.bind((host, port))
+    except OSError as exc:
+        listening.close()
+        raise UsageError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): another program uses the port, "
+                         "or the address is not this machine's; choose another --port or --host") from exc
+    listening.set_inheritable(True)
+    return listening
 
 
 def _options_dict(options: ServeOptions) -> dict:
