@@ -126,6 +126,7 @@ def test_json_base64_answers_as_multipart_and_errors_stay_per_image(server, tiny
     (dict(files=[("file", ("a.png", b"x"))] * 9), 413, "too-many-images"),
     (dict(json={"images": ["AAAA"] * 9}), 413, "too-many-images"),
     (dict(files=[("file", ("a.png", b"\0" * (1 << 20)))]), 413, "too-large"),
+    (dict(content=iter([b" " * 600_000] * 2), headers={"Content-Type": "application/json"}), 413, "too-large"),
     (dict(files=[("file", ("a.png", b"not an image"))]), 422, "no-readable-image"),
 ])
 def test_bad_requests_get_a_4xx_json_error_with_a_reason(server, send, status, kind):
@@ -141,6 +142,7 @@ def test_too_many_pixels_are_refused_from_the_header(server):
         bomb = png_bytes(Image.new("L", (side, side)), optimize=True)  # zeros: a few KB
         result = post_files(base, [("bomb.png", bomb)]).json()["results"][0]
         assert result["error"]["kind"] == "too-many-pixels" and "pixels" in result["error"]["message"]
+    assert Image.MAX_IMAGE_PIXELS > LIMITS.max_pixels  # the server's limit is its own, not Pillow's global
 
 
 def test_query_parameters_are_checked(server, tiny_run):

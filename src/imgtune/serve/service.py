@@ -66,10 +66,13 @@ class Service:
         self.temperature = float(calibration["temperature"]) if calibration else None
         self._explainer = None
         self._warmup: asyncio.Task | None = None
+        self._pillow_limit = Image.MAX_IMAGE_PIXELS  # given back at stop()
 
     async def start(self) -> None:
         """Begin batching and warm the model up in the background (``/readyz`` says when it is done)."""
-        Image.MAX_IMAGE_PIXELS = self.options.limits.max_pixels  # imgtune's decoder checks it from the header
+        self._pillow_limit = Image.MAX_IMAGE_PIXELS
+        if Image.MAX_IMAGE_PIXELS and self.options.limits.max_pixels > Image.MAX_IMAGE_PIXELS:
+            Image.MAX_IMAGE_PIXELS = self.options.limits.max_pixels  # Pillow would refuse what the user allows
         self.batcher.start()
         self._warmup = asyncio.create_task(self._warm_up())
 
@@ -78,6 +81,7 @@ class Service:
             self._warmup.cancel()
         await self.batcher.stop()
         self.decoder.shutdown(wait=False, cancel_futures=True)
+        Image.MAX_IMAGE_PIXELS = self._pillow_limit
 
     async def _warm_up(self) -> None:
         side = max(self.run.preprocessing.resize_size * 2, 8)
@@ -94,6 +98,20 @@ class Service:
         future = asyncio.wrap_future(self.decoder.submit(function, *args))
         return await asyncio.wait_for(future, self.options.limits.decode_timeout_s)
 
+    def _checked(self, load, ref: ImageRef):
+        """``load(ref)`` once the pixel count in the image's header (read without decoding) is within
+        ``--max-pixels``; a DecodeError ``too-many-pixels`` otherwise."""
+        try:
+            with Image.open(io.BytesIO(ref.data)) as img:
+                width, height = img.size
+        except Exception:  # not an image Pillow knows, or over its own limit: load() says why
+            width = height = 0
+        limit = self.options.limits.max_pixels
+        if width * height > limit:
+            raise DecodeError(f"too many pixels: {width}x{height} = {width * height} is over the server's limit of "
+                              f"{limit} (--max-pixels); send a smaller image", "too-many-pixels")
+        return load(ref)
+
     async def _load(self, upload: Upload):
         """(what run_batch takes, None) or (None, (kind, message))."""
         if upload.error:
@@ -101,7 +119,8 @@ class Service:
         if not upload.data:
             return None, ("empty", "the file is empty (0 bytes)")
         try:
-            return await self._off_loop(self.predictor.load_one, ImageRef.in_memory(upload.data, upload.name)), None
+            ref = ImageRef.in_memory(upload.data, upload.name)
+            return await self._off_loop(self._checked, self.predictor.load_one, ref), None
         except DecodeError as exc:
             return None, (exc.kind, str(exc))
         except asyncio.TimeoutError:
@@ -168,7 +187,7 @@ class Service:
             kind, message = upload.error or ("empty", "the file is empty (0 bytes)")
             raise ApiError(400, kind, message)
         try:
-            return await self._off_loop(load_rgb, ImageRef.in_memory(upload.data, upload.name))
+            return await self._off_loop(self._checked, load_rgb, ImageRef.in_memory(upload.data, upload.name))
         except DecodeError as exc:
             raise ApiError(422, exc.kind, f"{upload.name}: {exc}") from exc
         except asyncio.TimeoutError as exc:
