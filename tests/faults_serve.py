@@ -10,8 +10,8 @@ import shutil
 import socket
 from pathlib import Path
 
-from datagen import SCRATCH_ARGS, make_split_dataset
 from faultlib import Fault, Outcome, cli
+from serving import train_tiny
 
 _TEMPLATE: list[Path] = []  # one tiny run, trained once, copied into each case's folder
 
@@ -23,12 +23,7 @@ def _run(tmp: Path) -> Path:
 
         root = Path(tempfile.mkdtemp(prefix="imgtune-faults-serve-"))
         atexit.register(shutil.rmtree, root, True)
-        data = make_split_dataset(root / "data", train=4, val=2)
-        trained = cli("-q", "train", str(data), *SCRATCH_ARGS, "--epochs", "1", "--workers", "0",
-                      "--out", str(root / "run"))
-        if trained.exit_code != 0:
-            raise RuntimeError(f"the tiny run did not train: {trained.message}")
-        _TEMPLATE.append(root / "run")
+        _TEMPLATE.append(train_tiny(root, per_class=4)[0])
     return Path(shutil.copytree(_TEMPLATE[0], tmp / "run"))
 
 

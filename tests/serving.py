@@ -28,15 +28,19 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 HOST = "127.0.0.1"
 
 
+def train_tiny(root: Path, per_class: int = 8) -> tuple[Path, Path]:
+    """(run folder, data folder) in ``root``: the tiny scratch CNN, one epoch, through the Python API."""
+    import imgtune
+
+    data = make_split_dataset(root / "data", train=per_class, val=3)
+    result = imgtune.train(str(data), model=SCRATCH_ARGS[1], img_size=32, strategy="scratch", epochs=1,
+                           num_workers=0, out=str(root / "run"), progress=False)
+    return Path(result.run_dir), data
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
-    """(run folder, data folder) of a tiny scratch model trained for one epoch."""
-    from imgtune.cli import main
-
-    data = make_split_dataset(tmp_path_factory.mktemp("data"), train=8, val=3)
-    out = tmp_path_factory.mktemp("runs") / "run"
-    assert main(["-q", "train", str(data), *SCRATCH_ARGS, "--epochs", "1", "--workers", "0", "--out", str(out)]) == 0
-    return out, data
+    return train_tiny(tmp_path_factory.mktemp("serve"))
 
 
 def free_port() -> int:

@@ -145,6 +145,17 @@ def test_too_many_pixels_are_refused_from_the_header(server):
     assert Image.MAX_IMAGE_PIXELS > LIMITS.max_pixels  # the server's limit is its own, not Pillow's global
 
 
+def test_decode_timeout_and_a_run_without_calibration(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run, ignore=shutil.ignore_patterns("checkpoints", "calibration.json"))
+    limits = Limits(decode_timeout_s=0.001)
+    with served(Service(open_predictor(run, "torch", "cpu"), ServeOptions(limits=limits))) as base:
+        slow = png_bytes(Image.effect_noise((2000, 2000), 64))  # noise: a few ms to decode, far over 1 ms
+        assert post_files(base, [("noise.png", slow)]).json()["results"][0]["error"]["kind"] == "decode-timeout"
+        refused = post_files(base, [("noise.png", slow)], "?calibrated=true")
+        assert refused.status_code == 400 and refused.json()["error"]["kind"] == "no-calibration"
+
+
 def test_query_parameters_are_checked(server, tiny_run):
     base, _ = server
     path = val_images(tiny_run[1], 1)[0]
@@ -176,6 +187,7 @@ def test_endpoints_describe_the_model(server, tiny_run):
     assert meta["classes"] == ["blue_triangle", "green_square", "red_circle"]
     assert meta["preprocessing"]["img_size"] == 32 and meta["metrics"]["val"]["ci95"]["accuracy"]
     assert meta["trained_on"]["images"]["train"] == 24 and meta["limits"]["max_images"] == 8
+    assert "| val | 9 | 1.0000 (1.000-1.000)" in meta["model_card"]  # metrics with their intervals
     metrics = httpx.get(f"{base}/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
     for name in ("imgtune_requests_total{", "imgtune_errors_total{", "imgtune_request_duration_seconds_bucket{",

@@ -19,7 +19,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from serving import finish_slow_request, jpeg_bytes, open_slow_request, png_bytes, rss_bytes, serve_process, tiny_run  # noqa: F401
+from serving import (finish_slow_request, jpeg_bytes, open_slow_request, png_bytes, rss_bytes,  # noqa: F401
+                     serve_process, tiny_run)
 
 pytestmark = pytest.mark.slow  # the child server imports torch (about 20 s on a shared machine)
 

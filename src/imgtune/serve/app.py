@@ -53,7 +53,8 @@ def create_app(service: Service) -> FastAPI:
     app.add_middleware(Guard, limits=service.options.limits, state=service.state, metrics=service.metrics,
                        key=key, endpoints=ENDPOINTS)
     _error_handlers(app, service)
-    _routes(app, service)
+    _info_routes(app, service)
+    _model_routes(app, service)
     return app
 
 
@@ -82,7 +83,7 @@ def _error_handlers(app: FastAPI, service: Service) -> None:
         return answer(ApiError(500, "internal", "the server failed unexpectedly (a bug in imgtune; see its log)"))
 
 
-def _routes(app: FastAPI, service: Service) -> None:
+def _info_routes(app: FastAPI, service: Service) -> None:
     @app.get("/", response_class=HTMLResponse, summary="The page: drop an image, see the top 5 and the heat map")
     async def page():
         return HTMLResponse(render_page(service.metadata()))
@@ -108,6 +109,8 @@ def _routes(app: FastAPI, service: Service) -> None:
         body, content_type = service.metrics.render(service.state.in_flight, service.state.ready)
         return Response(body, media_type=content_type)
 
+
+def _model_routes(app: FastAPI, service: Service) -> None:
     @app.post("/predict", openapi_extra=_IMAGES_BODY,
               summary="Labels and probabilities of one or several images, in order; errors per image")
     async def predict(request: Request, top_k: int = Query(3, ge=1, le=1000),
@@ -123,14 +126,16 @@ def _routes(app: FastAPI, service: Service) -> None:
     @app.post("/explain", openapi_extra=_ONE_IMAGE_BODY, response_class=Response,
               responses={200: {"content": {"image/png": {}}, "description": "the heat map over the image"}},
               summary=f"Heat map overlay (PNG, {DEFAULT_METHOD} by default) for the predicted or a named class")
-    async def explain(request: Request, method: str = Query(DEFAULT_METHOD, description=f"one of {', '.join(SERVED_METHODS)}"),
+    async def explain(request: Request,
+                      method: str = Query(DEFAULT_METHOD, description=f"one of {', '.join(SERVED_METHODS)}"),
                       class_name: str | None = Query(None, alias="class", description="default: predicted"),
                       max_side: int = Query(OVERLAY_MAX_SIDE, ge=16, le=8192)):
         uploads = await read_uploads(request, service.options.limits)
         if len(uploads) != 1:
             raise ApiError(400, "one-image", f"/explain takes one image; got {len(uploads)}")
         png, info = await service.explain(uploads[0], class_name, method, max_side)
-        headers = {f"X-Imgtune-{k.replace('_', '-').title()}": quote(str(v), safe=" +()") for k, v in info.items()}
+        headers = {f"X-Imgtune-{k.replace('_', '-').title()}": quote(str(v), safe=" +()")
+                   for k, v in info.items()}
         return Response(png, media_type="image/png", headers=headers)
 
 

@@ -24,7 +24,7 @@ from .. import __version__, artifact
 from ..data.decode import DecodeError, load_rgb
 from ..data.image_ref import ImageRef
 from ..errors import DataError
-from ..export_card import CARD_FILE, EXPORT_DIR, run_calibration, run_metrics
+from ..export_card import CARD_FILE, EXPORT_DIR, metrics_table, run_calibration, run_metrics
 from ..predictions import RunPredictor, rescale_temperature, top_predictions
 from .batching import Batcher
 from .limits import ApiError, Limits, ServerState
@@ -210,11 +210,13 @@ class Service:
         """Classes, preprocessing, metrics with intervals, calibration, what it was trained on, the model
         card (the export's, when the run has one) and the server's limits."""
         card = self.run.path / EXPORT_DIR / CARD_FILE
+        metrics, seen = run_metrics(self.run.path), trained_on(self.run.meta)
         return {"imgtune": __version__, "engine": self.engine, "classes": self.classes,
                 "model": self.run.meta.get("model", {}), "preprocessing": self.run.meta.get("preprocessing"),
-                "strategy": self.run.meta.get("strategy"), "trained_on": trained_on(self.run.meta),
-                "metrics": run_metrics(self.run.path), "calibration": run_calibration(self.run.path),
-                "model_card": card.read_text(encoding="utf-8") if card.is_file() else None,
+                "strategy": self.run.meta.get("strategy"), "trained_on": seen,
+                "metrics": metrics, "calibration": run_calibration(self.run.path),
+                "model_card": card.read_text(encoding="utf-8") if card.is_file() else
+                run_card(self.run.meta, self.classes, seen, metrics),
                 "limits": self.options.limits.to_dict(),
                 "batching": {"max_batch": self.options.max_batch, "max_wait_ms": self.options.max_wait_ms}}
 
@@ -225,6 +227,15 @@ def trained_on(meta: dict) -> dict:
     counts = data.get("counts") or {}
     return {"layout": data.get("layout"), "counts": counts,
             "images": {split: sum(per_class.values()) for split, per_class in counts.items()}}
+
+
+def run_card(meta: dict, classes: list[str], seen: dict, metrics: dict) -> str:
+    """A short model card (Markdown) for a run without an export (whose card, model_card.md, is fuller)."""
+    model = meta.get("model", {}).get("name", "model")
+    images = ", ".join(f"{n} {split}" for split, n in seen.get("images", {}).items()) or "unknown"
+    return "\n".join([f"# {model}, trained by imgtune", "", f"Classes: {', '.join(f'`{c}`' for c in classes)}.",
+                      f"Images: {images}. Strategy: {meta.get('strategy', 'unknown')}.", "",
+                      "## Metrics of the run", "", *metrics_table(metrics), ""])
 
 
 def _overlay_png(image: Image.Image, heat: np.ndarray, preprocessing, max_side: int) -> bytes:
