@@ -88,9 +88,11 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, engine: st
                   server_header=False)
     if workers > 1:
         del app
-        listening.close()  # uvicorn binds again for its workers
         os.environ[SETTINGS_ENV] = json.dumps(settings)
-        uvicorn.run("imgtune.serve.server:app_from_env", factory=True, workers=workers, **common)
+        config = uvicorn.Config("imgtune.serve.server:app_from_env", factory=True, workers=workers, **common)
+        from uvicorn.supervisors import Multiprocess
+
+        Multiprocess(config, sockets=[listening]).run()  # as uvicorn.run does, on the socket bound here
         return
     log.info("serving %s on http://%s:%d (engine %s)", run, host, port, engine)
     uvicorn.Server(uvicorn.Config(app, **common)).run(sockets=[listening])
@@ -99,7 +101,9 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, engine: st
 def bind(host: str, port: int) -> socket.socket:
     """A socket bound to ``host``:``port``, or a UsageError that says what to do."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listening = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets whose proto says TCP (with proto 0, Nagle's
+    # algorithm and delayed ACKs add about 40 ms to every answer)
+    listening = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         listening.bind((host, port))
