@@ -5,8 +5,6 @@ heat map from the page; no console errors, no request beyond the server."""
 from __future__ import annotations
 
 import base64
-import os
-from pathlib import Path
 
 import httpx
 import pytest

@@ -5,7 +5,6 @@ than 200 MB; SIGTERM lets the request in flight finish while a new one gets 503.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import random
 import signal
