@@ -5,6 +5,7 @@ others."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -74,6 +75,10 @@ async def _json(request: Request, limits: Limits) -> list[Upload]:
     body = await request.body()
     if not body:
         raise ApiError(400, "empty-body", 'the JSON body is empty: send {"images": ["<base64>", ...]}')
+    return await asyncio.to_thread(_parse_json, body, limits)  # megabytes of JSON and base64: off the loop
+
+
+def _parse_json(body: bytes, limits: Limits) -> list[Upload]:
     try:
         values = json.loads(body)
     except (ValueError, RecursionError) as exc:
