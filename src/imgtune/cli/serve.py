@@ -14,7 +14,7 @@ def register(commands) -> None:
     p = commands.add_parser("serve", help="serve a run over HTTP: an API and a web page", description=__doc__)
     p.add_argument("run", help="run folder written by imgtune train")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="default 8000")
+    p.add_argument("--port", metavar="PORT", type=int, default=8000, help="default 8000")
     p.add_argument("--engine", choices=("auto", "torch", "onnxruntime"), default="auto",
                    help="onnxruntime runs the run's ONNX export (imgtune export RUN); auto (default) uses it when "
                         "it matches the run's weights, else torch")
@@ -24,18 +24,18 @@ def register(commands) -> None:
                         "Bearer) on every endpoint but /healthz")
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback --host without an API key (warns)")
-    p.add_argument("--max-batch", type=positive_int, default=32, help="most images per model batch (default 32)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0,
+    p.add_argument("--max-batch", metavar="N", type=positive_int, default=32, help="most images per model batch (default 32)")
+    p.add_argument("--max-wait-ms", metavar="MS", type=float, default=5.0,
                    help="how long a batch waits for more images (default 5 ms; 0: never waits)")
-    p.add_argument("--workers", type=positive_int, default=1,
+    p.add_argument("--workers", metavar="N", type=positive_int, default=1,
                    help="worker processes, each with its own copy of the model (default 1)")
     limits = p.add_argument_group("limits (what is refused with a 4xx or 503)")
-    limits.add_argument("--max-upload-mb", type=positive_float, default=20.0, help="request body (default 20)")
-    limits.add_argument("--max-pixels", type=positive_int, default=50_000_000,
+    limits.add_argument("--max-upload-mb", metavar="MB", type=positive_float, default=20.0, help="request body (default 20)")
+    limits.add_argument("--max-pixels", metavar="N", type=positive_int, default=50_000_000,
                         help="width x height of one image, checked before decoding (default 50000000)")
-    limits.add_argument("--decode-timeout", type=positive_float, default=10.0, help="seconds per image (default 10)")
-    limits.add_argument("--max-images", type=positive_int, default=32, help="images per request (default 32)")
-    limits.add_argument("--max-concurrency", type=positive_int, default=64,
+    limits.add_argument("--decode-timeout", metavar="SECONDS", type=positive_float, default=10.0, help="seconds per image (default 10)")
+    limits.add_argument("--max-images", metavar="N", type=positive_int, default=32, help="images per request (default 32)")
+    limits.add_argument("--max-concurrency", metavar="N", type=positive_int, default=64,
                         help="requests answered at once; more get 503 with Retry-After (default 64)")
     p.set_defaults(handler=run)
 
