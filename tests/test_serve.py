@@ -106,7 +106,7 @@ def test_json_base64_answers_as_multipart_and_errors_stay_per_image(server, tiny
     answer = httpx.post(f"{base}/predict", json={"images": [encoded, "%%%not base64", ""]}).json()["results"]
     multipart = post_files(base, [(path.name, path.read_bytes())]).json()["results"][0]
     assert answer[0]["label"] == multipart["label"] and abs(answer[0]["prob"] - multipart["prob"]) < 1e-6
-    assert answer[1]["error"]["kind"] == "bad-base64" and answer[2]["error"]["kind"] == "empty"
+    assert answer[1]["error"]["kind"] == "bad-encoding" and answer[2]["error"]["kind"] == "empty"
     mixed = post_files(base, [("a.png", path.read_bytes()), ("b.jpg", b"not an image"),
                               ("c.png", path.read_bytes()[:200])]).json()["results"]
     assert [r["index"] for r in mixed] == [0, 1, 2] and "label" in mixed[0]

@@ -29,7 +29,7 @@ _IMAGES_BODY = {"requestBody": {"required": True, "content": {
                  "description": "one or several images (repeat the field)"}}}},
     "application/json": {"schema": {"type": "object", "required": ["images"], "properties": {
         "images": {"type": "array", "items": {"type": "string", "format": "byte"},
-                   "description": "base64-encoded image files"}}}}}}}
+                   "description": "image files, each as Base64 text"}}}}}}}
 _ONE_IMAGE_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
         "file": {"type": "string", "format": "binary"}}}}}}}

@@ -10,7 +10,6 @@ that limit from :attr:`Limits.max_pixels`.
 
 from __future__ import annotations
 
-import base64
 import hmac
 import time
 from dataclasses import asdict, dataclass
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from starlette.responses import JSONResponse
 
+from ..encode import from_base64
 from ..errors import UsageError
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ def key_matches(headers: dict[str, str], key: bytes) -> bool:
         offered.append(value.strip())
     elif scheme.lower() == "basic":
         try:
-            offered.append(base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[2])
+            offered.append(from_base64(value.strip()).decode("utf-8").partition(":")[2])
         except (ValueError, UnicodeDecodeError):
             pass
     found = False

@@ -84,10 +84,11 @@ class Service:
         Image.MAX_IMAGE_PIXELS = self._pillow_limit
 
     async def _warm_up(self) -> None:
+        from ..encode import image_png
+
         side = max(self.run.preprocessing.resize_size * 2, 8)
-        buffer = io.BytesIO()
-        Image.new("RGB", (side, side), (128, 128, 128)).save(buffer, format="PNG")
-        item = await self._off_loop(self.predictor.load_one, ImageRef.in_memory(buffer.getvalue(), "warm-up"))
+        grey = image_png(Image.new("RGB", (side, side), (128, 128, 128)))
+        item = await self._off_loop(self.predictor.load_one, ImageRef.in_memory(grey, "warm-up"))
         await self.batcher.probabilities([item])
         self.state.ready = True
         log.info("model warmed up; ready")

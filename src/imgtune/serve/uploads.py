@@ -1,13 +1,11 @@
 """The images of a request: multipart form files in fields named ``file`` (repeat the field for several),
-or a JSON body ``{"images": ["<base64>", ...]}``. Whatever is malformed is an :class:`ApiError` (4xx)
-saying what was wrong; a single file that is empty or not valid base64 is that image's error, beside the
+or a JSON body ``{"images": ["<Base64>", ...]}``. Whatever is malformed is an :class:`ApiError` (4xx)
+saying what was wrong; a single file that is empty or not valid Base64 is that image's error, beside the
 others."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 from dataclasses import dataclass
 
@@ -15,6 +13,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
+from ..encode import from_base64
 from .limits import ApiError, Limits
 
 FIELD = "file"
@@ -35,11 +34,11 @@ async def read_uploads(request: Request, limits: Limits) -> list[Upload]:
     if kind not in CONTENT_TYPES:
         raise ApiError(415, "unsupported-content-type", f"Content-Type {kind or '(none)'!r} is not accepted: "
                        "send images as multipart/form-data in fields named 'file', or JSON "
-                       '{"images": ["<base64>", ...]}')
+                       '{"images": ["<Base64>", ...]}')
     uploads = await (_multipart(request, limits) if kind == "multipart/form-data" else _json(request, limits))
     if not uploads:
         raise ApiError(400, "no-image", "the request holds no image: send files in fields named 'file', or "
-                       'JSON {"images": ["<base64>", ...]} with at least one')
+                       'JSON {"images": ["<Base64>", ...]} with at least one')
     if len(uploads) > limits.max_images:
         raise _too_many(len(uploads), limits)
     return uploads
@@ -74,8 +73,8 @@ async def _multipart(request: Request, limits: Limits) -> list[Upload]:
 async def _json(request: Request, limits: Limits) -> list[Upload]:
     body = await request.body()
     if not body:
-        raise ApiError(400, "empty-body", 'the JSON body is empty: send {"images": ["<base64>", ...]}')
-    return await asyncio.to_thread(_parse_json, body, limits)  # megabytes of JSON and base64: off the loop
+        raise ApiError(400, "empty-body", 'the JSON body is empty: send {"images": ["<Base64>", ...]}')
+    return await asyncio.to_thread(_parse_json, body, limits)  # megabytes of JSON and Base64: off the loop
 
 
 def _parse_json(body: bytes, limits: Limits) -> list[Upload]:
@@ -85,7 +84,7 @@ def _parse_json(body: bytes, limits: Limits) -> list[Upload]:
         raise ApiError(400, "bad-json", f"the body is not valid JSON ({exc})") from exc
     images = values.get("images") if isinstance(values, dict) else None
     if not isinstance(images, list):
-        raise ApiError(400, "bad-json", 'the JSON body must be an object {"images": ["<base64>", ...]}')
+        raise ApiError(400, "bad-json", 'the JSON body must be an object {"images": ["<Base64>", ...]}')
     if len(images) > limits.max_images:
         raise _too_many(len(images), limits)
     return [_decoded(index, item) for index, item in enumerate(images)]
@@ -94,12 +93,11 @@ def _parse_json(body: bytes, limits: Limits) -> list[Upload]:
 def _decoded(index: int, item) -> Upload:
     name = f"image {index}"
     if not isinstance(item, str):
-        return Upload(name, b"", ("bad-base64", "each image must be a base64 string"))
-    text = item.partition(",")[2] if item.startswith("data:") else item  # a data: URI is accepted as well
+        return Upload(name, b"", ("bad-encoding", "each image must be a Base64 string"))
     try:
-        return Upload(name, base64.b64decode(text, validate=True))
-    except (binascii.Error, ValueError) as exc:
-        return Upload(name, b"", ("bad-base64", f"not valid base64 ({exc})"))
+        return Upload(name, from_base64(item))  # a data: URI is accepted as well
+    except ValueError as exc:
+        return Upload(name, b"", ("bad-encoding", f"not valid Base64 ({exc})"))
 
 
 def _name(filename: str | None, index: int) -> str:
