@@ -71,7 +71,7 @@ class Batcher:
                     break
                 try:
                     batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except TimeoutError:
+                except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
                     break
             await self._run([item for item in batch if not item[1].done()])
 
