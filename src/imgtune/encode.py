@@ -41,3 +41,11 @@ def image_jpeg(image: Image.Image, quality: int = 85) -> bytes:
 def data_uri(data: bytes | None, mime: str = "image/png") -> str | None:
     """``data:<mime>;base64,...`` for embedding in HTML; None stays None (a figure that could not be drawn)."""
     return None if data is None else f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def from_base64(text: str) -> bytes:
+    """The bytes of Base64 ``text`` (or of a ``data:...;base64,`` URI, the inverse of :func:`data_uri`);
+    ValueError when it is not strictly valid (characters outside the alphabet, wrong padding)."""
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    return base64.b64decode(text, validate=True)  # binascii.Error is a ValueError

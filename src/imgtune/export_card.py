@@ -32,11 +32,11 @@ def build_report(run: artifact.RunInfo, predictor, metadata: dict[str, str], ops
         "output": {"name": OUTPUT_NAME, "shape": ["batch", len(run.classes)], "dtype": "float32"},
         "preprocessing": json.loads(metadata["preprocessing"]),
         "temperature": predictor.temperature, "weights_sha256": metadata["weights_sha256"],
-        "metrics": _metrics(run.path), "calibration": _calibration(run.path), "parity": parity,
+        "metrics": run_metrics(run.path), "calibration": run_calibration(run.path), "parity": parity,
     }
 
 
-def _metrics(run_path: Path) -> dict:
+def run_metrics(run_path: Path) -> dict:
     """Val (and test) figures with their 95% intervals from metrics.json; empty when it is missing."""
     try:
         values = json.loads((run_path / artifact.METRICS_JSON).read_text())
@@ -49,7 +49,7 @@ def _metrics(run_path: Path) -> dict:
     return found
 
 
-def _calibration(run_path: Path) -> dict | None:
+def run_calibration(run_path: Path) -> dict | None:
     try:
         return json.loads((run_path / artifact.CALIBRATION).read_text())
     except (OSError, json.JSONDecodeError):
@@ -69,7 +69,7 @@ def model_card(report: dict) -> str:
              + (f"logits / {report['temperature']:.6g} (temperature), " if report["temperature"] else "")
              + "softmax",
              f"- output `{OUTPUT_NAME}`: float32 `N x {len(report['classes'])}` class probabilities", "",
-             "## Metrics of the run", "", *_metrics_table(report["metrics"]), "",
+             "## Metrics of the run", "", *metrics_table(report["metrics"]), "",
              "## Calibration", "", _calibration_text(report), "",
              "## Parity with `imgtune predict`", "",
              f"On {parity['images']} image(s) ({parity['images'] - parity['synthetic_large_photos']} from the "
@@ -133,7 +133,7 @@ def _int8_section(block: dict | None) -> list[str]:
     return lines + [""]
 
 
-def _metrics_table(metrics: dict) -> list[str]:
+def metrics_table(metrics: dict) -> list[str]:
     if not metrics:
         return ["(the run has no metrics.json)"]
     rows = ["| split | images | accuracy (95% CI) | macro F1 (95% CI) |", "| --- | --- | --- | --- |"]

@@ -30,7 +30,7 @@ from .data.decode import load_rgb
 from .data.image_ref import ImageRef, as_image_ref
 from .errors import UsageError
 from .export_card import EXPORT_DIR, INPUT_NAME, INT8_FILE, MODEL_FILE
-from .predictions import Prediction, RunPredictor, batched_probabilities, top_predictions
+from .predictions import Prediction, RunPredictor, batched_probabilities, rescale_temperature, top_predictions
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +131,12 @@ class OrtPredictor:
     def probabilities(self, paths: list[str | Path | ImageRef],
                       batch_size: int = 32) -> tuple[np.ndarray, list[str | None]]:
         """Class probabilities for each image (rows of NaN where it failed) and the errors."""
-        return batched_probabilities(paths, self._pixels, self._run, len(self.classes), batch_size)
+        return batched_probabilities(paths, self.load_one, self.run_batch, len(self.classes), batch_size)
 
-    def _run(self, pixels: list[np.ndarray]) -> np.ndarray:
+    def run_batch(self, pixels: list[np.ndarray]) -> np.ndarray:
+        """Probabilities of a batch of :meth:`load_one` results."""
         out = self.session.run(None, {INPUT_NAME: np.stack(pixels)})[0]
-        return self._rescale(out.astype(np.float64))
+        return rescale_temperature(out.astype(np.float64), self.graph_temperature or 1.0, self.temperature or 1.0)
 
     def predict(self, paths: Iterable[str | Path | ImageRef], top_k: int = 3,
                 batch_size: int = 32) -> list[Prediction]:
@@ -143,18 +144,8 @@ class OrtPredictor:
         probs, errors = self.probabilities(paths, batch_size)
         return top_predictions(paths, probs, errors, self.classes, top_k)
 
-    def _rescale(self, probs: np.ndarray) -> np.ndarray:
-        """From the graph's temperature to the one wanted (see the module's docstring)."""
-        have, want = self.graph_temperature or 1.0, self.temperature or 1.0
-        if have == want:
-            return probs
-        with np.errstate(divide="ignore"):
-            scaled = np.log(probs) * (have / want)
-        scaled -= scaled.max(axis=1, keepdims=True)
-        exp = np.exp(scaled)
-        return exp / exp.sum(axis=1, keepdims=True)
-
-    def _pixels(self, source: str | Path | ImageRef) -> np.ndarray:
+    def load_one(self, source: str | Path | ImageRef) -> np.ndarray:
+        """One image as the graph takes it (uint8 HWC); raises DecodeError."""
         img = load_rgb(source, self.pre["resize_size"])
         img = resize_shorter_side(img, self.pre["resize_size"], self.resample)
         return center_crop(np.asarray(img), self.pre["input_size"])

@@ -57,7 +57,7 @@ class Predictor:
                       batch_size: int = 32) -> tuple[np.ndarray, list[str | None]]:
         """Class probabilities for each image (a path or an :class:`~imgtune.data.image_ref.ImageRef`;
         rows of NaN where it failed) and the errors."""
-        return batched_probabilities(paths, self._load, self._run, len(self.classes), batch_size)
+        return batched_probabilities(paths, self.load_one, self.run_batch, len(self.classes), batch_size)
 
     def predict(self, paths: Iterable[str | Path | ImageRef], top_k: int = 3, batch_size: int = 32) -> list[Prediction]:
         """Top ``top_k`` classes of each image; ``Prediction.path`` is its path (or an ImageRef's name)."""
@@ -65,10 +65,12 @@ class Predictor:
         probs, errors = self.probabilities(paths, batch_size)
         return top_predictions(paths, probs, errors, self.classes, top_k)
 
-    def _load(self, source: str | Path | ImageRef) -> torch.Tensor:
+    def load_one(self, source: str | Path | ImageRef) -> torch.Tensor:
+        """One image as the model takes it (raises DecodeError); the server decodes with it off its event loop."""
         return self.transform(load_rgb(source, self.preprocessing.resize_size))
 
-    def _run(self, tensors: list[torch.Tensor]) -> np.ndarray:
+    def run_batch(self, tensors: list[torch.Tensor]) -> np.ndarray:
+        """Probabilities of a batch of :meth:`load_one` results (the server's dynamic batches use it)."""
         logits = forward(self.inference_model, torch.stack(tensors), self.device)
         if self.temperature is not None:
             logits = logits / self.temperature

@@ -57,6 +57,22 @@ class RunPredictor(Protocol):
 
     def predict(self, paths: Iterable, top_k: int = 3, batch_size: int = 32) -> list[Prediction]: ...
 
+    def load_one(self, source: Any) -> Any: ...  # one image as run_batch takes it; raises DecodeError
+
+    def run_batch(self, inputs: list) -> np.ndarray: ...  # probabilities, one row per loaded image
+
+
+def rescale_temperature(probs: np.ndarray, have: float, want: float) -> np.ndarray:
+    """Probabilities at temperature ``have`` turned into those at ``want``: ``softmax(log(p) * have / want)``,
+    exact up to the float rounding of ``p`` (log softmax differs from the logits by a constant per row)."""
+    if have == want:
+        return probs
+    with np.errstate(divide="ignore"):
+        scaled = np.log(probs) * (have / want)
+    scaled -= scaled.max(axis=1, keepdims=True)
+    exp = np.exp(scaled)
+    return exp / exp.sum(axis=1, keepdims=True)
+
 
 def top_predictions(paths: Sequence[str | Path | ImageRef], probs: np.ndarray, errors: Sequence[str | None],
                     classes: list[str], top_k: int) -> list[Prediction]:
