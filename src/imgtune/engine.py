@@ -244,6 +244,9 @@ class _Run:
         """The whole frozen phase at once: the head fitted on every cached training feature, then one row
         (numbered as the phase's last epoch) with its training and validation figures."""
         since = time.perf_counter()
+        if self.train.label_smoothing:
+            log.info("head fit: --label-smoothing applies to SGD epochs, not to the fitted head (its "
+                     "regularisation is chosen by cross-validation instead)")
         features, targets = self.train_loader.dataset.tensors[:2]
         weights = self.loss_fn.weight
         class_weight = "balanced" if self.train.balance == "sampler" else \
