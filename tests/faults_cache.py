@@ -91,10 +91,10 @@ def _cache_in_a_project_folder(tmp: Path) -> Outcome:
     data = make_split_dataset(tmp / "data", train=4, val=2)
     code = _train(data, tmp / "run", project, "linear-probe").exit_code
     assert code == 0, f"the run failed ({code})"
-    entries = len(_entries(project, "features"))
+    entries = len(_entries(project, "features")) + len(_entries(project, "checks"))
     outcome, printed = _clear(project)
     lost = [_gone(project, before)] if _gone(project, before) else []
-    left = _entries(project, "features")
+    left = _entries(project, "features") + _entries(project, "checks")
     lost += [f"{len(left)} entries left"] if left else []
     lost += [f"said {printed!r} for {entries} entries"] if f"removed {entries} cached file(s)" not in printed else []
     lost += ["CACHEDIR.TAG written into the project (backup tools skip it)"] if (project / "CACHEDIR.TAG").exists() \
