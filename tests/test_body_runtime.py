@@ -102,3 +102,22 @@ def test_onnxruntime_runs_on_the_cpu_only_and_needs_the_package(monkeypatch):
     with pytest.raises(UsageError, match=r"pip install 'imgtune\[export\]'"):
         body_runtime.body_engine(body, 16, CPU, "onnxruntime")
     assert body_runtime.body_engine(body, 16, CPU, "torch")[0] == "torch"
+
+
+def test_a_body_is_never_taken_for_another(tmp_path, caplog):
+    """Without a store nothing keys an exported body, so none is reused (another model made it); a stored
+    body made for another input size is exported again."""
+    images = torch.randn(2, 3, 16, 16)
+    first, second = TinyBody(), TinyBody()  # other random weights
+    body_runtime.body_engine(first, 16, CPU, "auto")
+    name, run = body_runtime.body_engine(second, 16, CPU, "auto")
+    with torch.no_grad():
+        assert name == "onnxruntime" and torch.allclose(run(images), second(images), atol=1e-5)
+    store = Store(tmp_path / "store")
+    body_runtime.body_engine(first, 16, CPU, "auto", store)
+    with caplog.at_level(logging.WARNING):
+        name, run = body_runtime.body_engine(first, 8, CPU, "auto", store)
+    assert "not N x 3 x 8 x 8" in caplog.text
+    small = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(run(small), first(small), atol=1e-5)

@@ -361,8 +361,8 @@ def test_raising_epochs_trains_a_finished_run_further(data, cache, tmp_path, cap
 def test_early_stopped_run_is_finished(data, cache, tmp_path, capsys):
     """A learning rate too small to move the head (on frozen features): val accuracy cannot improve."""
     run = tmp_path / "run"
-    args = (*BASE, "--strategy", "linear-probe", "--no-pretrained", "--epochs", "4", "--lr", "1e-12",
-            "--early-stop", "1", "--batch-size", "10")
+    args = (*BASE, "--strategy", "linear-probe", "--head-fit", "sgd", "--no-pretrained", "--epochs", "4",
+            "--lr", "1e-12", "--early-stop", "1", "--batch-size", "10")
     assert main(["-q", *train_args(data, run, cache, *args)]) == 0
     assert len(metrics_rows(run)) == 2 and newest(run)["stopped_early"]
     capsys.readouterr()

@@ -88,8 +88,11 @@ def test_strategy_writes_complete_run_folder(runs, data, strategy):
     assert weights["head.0.weight"].shape[0] == len(CLASSES)
 
     rows = read_metrics_csv(run)
-    assert [int(r["epoch"]) for r in rows] == list(range(1, saved.train.epochs + 1))
-    assert [r["phase"] for r in rows] == EXPECTED_PHASES[strategy]
+    if strategy == "linear-probe":  # the head fitted to convergence: one row for the whole frozen phase
+        assert [(int(r["epoch"]), r["phase"], r["head_fit"]) for r in rows] == [(saved.train.epochs, "frozen", "lbfgs")]
+    else:
+        assert [int(r["epoch"]) for r in rows] == list(range(1, saved.train.epochs + 1))
+        assert [r["phase"] for r in rows] == EXPECTED_PHASES[strategy]
     assert all(float(r["train_loss"]) > 0 for r in rows)
 
     metrics = json.loads((run / "metrics.json").read_text())
@@ -144,8 +147,8 @@ def test_test_fraction_reports_test_split(tmp_path):
 def test_early_stop_with_keep_best(data, tmp_path):
     """With a learning rate too small to move any weight, val accuracy cannot improve after epoch 1."""
     run = tmp_path / "run"
-    assert train(data, run, *PRETRAINED_ARGS, "--strategy", "linear-probe", "--epochs", "6", "--lr", "1e-12",
-                 "--early-stop", "2", "--keep", "best", "--monitor", "accuracy") == 0
+    assert train(data, run, *PRETRAINED_ARGS, "--strategy", "linear-probe", "--head-fit", "sgd", "--epochs", "6",
+                 "--lr", "1e-12", "--early-stop", "2", "--keep", "best", "--monitor", "accuracy") == 0
     rows = read_metrics_csv(run)
     assert len(rows) == 3
     metrics = json.loads((run / "metrics.json").read_text())

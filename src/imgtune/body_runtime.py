@@ -72,11 +72,16 @@ def _runtime_installed() -> bool:
 def _body_file(body: nn.Module, img_size: int, store: ArrayStore | None) -> Path:
     """The checked ONNX body in ``store``'s folder (exported there first if need be); without a store,
     in a temporary folder removed when the process ends."""
-    folder = store.root if store is not None else Path(_scratch().name)
+    if store is not None:
+        folder = store.root
+    else:  # nothing keys a body without a store: never reuse one (another model may have made it)
+        folder = Path(tempfile.mkdtemp(prefix="body-", dir=_scratch().name))
     for found in sorted(folder.glob("body-*.onnx")):
-        if _digest(found)[:16] == found.stem.removeprefix("body-"):
+        problem = "checksum mismatch" if _digest(found)[:16] != found.stem.removeprefix("body-") else \
+            _input_problem(found, img_size)
+        if problem is None:
             return found
-        log.warning("damaged cache entry %s (checksum mismatch): exporting the body again", found)
+        log.warning("damaged cache entry %s (%s): exporting the body again", found, problem)
         found.unlink(missing_ok=True)
     fd, name = tempfile.mkstemp(dir=folder, prefix=".body.onnx.", suffix=".tmp")  # what cache clear knows
     os.close(fd)
@@ -91,6 +96,18 @@ def _body_file(body: nn.Module, img_size: int, store: ArrayStore | None) -> Path
     finally:
         trial.unlink(missing_ok=True)
     return final
+
+
+def _input_problem(path: Path, img_size: int) -> str | None:
+    """What is wrong with the stored body's input for images of ``img_size`` (None: nothing)."""
+    import onnx
+
+    try:
+        dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    except Exception as exc:  # onnx's DecodeError and friends: an unreadable file
+        return f"unreadable: {exc}"
+    shape = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    return None if shape[1:] == [3, img_size, img_size] else f"input {shape}, not N x 3 x {img_size} x {img_size}"
 
 
 _SCRATCH: list[tempfile.TemporaryDirectory] = []
