@@ -11,9 +11,9 @@ import sys
 
 from .. import __version__
 from ..errors import EXIT_CODES, EXIT_UNEXPECTED, ImgtuneError
-from . import cache, doctor, evaluate, explain, export, predict, report, sample, shard, train
+from . import cache, doctor, evaluate, explain, export, predict, rank, report, sample, shard, train
 
-COMMANDS = (train, evaluate, predict, explain, export, report, doctor, shard, sample, cache)
+COMMANDS = (train, rank, evaluate, predict, explain, export, report, doctor, shard, sample, cache)
 log = logging.getLogger("imgtune")
 
 
