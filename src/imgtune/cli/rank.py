@@ -43,7 +43,7 @@ def register(commands) -> None:
 
 def run(args) -> int:
     from ..artifact import check_writable_folder
-    from ..rank import RankSettings, parse_models, rank
+    from ..rank import RankSettings, nothing_ranked, parse_models, rank
     from ..rank_files import write_all
 
     out = Path(args.out) if args.out else Path("runs") / f"rank-{datetime.now():%Y%m%d-%H%M%S}"
@@ -54,10 +54,19 @@ def run(args) -> int:
     paths = write_all(ranking, out)
     print_ranking(ranking)
     console.print(f"written: {', '.join(str(p) for p in paths.values())}  ({ranking.seconds:.0f} s)")
+    if not ranking.ranked:  # the files say why each was skipped; the exit code says nothing was ranked
+        raise nothing_ranked(ranking, "imgtune rank")
     return 0
 
 
 def print_ranking(ranking) -> None:
+    if ranking.ranked:
+        print_table(ranking)
+    for s in ranking.skipped:
+        console.print(f"skipped {s.model}: {s.reason}")
+
+
+def print_table(ranking) -> None:
     table = Table(title=f"ranking on {ranking.data['source']} ({ranking.data['images']['train']} training images, "
                         f"{ranking.settings['folds']}-fold probe; best first)")
     for column in ("#", "model", "accuracy (95% CI)", "macro F1", ranking.score_name, "params", "GFLOPs",
@@ -69,5 +78,3 @@ def print_ranking(ranking) -> None:
                       "-" if r.flops is None else f"{r.flops / 1e9:.2f}", f"{r.latency_ms_b1:.1f}",
                       f"{r.images_per_s_b32:.0f}")
     console.print(table, width=max(console.width, 132))  # a narrow pipe would wrap every figure
-    for s in ranking.skipped:
-        console.print(f"skipped {s.model}: {s.reason}")
