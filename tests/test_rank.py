@@ -179,3 +179,21 @@ def test_pareto_front_and_model_lists():
     assert pareto_front([(10, 0.9), (20, 0.9), (30, 0.95), (40, 0.94)]) == [0, 2]
     assert parse_models(None) == DEFAULT_CANDIDATES and parse_models(" a, b ,a,") == ("a", "b")
     assert sum(":" in name for name in DEFAULT_CANDIDATES[:4]) == 4
+
+
+def test_out_of_memory_and_other_failures_skip_only_that_candidate(data, tmp_path, monkeypatch):
+    import torch
+
+    from imgtune import rank as rank_module
+
+    def create(config, num_classes, offline=False):
+        if config.name == "big_one":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        raise RuntimeError("an operator this model lacks")
+
+    monkeypatch.setattr(rank_module.models, "create", create)
+    code, out, err = run_cli("rank", str(data), "--models", "big_one,odd_one", "--out", str(tmp_path))
+    assert code == 4 and "no candidate could be ranked" in err
+    skipped = {s["model"]: s["reason"] for s in json.loads((tmp_path / "rank.json").read_text())["skipped"]}
+    assert skipped["big_one"].startswith("out of memory on ") and "smaller --batch-size" in skipped["big_one"]
+    assert skipped["odd_one"].startswith("failed: RuntimeError: an operator this model lacks")

@@ -184,10 +184,13 @@ def _candidate(name: str, config: RunConfig, settings: RankSettings, source: Dat
         return Skipped(name, _first_line(exc).removesuffix(" Looked in:").rstrip("."))
     except (torch.OutOfMemoryError, MemoryError) as exc:
         return Skipped(name, f"out of memory on {device.type} ({_first_line(exc)}); try a smaller --batch-size")
-    except RuntimeError as exc:
+    except DataError:
+        raise  # the data, not this candidate: no other candidate would do better
+    except Exception as exc:  # one model's failure (an operator it lacks, a shape it refuses) stops only it
         if "out of memory" in str(exc).lower() or "can't allocate memory" in str(exc).lower():
             return Skipped(name, f"out of memory on {device.type} ({_first_line(exc)}); try a smaller --batch-size")
-        raise
+        log.debug("candidate %s failed", name, exc_info=True)
+        return Skipped(name, f"failed: {type(exc).__name__}: {_first_line(exc)} (imgtune -v rank ... shows where)")
     finally:
         del built
         gc.collect()
