@@ -160,10 +160,10 @@ def test_probe_is_not_optimistic_on_noise_and_finds_signal():
     """Nested cross-validation: on pure noise (more features than images) the probe is near chance;
     on separable features it is near 1. LogME orders the two the same way."""
     rng = np.random.default_rng(0)
-    y = np.repeat([0, 1], 60)
-    noise = rng.normal(size=(120, 400)).astype(np.float32)
+    y = np.repeat([0, 1], 40)
+    noise = rng.normal(size=(80, 200)).astype(np.float32)
     signal = noise.copy()
-    signal[:, :5] += 3.0 * y[:, None]
+    signal[:, :10] += 3.0 * y[:, None]
     on_noise = cross_validated_probe(noise, y, 2, 5, seed=0)
     on_signal = cross_validated_probe(signal, y, 2, 5, seed=0)
     assert 0.3 <= on_noise.accuracy <= 0.7 and on_signal.accuracy >= 0.95

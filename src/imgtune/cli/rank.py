@@ -11,6 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from pathlib import Path
 
+from rich.console import Console
 from rich.table import Table
 
 from .. import config as cfg
@@ -63,7 +64,7 @@ def print_ranking(ranking) -> None:
     if ranking.ranked:
         print_table(ranking)
     for s in ranking.skipped:
-        console.print(f"skipped {s.model}: {s.reason}")
+        console.print(f"skipped {s.model}: {s.reason}", soft_wrap=True)
 
 
 def print_table(ranking) -> None:
@@ -77,4 +78,7 @@ def print_table(ranking) -> None:
                       f"{r.macro_f1:.3f}", f"{r.score:.3f}", f"{r.params / 1e6:.1f}M",
                       "-" if r.flops is None else f"{r.flops / 1e9:.2f}", f"{r.latency_ms_b1:.1f}",
                       f"{r.images_per_s_b32:.0f}")
-    console.print(table, width=max(console.width, 132))  # a narrow pipe would wrap every figure
+    if console.is_terminal:
+        console.print(table)
+    else:  # a pipe or file: rich's default 80 columns would wrap every figure
+        Console(file=console.file, width=140, highlight=False).print(table)
