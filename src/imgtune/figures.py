@@ -243,8 +243,9 @@ def pareto_png(names: list[str], latency_ms: list[float], accuracy: list[float],
     front = pareto_front(list(zip(latency_ms, accuracy)))
     ax.plot([latency_ms[i] for i in front], [accuracy[i] for i in front], "-", color="tab:orange",
             label="Pareto front (no candidate is both faster and more accurate)")
-    for name, x, y in zip(names, latency_ms, accuracy):
-        ax.annotate(name.split(":")[-1], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    for i, (name, x, y) in enumerate(zip(names, latency_ms, accuracy)):  # labels alternate above and below
+        ax.annotate(name.split(":")[-1], (x, y), textcoords="offset points", xytext=(5, 4 if i % 2 else -11),
+                    fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("latency per image at batch 1 on this machine (ms, log scale)")
     ax.set_ylabel("probe accuracy (cross-validated)")
