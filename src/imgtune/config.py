@@ -81,7 +81,7 @@ class ModelConfig:
     name: str = option("mobilenet_v2", "timm:NAME, torchvision:NAME, a bare name, or auto: rank candidates on "
                                         "this data and train the best (docs/choosing-a-model.md)", dest="model")
     budget_ms: float | None = option(None, "with --model auto: only candidates whose batch-1 latency on this "
-                                           "machine is at most this many milliseconds", unset="no limit")
+                                           "machine is at most this many milliseconds", metavar="MS", unset="no limit")
     candidates: str | None = option(None, "with --model auto: the models to rank, comma-separated", metavar="A,B,C",
                                     unset="the default shortlist of imgtune rank")
     pretrained: bool = option(True, "start from pretrained weights (--no-pretrained: random initialisation)")
