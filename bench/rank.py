@@ -147,8 +147,8 @@ def main() -> None:
 
 
 def print_report(report: dict, work: Path) -> None:
-    print(f"\n| dataset | top pick | its trained acc | best trained acc | within 1 point | Spearman (probe) | "
-          f"Spearman (LogME) | rank time |")
+    print("\n| dataset | top pick | its trained acc | best trained acc | within 1 point | Spearman (probe) | "
+          "Spearman (LogME) | rank time |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for d in report["datasets"]:
         show = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731

@@ -103,8 +103,8 @@ def test_budget_excludes_slower_models(data, tmp_path, monkeypatch):
         return found
 
     monkeypatch.setattr(costs, "measure", measured)
-    code, out, err = run_cli("rank", str(data), "--models", REAL, "--offline", "--folds", "4", "--budget-ms", "20", *SMALL,
-                             "--out", str(tmp_path))
+    code, out, err = run_cli("rank", str(data), "--models", REAL, "--offline", "--folds", "4", "--budget-ms", "20",
+                             *SMALL, "--out", str(tmp_path))
     assert code == 0, err
     found = json.loads((tmp_path / "rank.json").read_text())
     assert [r["model"] for r in found["ranked"]] == ["torchvision:mobilenet_v2"]
@@ -126,7 +126,8 @@ def test_model_auto_trains_the_chosen_model_and_records_why(data, tmp_path):
     assert f"{meta['model']['library']}:{meta['model']['name']}" == best
     assert meta["model"]["requested"] == "auto"
     chosen = meta["model"]["chosen_by"]
-    assert chosen["method"] == "auto" and chosen["ranking"] == "rank.json" and chosen["skipped"] == ["no_such_model_xyz"]
+    assert chosen["method"] == "auto" and chosen["ranking"] == "rank.json"
+    assert chosen["skipped"] == ["no_such_model_xyz"]
     assert "highest probe accuracy" in chosen["reason"] and f"--model auto chose {best}" in err
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["model"]["name"] == best and config["model"]["budget_ms"] is None  # repeats the run as it ran

@@ -91,7 +91,6 @@ def _fit(features: np.ndarray, targets: np.ndarray, seed: int):
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
     from sklearn.model_selection import StratifiedKFold
     from sklearn.pipeline import make_pipeline
-    from sklearn.decomposition import PCA
     from sklearn.preprocessing import StandardScaler
 
     inner = min(INNER_FOLDS, int(np.bincount(targets).min()))
@@ -102,7 +101,7 @@ def _fit(features: np.ndarray, targets: np.ndarray, seed: int):
     model = make_pipeline(StandardScaler(), probe)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # separable features: weights grow until max_iter
-        warnings.filterwarnings("ignore", category=FutureWarning, module="sklearn")  # 1.10's new defaults: set here
+        warnings.filterwarnings("ignore", category=FutureWarning, module="sklearn")  # 1.10 default changes: C_ read both ways
         model.fit(features, targets)
     return model
 

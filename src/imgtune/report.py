@@ -118,7 +118,8 @@ def _ranking(run: artifact.RunInfo):
         return None
     from . import rank_files
 
-    return rank_files.section(rank_files.read(path), chosen=f"{run.meta['model']['library']}:{run.meta['model']['name']}")
+    model = run.meta["model"]
+    return rank_files.section(rank_files.read(path), chosen=f"{model['library']}:{model['name']}")
 
 
 def _settings(meta: dict) -> list[tuple[str, str]]:
