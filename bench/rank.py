@@ -140,9 +140,13 @@ def main() -> None:
     folders = {"hymenoptera": lambda: HYMENOPTERA,
                "digits": lambda: digits_folder(work / "digits", args.per_class, args.per_class // 2),
                "shapes": lambda: shapes_folder(work / "shapes", args.per_class, args.per_class // 2)}
-    results = [evaluate_dataset(name, folders[name](), args.epochs, work) for name in args.datasets.split(",")]
-    report = {"epochs": args.epochs, "datasets": results, "timing": None if args.no_timing else timing(work)}
-    (work / "bench_rank.json").write_text(json.dumps(report, indent=2))
+    report = {"epochs": args.epochs, "datasets": [], "timing": None}
+    for name in args.datasets.split(","):  # the JSON is rewritten after each part: a stopped run keeps its results
+        report["datasets"].append(evaluate_dataset(name, folders[name](), args.epochs, work))
+        (work / "bench_rank.json").write_text(json.dumps(report, indent=2))
+    if not args.no_timing:
+        report["timing"] = timing(work)
+        (work / "bench_rank.json").write_text(json.dumps(report, indent=2))
     print_report(report, work)
 
 
