@@ -242,15 +242,18 @@ def machine(device: torch.device) -> dict:
 
 
 def choose_model(config: RunConfig, source: DataSource, progress: bool = True) -> tuple[RunConfig, Ranking]:
-    """``--model auto``: rank (on rank 0 under torchrun) and return the config with the best candidate within
+    """``--model auto``: rank and return the config with the best candidate within
     ``--budget-ms``; the budget and candidate list are spent (None) in the returned config, which names the
     model that runs. No candidate within the budget: a UsageError (exit 2) naming the fastest one."""
     model = config.model
     if config.train.strategy == "scratch" or not model.pretrained or model.weights:
         raise UsageError("--model auto ranks pretrained backbones by their frozen features: it cannot be combined "
                          "with --strategy scratch, --no-pretrained or --weights; name a model with --model")
+    if distributed.current().enabled:  # ranks would time candidates apart and wait at each other's barriers
+        raise UsageError("--model auto cannot run under torchrun: run imgtune rank DATA (or imgtune train DATA "
+                         "--model auto) in one process, then torchrun ... imgtune train DATA --model CHOSEN")
     settings = RankSettings(parse_models(model.candidates), budget_ms=model.budget_ms)
-    ranking = distributed.on_main(rank, config, settings, source, progress)
+    ranking = rank(config, settings, source, progress)
     if not ranking.ranked:
         raise nothing_ranked(ranking, "--model auto")
     best = ranking.ranked[0]
