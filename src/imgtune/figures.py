@@ -217,3 +217,40 @@ def reliability_png(table: dict, ece: float, title: str, calibrated: dict | None
     ax.legend(loc="upper left", fontsize="small")
     fig.tight_layout()
     return figure_png(fig)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the (latency, accuracy) points no other point beats on both (lower latency and at least
+    the accuracy, or the latency and higher accuracy), fastest first."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], -math.inf
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def pareto_png(names: list[str], latency_ms: list[float], accuracy: list[float],
+               intervals: list[list[float]], title: str) -> bytes:
+    """Probe accuracy (with its 95% interval) against batch-1 latency (log scale), the Pareto front joined."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    lows = [a - ci[0] for a, ci in zip(accuracy, intervals)]
+    highs = [ci[1] - a for a, ci in zip(accuracy, intervals)]
+    ax.errorbar(latency_ms, accuracy, yerr=[lows, highs], fmt="o", color="tab:blue", ecolor="0.6", capsize=3,
+                label="candidate (95% interval)")
+    front = pareto_front(list(zip(latency_ms, accuracy)))
+    ax.plot([latency_ms[i] for i in front], [accuracy[i] for i in front], "-", color="tab:orange",
+            label="Pareto front (no candidate is both faster and more accurate)")
+    for i, (name, x, y) in enumerate(zip(names, latency_ms, accuracy)):  # labels alternate above and below
+        ax.annotate(name.split(":")[-1], (x, y), textcoords="offset points", xytext=(5, 4 if i % 2 else -11),
+                    fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("latency per image at batch 1 on this machine (ms, log scale)")
+    ax.set_ylabel("probe accuracy (cross-validated)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    _legend(ax, loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return figure_png(fig)

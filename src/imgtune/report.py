@@ -106,8 +106,20 @@ def _context(run: artifact.RunInfo, result: EvaluationResult, mistakes: list[Mis
                                                             cal.get("reliability_calibrated"), cal["temperature"])),
         "calibration": cal, "held_out_calibration": _held_out_calibration(run.path),
         "mistakes": mistakes, "n_mistakes": int((result.probs.argmax(1) != result.y_true).sum()),
-        "skipped": result.skipped,
+        "skipped": result.skipped, "ranking_html": _ranking(run),
     }
+
+
+def _ranking(run: artifact.RunInfo):
+    """A ``--model auto`` run's ranking (its rank.json) as the ranking page's section, the choice marked."""
+    chosen = run.meta["model"].get("chosen_by")
+    path = run.path / artifact.RANK
+    if not chosen or not path.is_file():
+        return None
+    from . import rank_files
+
+    model = run.meta["model"]
+    return rank_files.section(rank_files.read(path), chosen=f"{model['library']}:{model['name']}")
 
 
 def _settings(meta: dict) -> list[tuple[str, str]]:
@@ -116,6 +128,7 @@ def _settings(meta: dict) -> list[tuple[str, str]]:
     weights = meta.get("weights")
     rows = [("model", f"{model['name']} ({model['library']}; asked for {model['requested']}), "
                       f"body {model['body']}, head {model['head']}"),
+            *([("chosen by --model auto", model["chosen_by"]["reason"])] if model.get("chosen_by") else []),
             ("weights", f"{weights.get('tag') or weights.get('path')} from {weights.get('source')}" if weights
              else "none (random initialisation)"),
             ("strategy", str(meta.get("strategy"))),

@@ -58,6 +58,8 @@ def train(config: RunConfig, progress: bool = True) -> TrainResult:
 def _start_run_folder(setup: Setup, requested: RunConfig, lock: contextlib.ExitStack) -> None:
     out = artifact.prepare_out_dir(setup.config.out, setup.config.overwrite, lock)
     save_yaml(setup.config, out / artifact.CONFIG)
+    if setup.ranking is not None:  # --model auto: the ranking it chose from, before meta.json points to it
+        artifact.write_json(out / artifact.RANK, setup.ranking.to_dict())
     artifact.write_json(out / artifact.META, run_meta(setup, requested))
     _write_data_files(out, setup)
 
@@ -84,7 +86,7 @@ def resume(run_dir: str | Path, epochs: int | None = None, progress: bool = True
         setup = prepare(config, progress, started_with=meta["data"] | {"classes": meta["classes"],
                                                                        "content": meta.get("content")})
         distributed.barrier()  # every rank has read its checkpoint before rank 0 moves unusable ones away
-        distributed.on_main(_prepare_resume, run_dir, setup, found, meta.get("requested_config"))
+        distributed.on_main(_prepare_resume, run_dir, setup, found, meta)
         log.info("resuming %s from %s", run_dir, found.path)
         return _train_and_save(setup, start, found.payload)
 
@@ -96,14 +98,16 @@ def _saved_device(run_dir: Path) -> str:
         return "auto"  # _resumed_config says what is wrong
 
 
-def _prepare_resume(run_dir: Path, setup: Setup, found: checkpoint.Found, requested: dict | None) -> None:
+def _prepare_resume(run_dir: Path, setup: Setup, found: checkpoint.Found, previous: dict) -> None:
     for path, _ in found.rejected:  # out of the way of the checkpoints the resumed run writes
         path.replace(path.with_name(path.name + ".unusable"))
     checkpoint.remove_partial(run_dir / checkpoint.FOLDER)
     save_yaml(setup.config, run_dir / artifact.CONFIG)
     meta = run_meta(setup)
-    if requested is not None:
-        meta["requested_config"] = requested
+    if previous.get("requested_config") is not None:
+        meta["requested_config"] = previous["requested_config"]
+    if "chosen_by" in previous.get("model", {}):  # a --model auto run keeps the record of its choice
+        meta["model"].update(requested=previous["model"]["requested"], chosen_by=previous["model"]["chosen_by"])
     artifact.write_json(run_dir / artifact.META, meta)
     _write_data_files(run_dir, setup)
     artifact.remove_final_results(run_dir)

