@@ -19,6 +19,7 @@ batch-norm-folded ``inference_model``.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from collections.abc import Callable
@@ -298,8 +299,8 @@ class Explainer:
     def prepare(self, method: str) -> None:
         """What a method needs once (its library imported, the CAM layer found): kept out of its timing."""
         if method in CAM_METHODS:
-            import pytorch_grad_cam  # noqa: F401
-            self.layer  # noqa: B018
+            importlib.import_module("pytorch_grad_cam")
+            _ = self.layer
         else:
             explain_methods.import_library(method)
 
@@ -339,73 +340,3 @@ def pool(heat: np.ndarray, cells: int) -> np.ndarray:
     sums = np.add.reduceat(np.add.reduceat(heat.astype(np.float64), edges, axis=0), edges, axis=1)
     sizes = np.diff(np.append(edges, heat.shape[0]))
     return sums / (sizes[:, None] * sizes[None, :])
-
-
-def pooled_grid(heat: np.ndarray, cells: int) -> list[list[float]]:
-    """The attribution grid of ``--format json``: :func:`pool` rounded to 4 digits."""
-    return np.round(pool(heat, cells), 4).tolist()
-
-
-@dataclass
-class ExplainedFile:
-    path: str
-    predicted: str | None = None
-    predicted_prob: float | None = None
-    explained: str | None = None  # the class the heatmaps are for
-    explained_prob: float | None = None
-    files: dict[str, Path] | None = None  # method -> overlay PNG
-    seconds: dict[str, float] | None = None  # method -> seconds on this image
-    crop: list[float] | None = None  # the model's view in the original pixels: left, top, right, bottom
-    grids: dict[str, list[list[float]]] | None = None  # method -> pooled heatmap on the model's view
-    error: str | None = None
-
-    def to_dict(self) -> dict:
-        values = {k: v for k, v in vars(self).items() if v is not None}
-        if self.files:
-            values["files"] = {m: str(p) for m, p in self.files.items()}
-        return values
-
-
-def explain_files(explainer: Explainer, paths: list[Path], out: Path, methods: tuple[str, ...] = DEFAULT_METHODS,
-                  class_name: str | None = None, grid: int | None = None) -> list[ExplainedFile]:
-    """One overlay PNG per image and method in ``out`` (``<image stem>.<method>.png``; a number is added
-    when two images share a stem), with each method's seconds and, when ``grid`` is given, its heatmap
-    pooled to ``grid`` x ``grid`` cells. An image that cannot be read gets an error and the others go on."""
-    from . import artifact
-    from .data.decode import DecodeError, load_rgb
-    from .encode import image_png
-
-    check_methods(methods)
-    index = explainer.class_index(class_name) if class_name is not None else None
-    out.mkdir(parents=True, exist_ok=True)
-    stems: set[str] = set()
-    results = []
-    for path in paths:
-        try:
-            image = load_rgb(path)
-        except DecodeError as exc:
-            results.append(ExplainedFile(str(path), error=str(exc)))
-            continue
-        probs, found = explainer.explain(image, methods, index)
-        stem = _unique_stem(Path(path).stem, stems)
-        files = {}
-        for item in found:
-            files[item.method] = out / f"{stem}.{item.method}.png"
-            picture = overlay(image, item.heatmap, explainer.preprocessing)
-            artifact.atomic_write_bytes(files[item.method], image_png(picture))
-        top = int(np.argmax(probs))
-        results.append(ExplainedFile(
-            str(path), explainer.classes[top], float(probs[top]), found[0].class_name, found[0].prob, files,
-            {e.method: round(e.seconds, 3) for e in found},
-            [round(v, 2) for v in crop_box(image.size, explainer.preprocessing)] if grid is not None else None,
-            {e.method: pooled_grid(e.heatmap, grid) for e in found} if grid is not None else None))
-    return results
-
-
-def _unique_stem(stem: str, taken: set[str]) -> str:
-    candidate, number = stem, 1
-    while candidate in taken:
-        number += 1
-        candidate = f"{stem}-{number}"
-    taken.add(candidate)
-    return candidate

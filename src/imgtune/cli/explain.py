@@ -53,8 +53,9 @@ def register(commands) -> None:
     p.add_argument("--grid", type=int, default=16, metavar="N",
                    help="--format json: the heatmap averaged over N x N cells of the model's view (0: every pixel)")
     evaluation = p.add_argument_group("--evaluate")
-    evaluation.add_argument("--evaluate", action="store_true",
-                            help="measure every method's faithfulness and sanity instead of explaining images")
+    evaluation.add_argument("--evaluate", nargs="?", const="", metavar="DATA",
+                            help="measure every method's faithfulness and sanity instead of explaining images, on "
+                                 "the run's own val split or on DATA (a folder with one subfolder per class)")
     evaluation.add_argument("--images", type=int, default=50, metavar="N", dest="eval_images", help="images per method (default 50)")
     evaluation.add_argument("--slow-images", type=int, default=20, metavar="N",
                             help="images for lime, kernel-shap and scorecam (default 20)")
@@ -75,20 +76,24 @@ def run(args) -> int:
     settings = AttributionSettings(steps=args.steps, superpixels=args.superpixels, samples=args.samples)
     if args.out:  # before the model is built
         check_writable_folder(args.out, "--out")
-    default = Path(args.run) if args.evaluate else Path(args.run) / "explanations"  # artifact.EXPLANATIONS
+    evaluate = args.evaluate is not None
+    default = Path(args.run) if evaluate else Path(args.run) / "explanations"  # artifact.EXPLANATIONS
     out = Path(args.out) if args.out else default
     check_writable_folder(out, "--out")
     with hold(args.run, "explain") if inside(out, args.run) else contextlib.nullcontext():
-        return (_evaluate if args.evaluate else _explain)(args, out, settings)
+        return (_evaluate if evaluate else _explain)(args, out, settings)
 
 
 def _check_args(args) -> None:
-    if args.evaluate and len(args.images) > 1:
-        raise UsageError(f"--evaluate takes at most one DATA folder, not {len(args.images)} paths; give the images "
-                         "as a folder with one subfolder per class")
-    if args.evaluate and args.class_name:
-        raise UsageError("--evaluate explains each image's predicted class; --class cannot be combined with it")
-    if not args.evaluate and not args.images:
+    """``--evaluate`` takes DATA as its value or as the one positional path (``RUN DATA --evaluate``)."""
+    if args.evaluate is not None:
+        if len(args.images) > 1 or (args.images and args.evaluate):
+            raise UsageError("--evaluate takes at most one DATA folder (with one subfolder per class), not "
+                             f"{', '.join([*args.images, args.evaluate][:3])}")
+        args.data = args.evaluate or (args.images[0] if args.images else None)
+        if args.class_name:
+            raise UsageError("--evaluate explains each image's predicted class; --class cannot be combined with it")
+    elif not args.images:
         raise UsageError("give one or more IMAGE files or folders to explain (or --evaluate)")
     for flag, value in (("images", args.eval_images), ("slow-images", args.slow_images),
                         ("sanity-images", args.sanity_images)):
@@ -97,7 +102,8 @@ def _check_args(args) -> None:
 
 
 def _explain(args, out: Path, settings) -> int:
-    from ..explain import Explainer, explain_files
+    from ..explain import Explainer
+    from ..explain_output import explain_files
     from ..predict import expand_paths
 
     paths = expand_paths(args.images)
@@ -126,7 +132,7 @@ def _evaluate(args, out: Path, settings) -> int:
     predictor = Predictor.from_run(args.run, args.device)
     explainer = Explainer.from_predictor(predictor, settings)
     chosen = EvalSettings(images=args.eval_images, slow_images=args.slow_images, sanity_images=args.sanity_images)
-    result = evaluate_run(explainer, predictor.run, args.images[0] if args.images else None, args.split,
+    result = evaluate_run(explainer, predictor.run, args.data, args.split,
                           tuple(args.methods or EVAL_METHODS), chosen)
     paths = write_evaluation(result, explainer, out)
     if args.format == "json":
