@@ -18,21 +18,11 @@ temporary folder. The hand-drawn boxes check for the same methods: ``python benc
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import HYMENOPTERA, child_env
-
-
-def train_run(out: Path) -> None:
-    import subprocess
-
-    command = [sys.executable, "-m", "imgtune", "train", str(HYMENOPTERA), "--model", "mobilenet_v2", "--offline",
-               "--out", str(out)]
-    print("training:", " ".join(command[2:]), flush=True)
-    subprocess.run(command, env=child_env(), check=True, capture_output=True)
+from gradcam_boxes import train
 
 
 def main() -> None:
@@ -47,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.run is None:
         args.run = Path(tempfile.mkdtemp(prefix="explain-eval-")) / "run"
-        train_run(args.run)
+        train(args.run)
     out = args.out or Path(tempfile.mkdtemp(prefix="explain-eval-out-"))
 
     from imgtune.explain import Explainer

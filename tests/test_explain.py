@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 
 from datagen import SCRATCH_ARGS, make_split_dataset, write_unreadable
-from imgtune import explain, models
+from imgtune import explain, explain_eval, models
 from imgtune.cli import main
 from imgtune.cli import explain as explain_cli
 from imgtune.config import ModelConfig
@@ -137,6 +137,7 @@ def test_heat_goes_back_onto_the_original_pixels():
 
 def test_cli_method_names_match_the_library():
     assert explain_cli.METHODS == tuple(explain.METHODS)
+    assert explain_cli.EVAL_METHODS == explain_eval.EVAL_METHODS
     assert explain_cli.DEFAULT_METHODS == explain.DEFAULT_METHODS
 
 

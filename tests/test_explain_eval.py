@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from datagen import SCRATCH_ARGS, make_split_dataset, write_unreadable
+from datagen import write_unreadable
 from imgtune import explain, explain_eval
 from imgtune.cli import main
-from imgtune.cli import explain as explain_cli
 from imgtune.metrics import bootstrap_mean_ci
-from test_explain import PRE, colour_model, patch_image
+from test_explain import PRE, colour_model, patch_image, run  # noqa: F401 (run: the trained tiny run)
 
 RED = (4, 4, 20, 20)
 
@@ -102,19 +101,6 @@ def test_rank_correlation_and_bootstrap_mean_interval():
     low, high = bootstrap_mean_ci(np.arange(100.0), n_boot=500)
     assert low < 49.5 < high and high - low < 20
     assert np.isnan(bootstrap_mean_ci(np.array([]))).all()
-
-
-def test_cli_method_lists_match_the_library():
-    assert explain_cli.EVAL_METHODS == explain_eval.EVAL_METHODS
-    assert explain_cli.METHODS == explain.METHODS
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> tuple[Path, Path]:
-    data = make_split_dataset(tmp_path_factory.mktemp("data"), train=8, val=3)
-    out = tmp_path_factory.mktemp("runs") / "run"
-    assert main(["-q", "train", str(data), *SCRATCH_ARGS, "--epochs", "1", "--workers", "0", "--out", str(out)]) == 0
-    return out, data
 
 
 def test_explain_new_methods_json_gives_seconds_and_the_attribution_grid(run, tmp_path, capsys):
