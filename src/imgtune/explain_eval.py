@@ -1,15 +1,15 @@
 """Which explanation reflects the model? Faithfulness and a sanity check for every method, measured on
 the run's own images (``imgtune explain RUN --evaluate``).
 
-- **Deletion** (Petsiuk et al., RISE, 2018): the pixels of the model's view are removed most important
-  first (set to the preprocessing's mean colour, zero in the normalised space), ``steps`` equal
-  amounts at a time, and the explained class's probability is recorded after each step; the area under
-  that curve (fraction removed on x) is low when the map found what the model uses.
-  **Insertion**: the reverse, from a heavily blurred copy of the view, the most important pixels put
-  back first; its area is high for a faithful map. Both are compared with a random ordering of the
-  same pixels on the same images (ties in a map are broken at random too), with bootstrap intervals
-  over the images, and the paired gains (random minus method for deletion, method minus random for
-  insertion).
+- **Deletion** (Petsiuk et al., RISE, 2018): the model's view is cut into ``cells`` x ``cells`` squares,
+  ordered by the method's mean heat; the most important are set to the preprocessing's mean colour
+  (zero in the normalised space) first, ``steps`` equal amounts at a time, and the explained class's
+  probability is recorded after each step; the area under that curve (fraction removed on x) is low
+  when the map found what the model uses. **Insertion**: the reverse, from a heavily blurred copy of
+  the view, the most important squares put back first; its area is high for a faithful map. Both are
+  compared with a random ordering of the same squares on the same images (ties in a map are broken
+  at random too), with bootstrap intervals over the images, and the paired gains (random minus method
+  for deletion, method minus random for insertion).
 - **Sanity** (Adebayo et al., "Sanity Checks for Saliency Maps", 2018): the model's head is
   re-initialised, then also the top blocks of its body (the modules holding the last third of the
   body's parameters), and each method explains the same class again; the Spearman rank correlation
