@@ -233,7 +233,7 @@ def explanation_curves_png(methods: dict) -> bytes:
         random = methods[widest][f"random_{kind}_curve"]
         ax.plot(np.linspace(0, 1, len(random)), random, "k--",
                 label=f"random ({methods[widest][f'random_{kind}_auc']['mean']:.3f})")
-        ax.set_xlabel("fraction of pixels " + ("removed" if kind == "deletion" else "restored"))
+        ax.set_xlabel("fraction of the model's view " + ("removed" if kind == "deletion" else "restored"))
         ax.set_ylabel("probability of the explained class")
         ax.set_title(f"{kind} (area in brackets; {'lower' if kind == 'deletion' else 'higher'} is better)")
         ax.set_ylim(0, 1.02)
