@@ -161,7 +161,7 @@ def test_explain_command_writes_an_overlay_per_image_and_method(run, tmp_path, c
     for row, image in zip(rows[:2], images):
         assert row["predicted"] in ("red_circle", "green_square", "blue_triangle")
         assert row["explained"] == row["predicted"]
-        assert set(row["files"]) == {"gradcam", "gradcam++"}
+        assert set(row["files"]) == set(explain.DEFAULT_METHODS)
         for path in row["files"].values():
             assert Path(path).parent == tmp_path / "x"
             with Image.open(path) as overlay, Image.open(image) as original:
