@@ -27,7 +27,7 @@ from .output import console
 # for --help); tests/test_explain.py checks they agree
 METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "scorecam", "integrated-gradients",
            "occlusion", "lime", "kernel-shap")
-DEFAULT_METHODS = ("gradcam", "gradcam++")
+DEFAULT_METHODS = ("lime",)
 EVAL_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "integrated-gradients", "occlusion",
                 "lime", "kernel-shap")
 
@@ -42,8 +42,9 @@ def register(commands) -> None:
     p.add_argument("--out", help="folder for the files (default: RUN/explanations; with --evaluate: RUN)")
     p.add_argument("--method", "--methods", nargs="+", action="extend", choices=METHODS, dest="methods",
                    metavar="METHOD", help=f"one or more of {', '.join(METHODS)} (default: "
-                   f"{' and '.join(DEFAULT_METHODS)}; with --evaluate every method but scorecam, which runs the "
-                   "model once per feature channel: minutes per image on a CPU)")
+                   f"{' and '.join(DEFAULT_METHODS)}, the most faithful on the benchmark, seconds per image; gradcam: "
+                   "well under a second; with --evaluate every method but scorecam, which runs the model once per "
+                   "feature channel: minutes per image on a CPU)")
     p.add_argument("--class", dest="class_name", metavar="NAME",
                    help="explain this class (default: each image's predicted class)")
     sizes = p.add_argument_group("method settings (CPU-sized defaults)")
