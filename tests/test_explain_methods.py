@@ -70,3 +70,11 @@ def test_attribution_grid_pools_the_view():
     assert explain.pool(heat, 2).tolist() == [[1.0, 0.0], [0.0, 0.0]]
     assert explain.pool(heat, 0) is heat
     assert np.asarray(explain.pool(heat, 3)).shape == (3, 3)
+
+
+def test_a_missing_library_says_how_to_install_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lime.lime_image", None)  # as if lime were not installed
+    with pytest.raises(UsageError, match=r"pip install 'imgtune\[explain\]'.*--method gradcam"):
+        explain.Explainer(colour_model(), ["red", "blue"], PRE).explain(patch_image(), ("lime",))

@@ -61,6 +61,7 @@ def attribute(model: nn.Module, preprocessing: Preprocessing, batch: torch.Tenso
     ``class_index``; the model is left in eval mode as it was."""
     if method not in METHODS:
         raise UsageError(f"unknown attribution method {method!r}; use one of {', '.join(METHODS)}")
+    import_library(method)
     param = next(model.parameters())
     image = batch[:1].to(param.device, param.dtype)
     was_training = model.training
@@ -72,10 +73,17 @@ def attribute(model: nn.Module, preprocessing: Preprocessing, batch: torch.Tenso
 
 
 def import_library(method: str) -> None:
-    """Import the method's library now (seconds for shap), so that it is not counted in the method's time."""
+    """Import the method's library now (seconds for shap), so that it is not counted in the method's time;
+    without the ``explain`` extra, an error that says how to install it."""
     import importlib
 
-    importlib.import_module(LIBRARIES[method])
+    try:
+        importlib.import_module(LIBRARIES[method])
+        importlib.import_module("skimage.segmentation")
+    except ImportError as exc:
+        raise UsageError(f"--method {method} needs {exc.name or LIBRARIES[method]}, which is not installed: "
+                         "pip install 'imgtune[explain]' (captum, lime, shap, scikit-image), or use --method "
+                         "gradcam, which needs none of them") from exc
 
 
 def to_heat(signed: np.ndarray, method: str) -> np.ndarray:
