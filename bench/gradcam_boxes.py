@@ -15,7 +15,7 @@ A reference map that knows nothing of the image is scored the same way: a centre
 summary counts the photos where a method's heat share beats the prior's, and the pointing game (the
 hottest pixel inside the box).
 
-    python bench/gradcam_boxes.py [--run RUN] [--methods gradcam gradcam++]
+    python bench/gradcam_boxes.py [--run RUN] [--methods gradcam gradcam++ ...] [--photos N]
 
 Without ``--run`` it first trains ``imgtune train HYMENOPTERA --model mobilenet_v2`` (the default strategy,
 gradual) into a temporary folder (a few minutes on 2 cores).
@@ -57,6 +57,14 @@ def shares(heat: np.ndarray, box: list[int], crop: tuple[float, ...]) -> tuple[f
     return heat_share, area_share, inside / ((cr - cl) * (cb - ct))
 
 
+def alternate_classes(entries: list[dict]) -> list[dict]:
+    """The entries with their classes (the path's second part) taken in turn, each in file order."""
+    groups: dict[str, list[dict]] = {}
+    for entry in entries:
+        groups.setdefault(entry["path"].split("/")[1], []).append(entry)
+    return [entry for turn in zip(*groups.values()) for entry in turn]
+
+
 def train(out: Path) -> None:
     command = [sys.executable, "-m", "imgtune", "train", str(HYMENOPTERA), "--model", "mobilenet_v2", "--offline",
                "--out", str(out)]
@@ -67,7 +75,9 @@ def train(out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path)
-    parser.add_argument("--methods", nargs="+", default=["gradcam", "gradcam++"])
+    parser.add_argument("--methods", nargs="+", default=["gradcam", "gradcam++"],
+                        help="any of imgtune explain's methods (integrated-gradients, occlusion, lime, kernel-shap ...)")
+    parser.add_argument("--photos", type=int, help="only N boxed photos, ants and bees alternately (default: all 20)")
     args = parser.parse_args()
     if args.run is None:
         args.run = Path(tempfile.mkdtemp(prefix="gradcam-boxes-")) / "run"
@@ -79,6 +89,8 @@ def main() -> None:
     explainer = Explainer.from_run(args.run, "cpu")
     pre = explainer.preprocessing
     boxes = json.loads(BOXES.read_text())["images"]
+    if args.photos:
+        boxes = alternate_classes(boxes)[:args.photos]
     names = [*args.methods, "centre prior"]
     wins = {name: {"area": 0, "crop": 0, "prior": 0, "pointing": 0, "heat": []} for name in names}
     print(f"run {args.run} ({explainer.model.__class__.__name__}, {pre.img_size} px); heat share per photo, "

@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 
 from datagen import SCRATCH_ARGS, make_split_dataset, write_unreadable
-from imgtune import explain, models
+from imgtune import explain, explain_eval, models
 from imgtune.cli import main
 from imgtune.cli import explain as explain_cli
 from imgtune.config import ModelConfig
@@ -53,7 +53,7 @@ def heat_share(heat: np.ndarray, box: tuple[int, int, int, int]) -> float:
     return float(heat[top:bottom, left:right].sum() / heat.sum())
 
 
-@pytest.mark.parametrize("method", list(explain.METHODS))
+@pytest.mark.parametrize("method", list(explain.CAM_METHODS))
 def test_every_method_points_at_the_patch_that_decides_the_class(method):
     image = patch_image(((250, 0, 0), (4, 4, 20, 20)), ((0, 0, 250), (44, 40, 60, 56)))
     explainer = explain.Explainer(colour_model(), ["red", "blue"], PRE)
@@ -137,6 +137,7 @@ def test_heat_goes_back_onto_the_original_pixels():
 
 def test_cli_method_names_match_the_library():
     assert explain_cli.METHODS == tuple(explain.METHODS)
+    assert explain_cli.EVAL_METHODS == explain_eval.EVAL_METHODS
     assert explain_cli.DEFAULT_METHODS == explain.DEFAULT_METHODS
 
 
@@ -160,7 +161,7 @@ def test_explain_command_writes_an_overlay_per_image_and_method(run, tmp_path, c
     for row, image in zip(rows[:2], images):
         assert row["predicted"] in ("red_circle", "green_square", "blue_triangle")
         assert row["explained"] == row["predicted"]
-        assert set(row["files"]) == {"gradcam", "gradcam++"}
+        assert set(row["files"]) == set(explain.DEFAULT_METHODS)
         for path in row["files"].values():
             assert Path(path).parent == tmp_path / "x"
             with Image.open(path) as overlay, Image.open(image) as original:
@@ -192,6 +193,6 @@ def test_explain_command_errors(run, capsys):
     assert main(["explain", str(out), image, "--class", "zebra"]) == 2
     assert "zebra" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:  # argparse: not one of the choices
-        main(["explain", str(out), image, "--method", "occlusion"])
+        main(["explain", str(out), image, "--method", "saliency"])
     assert exit_info.value.code == 2
     assert main(["explain", str(out.parent / "missing"), image]) == 3

@@ -19,7 +19,9 @@ batch-norm-folded ``inference_model``.
 
 from __future__ import annotations
 
+import importlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +32,10 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
+from . import explain_methods
 from .data.transforms import Preprocessing, eval_transform
 from .errors import ModelError, UsageError
+from .explain_methods import AttributionSettings
 
 if TYPE_CHECKING:
     from .predict import Predictor
@@ -40,9 +44,14 @@ log = logging.getLogger(__name__)
 
 # name -> class in pytorch_grad_cam; all weight the target layer's activations, with gradients (the first
 # five) or with how the class score changes when each channel alone is kept (scorecam, no gradients)
-METHODS = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "hirescam": "HiResCAM", "xgradcam": "XGradCAM",
-           "layercam": "LayerCAM", "scorecam": "ScoreCAM"}
-DEFAULT_METHODS = ("gradcam", "gradcam++")
+CAM_METHODS = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "hirescam": "HiResCAM", "xgradcam": "XGradCAM",
+               "layercam": "LayerCAM", "scorecam": "ScoreCAM"}
+# every method: the CAM family, then Captum's, LIME and SHAP (explain_methods.py)
+METHODS = (*CAM_METHODS, *explain_methods.METHODS)
+# Grad-CAM: it passed the sanity check and beat random ordering on hymenoptera, and the methods that scored
+# higher (LIME, Kernel SHAP, occlusion) did not do so significantly at 5-30 times its cost (docs/report.md,
+# "Which method is the default")
+DEFAULT_METHODS = ("gradcam",)
 _GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
@@ -140,19 +149,37 @@ def model_input(image: Image.Image, preprocessing: Preprocessing) -> torch.Tenso
     return eval_transform(preprocessing)(image).unsqueeze(0)
 
 
+def check_methods(methods) -> None:
+    """Unknown names fail before any work, with the list to choose from."""
+    for method in methods:
+        if method not in METHODS:
+            raise UsageError(f"unknown explanation method {method!r}; use one of {', '.join(METHODS)}")
+
+
 def explain_tensor(model: nn.Module, preprocessing: Preprocessing, batch: torch.Tensor, class_index: int,
-                   method: str = "gradcam", layer: Layer | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   method: str = "gradcam", layer: Layer | None = None,
+                   settings: AttributionSettings = AttributionSettings()) -> tuple[np.ndarray, np.ndarray]:
     """Heatmap (on the model's view, in [0, 1]) of the first image of ``batch`` for ``class_index``, and
-    the model's class probabilities for that image. ``layer`` defaults to :func:`target_layer`."""
+    the model's class probabilities for that image. ``layer`` (CAM methods) defaults to
+    :func:`target_layer`; ``settings`` sizes the other methods, whose signed attributions become heatmaps
+    by :func:`imgtune.explain_methods.to_heat`."""
+    check_methods((method,))
+    if method not in CAM_METHODS:
+        signed = explain_methods.attribute(model, preprocessing, batch, class_index, method, settings)
+        probs = explain_methods.probabilities(model, batch[:1])[0].numpy()
+        return explain_methods.to_heat(signed, method), probs
+    return _cam(model, preprocessing, batch, class_index, method, layer)
+
+
+def _cam(model: nn.Module, preprocessing: Preprocessing, batch: torch.Tensor, class_index: int, method: str,
+         layer: Layer | None) -> tuple[np.ndarray, np.ndarray]:
     import pytorch_grad_cam
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    if method not in METHODS:
-        raise UsageError(f"unknown explanation method {method!r}; use one of {', '.join(METHODS)}")
     layer = layer or target_layer(model, preprocessing)
     was_training = model.training
     param = next(model.parameters())
-    cam = getattr(pytorch_grad_cam, METHODS[method])(model, [layer.module], reshape_transform=layer.reshape)
+    cam = getattr(pytorch_grad_cam, CAM_METHODS[method])(model, [layer.module], reshape_transform=layer.reshape)
     cam.compute_input_gradient = True  # the activations need gradients even where the body is frozen
     try:
         heat = cam(input_tensor=batch[:1].to(param.device, param.dtype),
@@ -234,27 +261,32 @@ class Explanation:
     class_name: str
     prob: float  # the model's probability of the explained class
     heatmap: np.ndarray  # on the model's view, [0, 1]
+    seconds: float = 0.0  # how long the method took on this image
 
 
 class Explainer:
     """A run's model (unfused, with gradients) and its preprocessing, for explaining images."""
 
-    def __init__(self, model: nn.Module, classes: list[str], preprocessing: Preprocessing):
+    def __init__(self, model: nn.Module, classes: list[str], preprocessing: Preprocessing,
+                 settings: AttributionSettings = AttributionSettings()):
         self.model = model.eval()
         self.classes = classes
         self.preprocessing = preprocessing
+        self.settings = settings
         self._layer: Layer | None = None
 
     @classmethod
-    def from_run(cls, path: str | Path, device: str = "auto") -> "Explainer":
+    def from_run(cls, path: str | Path, device: str = "auto",
+                 settings: AttributionSettings = AttributionSettings()) -> "Explainer":
         from .predict import Predictor
 
-        return cls.from_predictor(Predictor.from_run(path, device))
+        return cls.from_predictor(Predictor.from_run(path, device), settings)
 
     @classmethod
-    def from_predictor(cls, predictor: "Predictor") -> "Explainer":
+    def from_predictor(cls, predictor: "Predictor", settings: AttributionSettings = AttributionSettings()
+                       ) -> "Explainer":
         """The predictor's own model (unfused, on its device): no second copy of the weights."""
-        return cls(predictor.model, predictor.classes, predictor.preprocessing)
+        return cls(predictor.model, predictor.classes, predictor.preprocessing, settings)
 
     @property
     def layer(self) -> Layer:
@@ -267,80 +299,47 @@ class Explainer:
             raise UsageError(f"unknown class {name!r}; this run's classes are: {', '.join(self.classes)}")
         return self.classes.index(name)
 
+    def prepare(self, method: str) -> None:
+        """What a method needs once (its library imported, the CAM layer found): kept out of its timing."""
+        if method in CAM_METHODS:
+            importlib.import_module("pytorch_grad_cam")
+            _ = self.layer
+        else:
+            explain_methods.import_library(method)
+
+    def heatmap(self, batch: torch.Tensor, class_index: int, method: str) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`explain_tensor` with this explainer's layer and settings."""
+        layer = self.layer if method in CAM_METHODS else None
+        return explain_tensor(self.model, self.preprocessing, batch, class_index, method, layer, self.settings)
+
     def explain(self, image: Image.Image, methods: tuple[str, ...] = DEFAULT_METHODS,
                 class_index: int | None = None) -> tuple[np.ndarray, list[Explanation]]:
         """Class probabilities and one explanation per method, for ``class_index`` (default: the
         predicted class)."""
+        check_methods(methods)
         batch = model_input(image, self.preprocessing)
         probs = None
         if class_index is None:
-            param = next(self.model.parameters())
-            with torch.no_grad():
-                out = self.model(batch.to(param.device, param.dtype))
-            probs = torch.softmax(out.float(), dim=1)[0].cpu().numpy()
+            probs = explain_methods.probabilities(self.model, batch)[0].numpy()
             class_index = int(np.argmax(probs))
         found = []
         for method in methods:
-            heat, probs = explain_tensor(self.model, self.preprocessing, batch, class_index, method, self.layer)
-            found.append(Explanation(method, class_index, self.classes[class_index], float(probs[class_index]), heat))
+            self.prepare(method)
+            started = time.perf_counter()
+            heat, probs = self.heatmap(batch, class_index, method)
+            seconds = time.perf_counter() - started
+            log.info("%s: %.2f s", method, seconds)
+            found.append(Explanation(method, class_index, self.classes[class_index], float(probs[class_index]), heat,
+                                     seconds))
         return probs, found
 
 
-@dataclass
-class ExplainedFile:
-    path: str
-    predicted: str | None = None
-    predicted_prob: float | None = None
-    explained: str | None = None  # the class the heatmaps are for
-    explained_prob: float | None = None
-    files: dict[str, Path] | None = None  # method -> overlay PNG
-    error: str | None = None
-
-    def to_dict(self) -> dict:
-        values = {k: v for k, v in vars(self).items() if v is not None}
-        if self.files:
-            values["files"] = {m: str(p) for m, p in self.files.items()}
-        return values
-
-
-def explain_files(explainer: Explainer, paths: list[Path], out: Path, methods: tuple[str, ...] = DEFAULT_METHODS,
-                  class_name: str | None = None) -> list[ExplainedFile]:
-    """One overlay PNG per image and method in ``out`` (``<image stem>.<method>.png``; a number is added
-    when two images share a stem). An image that cannot be read gets an error and the others go on."""
-    from . import artifact
-    from .data.decode import DecodeError, load_rgb
-    from .encode import image_png
-
-    for method in methods:  # unknown names fail before any work
-        if method not in METHODS:
-            raise UsageError(f"unknown explanation method {method!r}; use one of {', '.join(METHODS)}")
-    index = explainer.class_index(class_name) if class_name is not None else None
-    out.mkdir(parents=True, exist_ok=True)
-    stems: set[str] = set()
-    results = []
-    for path in paths:
-        try:
-            image = load_rgb(path)
-        except DecodeError as exc:
-            results.append(ExplainedFile(str(path), error=str(exc)))
-            continue
-        probs, found = explainer.explain(image, methods, index)
-        stem = _unique_stem(Path(path).stem, stems)
-        files = {}
-        for item in found:
-            files[item.method] = out / f"{stem}.{item.method}.png"
-            picture = overlay(image, item.heatmap, explainer.preprocessing)
-            artifact.atomic_write_bytes(files[item.method], image_png(picture))
-        top = int(np.argmax(probs))
-        results.append(ExplainedFile(str(path), explainer.classes[top], float(probs[top]), found[0].class_name,
-                                     found[0].prob, files))
-    return results
-
-
-def _unique_stem(stem: str, taken: set[str]) -> str:
-    candidate, number = stem, 1
-    while candidate in taken:
-        number += 1
-        candidate = f"{stem}-{number}"
-    taken.add(candidate)
-    return candidate
+def pool(heat: np.ndarray, cells: int) -> np.ndarray:
+    """``heat`` averaged over a ``cells`` x ``cells`` grid (rows top to bottom); unchanged when ``cells`` is 0
+    or not smaller than the map."""
+    if cells <= 0 or cells >= heat.shape[0]:
+        return heat
+    edges = np.linspace(0, heat.shape[0], cells + 1).round().astype(int)[:-1]
+    sums = np.add.reduceat(np.add.reduceat(heat.astype(np.float64), edges, axis=0), edges, axis=1)
+    sizes = np.diff(np.append(edges, heat.shape[0]))
+    return sums / (sizes[:, None] * sizes[None, :])

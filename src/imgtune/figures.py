@@ -254,3 +254,26 @@ def pareto_png(names: list[str], latency_ms: list[float], accuracy: list[float],
     _legend(ax, loc="lower right", fontsize=8)
     fig.tight_layout()
     return figure_png(fig)
+
+
+def explanation_curves_png(methods: dict) -> bytes:
+    """Mean deletion and insertion curves (explained class's probability against the fraction of pixels
+    removed or restored) of each method of an explanation evaluation, with the random ordering dashed
+    (the one over the most images)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    widest = max(methods, key=lambda m: methods[m]["images"])
+    for ax, kind in zip(axes, ("deletion", "insertion")):
+        for method, entry in methods.items():
+            curve = entry[f"{kind}_curve"]
+            ax.plot(np.linspace(0, 1, len(curve)), curve, label=f"{method} ({entry[f'{kind}_auc']['mean']:.3f})")
+        random = methods[widest][f"random_{kind}_curve"]
+        ax.plot(np.linspace(0, 1, len(random)), random, "k--",
+                label=f"random ({methods[widest][f'random_{kind}_auc']['mean']:.3f})")
+        ax.set_xlabel("fraction of the model's view " + ("removed" if kind == "deletion" else "restored"))
+        ax.set_ylabel("probability of the explained class")
+        ax.set_title(f"{kind} (area in brackets; {'lower' if kind == 'deletion' else 'higher'} is better)")
+        ax.set_ylim(0, 1.02)
+        _legend(ax, fontsize=7)
+    fig.tight_layout()
+    return figure_png(fig)

@@ -98,14 +98,30 @@ def bootstrap_ci(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int, n_boo
         stop = start + len(idx)
         acc[start:stop], scores[0, start:stop], scores[1, start:stop], scores[2, start:stop] = rowwise_scores(
             y_true[idx], y_pred[idx], num_classes)
-    tail = (1 - level) / 2 * 100
 
     def interval(values: np.ndarray) -> list:
-        low, high = np.percentile(values, [tail, 100 - tail], axis=0)
-        return np.stack([low, high], axis=-1).tolist()
+        return percentile_interval(values, level)
 
     return {"level": level, "n_boot": n_boot, "accuracy": interval(acc), "macro_f1": interval(scores[2].mean(axis=1)),
             "per_class": {name: interval(values) for name, values in zip(("precision", "recall", "f1"), scores)}}
+
+
+def percentile_interval(resampled: np.ndarray, level: float = 0.95) -> list:
+    """[low, high] percentiles of bootstrap resamples (axis 0), the central ``level`` of them."""
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(resampled, [tail, 100 - tail], axis=0)
+    return np.stack([low, high], axis=-1).tolist()
+
+
+def bootstrap_mean_ci(values: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> list:
+    """Percentile bootstrap interval of the mean of ``values`` (resampling them with replacement), as
+    :func:`bootstrap_ci` does for accuracy; [nan, nan] without values. For a paired difference, pass the
+    per-item differences."""
+    values = np.asarray(values, dtype=np.float64)
+    if not len(values):
+        return [float("nan"), float("nan")]
+    idx = np.random.default_rng(seed).integers(0, len(values), (n_boot, len(values)))
+    return percentile_interval(values[idx].mean(axis=1), level)
 
 
 def rowwise_scores(t: np.ndarray, p: np.ndarray, num_classes: int) -> tuple[np.ndarray, ...]:

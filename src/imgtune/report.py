@@ -6,7 +6,9 @@ agree), with one model, built on the requested device, for both the measuring an
 and writes nothing but the HTML file. It shows: configuration and data, training curves, the confusion
 matrix (a table of the top confusions above :data:`MATRIX_LIMIT` classes), per-class precision/recall/F1
 with bootstrap intervals, ROC and precision-recall curves, the reliability diagram, and the most
-confident mistakes with their Grad-CAM overlays. The page comes from ``templates/report.html.j2``; figures
+confident mistakes with their Grad-CAM overlays; and, when ``imgtune explain --evaluate`` has written
+``RUN/explain_eval.json``, its table of which explanation method reflects the model. The page comes
+from ``templates/report.html.j2``; figures
 from :mod:`imgtune.figures`, encoded by :mod:`imgtune.encode`.
 """
 
@@ -16,6 +18,7 @@ import contextlib
 import csv
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +63,7 @@ def write_report(run_dir: str | Path, data: str | None = None, split: str | None
 
 def _write_report(run_dir: str | Path, data: str | None, split: str | None, out: str | Path | None, device: str,
                   gallery: int) -> Path:
+    from .explain_page import EVAL_HTML, read_table
     from .predict import Predictor
 
     started = time.perf_counter()
@@ -69,6 +73,8 @@ def _write_report(run_dir: str | Path, data: str | None, split: str | None, out:
     path = Path(out) if out else run.path / ("report.html" if data is None and split is None else
                                              f"report_{result.split}.html")
     context = _context(run, result, _mistakes(predictor, result, gallery))
+    context["explain_eval"] = read_table(run.path)  # imgtune explain --evaluate's table, when it was run
+    context["explain_eval_href"] = Path(os.path.relpath(run.path / EVAL_HTML, path.absolute().parent)).as_posix()
     context["seconds"] = time.perf_counter() - started
     html = render(context)
     artifact.atomic_write_text(path, html)

@@ -33,7 +33,7 @@ from .uploads import Upload
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METHOD = "gradcam"  # imgtune explain's first default method
+DEFAULT_METHOD = "gradcam"  # imgtune explain's default method (explain.DEFAULT_METHODS)
 SERVED_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam")  # not scorecam: minutes per image
 OVERLAY_MAX_SIDE = 1024
 
