@@ -150,7 +150,11 @@ def test_decode_timeout_and_a_run_without_calibration(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run[0], run, ignore=shutil.ignore_patterns("checkpoints", "calibration.json"))
     limits = Limits(decode_timeout_s=0.001)
-    with served(Service(open_predictor(run, "torch", "cpu"), ServeOptions(limits=limits))) as base:
+    predictor = open_predictor(run, "torch", "cpu")
+    load_one = predictor.load_one
+    predictor.load_one = lambda ref: time.sleep(0.05) or load_one(ref)  # every decode over the 1 ms limit
+    # the server still gets ready: its warm-up decodes its own image, not held to --decode-timeout
+    with served(Service(predictor, ServeOptions(limits=limits))) as base:
         slow = png_bytes(Image.effect_noise((2000, 2000), 64))  # noise: a few ms to decode, far over 1 ms
         assert post_files(base, [("noise.png", slow)]).json()["results"][0]["error"]["kind"] == "decode-timeout"
         refused = post_files(base, [("noise.png", slow)], "?calibrated=true")

@@ -88,8 +88,13 @@ class Service:
 
         side = max(self.run.preprocessing.resize_size * 2, 8)
         grey = image_png(Image.new("RGB", (side, side), (128, 128, 128)))
-        item = await self._off_loop(self.predictor.load_one, ImageRef.in_memory(grey, "warm-up"))
-        await self.batcher.probabilities([item])
+        try:  # our own image: not held to --decode-timeout (a first decode on a cold machine can exceed it)
+            item = await asyncio.wrap_future(self.decoder.submit(self.predictor.load_one,
+                                                                 ImageRef.in_memory(grey, "warm-up")))
+            await self.batcher.probabilities([item])
+        except Exception:
+            log.exception("the warm-up prediction failed: /readyz stays 503")
+            raise
         self.state.ready = True
         log.info("model warmed up; ready")
 
