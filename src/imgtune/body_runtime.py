@@ -15,7 +15,6 @@ trained on them can notice. A body that cannot be exported or fails the check is
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -28,7 +27,7 @@ import torch
 from torch import nn
 
 from .atomic import _UMASK
-from .cache import ArrayStore
+from .cache import ArrayStore, file_sha256
 from .errors import ModelError, UsageError
 from .onnx_trace import trace_to_onnx
 from .inference import forward
@@ -57,7 +56,7 @@ def body_engine(body: nn.Module, img_size: int, device: torch.device, choice: st
     if not _runtime_installed():
         raise UsageError(f"--feature-engine onnxruntime needs onnx and onnxruntime: {INSTALL_HINT}")
     try:
-        return "onnxruntime", _session_run(_body_file(body, img_size, store))
+        return "onnxruntime", _runner(_body_session(body, img_size, store))
     except ModelError as exc:
         if choice == "onnxruntime":
             raise
@@ -69,18 +68,21 @@ def _runtime_installed() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
 
 
-def _body_file(body: nn.Module, img_size: int, store: ArrayStore | None) -> Path:
-    """The checked ONNX body in ``store``'s folder (exported there first if need be); without a store,
-    in a temporary folder removed when the process ends."""
+def _body_session(body: nn.Module, img_size: int, store: ArrayStore | None):
+    """A session of the checked ONNX body in ``store``'s folder (exported there first if need be); without
+    a store, in a temporary folder removed when the process ends."""
     if store is not None:
         folder = store.root
     else:  # nothing keys a body without a store: never reuse one (another model may have made it)
         folder = Path(tempfile.mkdtemp(prefix="body-", dir=_scratch().name))
     for found in sorted(folder.glob("body-*.onnx")):
-        problem = "checksum mismatch" if _digest(found)[:16] != found.stem.removeprefix("body-") else \
-            _input_problem(found, img_size)
-        if problem is None:
-            return found
+        if file_sha256(found)[:16] != found.stem.removeprefix("body-"):
+            problem = "checksum mismatch"
+        else:
+            session = _session(found)
+            problem = _input_problem(session, img_size)
+            if problem is None:
+                return session
         log.warning("damaged cache entry %s (%s): exporting the body again", found, problem)
         found.unlink(missing_ok=True)
     fd, name = tempfile.mkstemp(dir=folder, prefix=".body.onnx.", suffix=".tmp")  # what cache clear knows
@@ -89,24 +91,19 @@ def _body_file(body: nn.Module, img_size: int, store: ArrayStore | None) -> Path
     try:
         example = torch.zeros(2, 3, img_size, img_size)
         trace_to_onnx(body, example, trial, OPSET, "images", "features", "the model's body")
-        _check(body, trial, img_size)
-        final = folder / f"body-{_digest(trial)[:16]}.onnx"
+        session = _session(trial)
+        _check(body, session, img_size)
+        final = folder / f"body-{file_sha256(trial)[:16]}.onnx"
         os.chmod(trial, 0o666 & ~_UMASK)  # mkstemp made it private; a cache file is as any other
         os.replace(trial, final)
     finally:
         trial.unlink(missing_ok=True)
-    return final
+    return session
 
 
-def _input_problem(path: Path, img_size: int) -> str | None:
+def _input_problem(session, img_size: int) -> str | None:
     """What is wrong with the stored body's input for images of ``img_size`` (None: nothing)."""
-    import onnx
-
-    try:
-        dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
-    except Exception as exc:  # onnx's DecodeError and friends: an unreadable file
-        return f"unreadable: {exc}"
-    shape = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    shape = [d if isinstance(d, int) else None for d in session.get_inputs()[0].shape]
     return None if shape[1:] == [3, img_size, img_size] else f"input {shape}, not N x 3 x {img_size} x {img_size}"
 
 
@@ -119,12 +116,12 @@ def _scratch() -> tempfile.TemporaryDirectory:
     return _SCRATCH[0]
 
 
-def _check(body: nn.Module, path: Path, img_size: int) -> None:
+def _check(body: nn.Module, session, img_size: int) -> None:
     """The exported body against torch's on a fixed random batch (the check that keeps the cache key's
     meaning: features from either engine are interchangeable)."""
     images = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
     expected = forward(body, images, torch.device("cpu")).numpy()
-    got = _session_run(path)(images).numpy()
+    got = _runner(session)(images).numpy()
     scale = max(1.0, float(np.abs(expected).max()))
     worst = float(np.abs(got - expected).max()) if got.shape == expected.shape else float("inf")
     if not worst <= TOLERANCE * scale:
@@ -133,26 +130,21 @@ def _check(body: nn.Module, path: Path, img_size: int) -> None:
     log.debug("ONNX body checked: largest |difference| from torch %.2e (largest feature %.3g)", worst, scale)
 
 
-def _session_run(path: Path) -> Run:
+def _session(path: Path):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()  # what torch would use (OMP_NUM_THREADS honoured)
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime's own error types (InvalidGraph, Fail, ...)
         raise ModelError(f"ONNX Runtime cannot load the exported body {path}: {exc}") from exc
+
+
+def _runner(session) -> Run:
     name = session.get_inputs()[0].name
 
     def run(images: torch.Tensor) -> torch.Tensor:
         batch = np.ascontiguousarray(images.numpy(), dtype=np.float32)
         return torch.from_numpy(session.run(None, {name: batch})[0])
     return run
-
-
-def _digest(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            sha.update(chunk)
-    return sha.hexdigest()
