@@ -2,8 +2,7 @@
 decoded again (``imgtune.cache.check_store``).
 
 A check decodes the whole image (that is what finds truncated and corrupt files) and computes its
-perceptual fingerprint: most of a warm run's data scan (and minutes for 20,000
-images). Its outcome depends only on the file's bytes (and on Pillow and imgtune, which are in the
+perceptual fingerprint: most of a warm run's data scan. Its outcome depends only on the file's bytes (and on Pillow and imgtune, which are in the
 store's key), so it is stored under the digest the check computes anyway, and reused when the same bytes
 come again, under any name. Only readable images are remembered: a broken file is checked every time.
 """
