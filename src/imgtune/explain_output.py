@@ -6,10 +6,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .explain import DEFAULT_METHODS, Explainer, check_methods, crop_box, overlay, pool
+
+if TYPE_CHECKING:
+    from .anonymize import Anonymizer
 
 
 def pooled_grid(heat: np.ndarray, cells: int) -> list[list[float]]:
@@ -38,10 +42,13 @@ class ExplainedFile:
 
 
 def explain_files(explainer: Explainer, paths: list[Path], out: Path, methods: tuple[str, ...] = DEFAULT_METHODS,
-                  class_name: str | None = None, grid: int | None = None) -> list[ExplainedFile]:
+                  class_name: str | None = None, grid: int | None = None,
+                  anonymizer: "Anonymizer | None" = None) -> list[ExplainedFile]:
     """One overlay PNG per image and method in ``out`` (``<image stem>.<method>.png``; a number is added
     when two images share a stem), with each method's seconds and, when ``grid`` is given, its heatmap
-    pooled to ``grid`` x ``grid`` cells. An image that cannot be read gets an error and the others go on."""
+    pooled to ``grid`` x ``grid`` cells. An image that cannot be read gets an error and the others go on.
+    With ``anonymizer``: the image's token instead of its path and stem, and every PNG re-encoded from
+    its pixels (no metadata)."""
     from . import artifact
     from .data.decode import DecodeError, load_rgb
     from .encode import image_png
@@ -52,21 +59,22 @@ def explain_files(explainer: Explainer, paths: list[Path], out: Path, methods: t
     stems: set[str] = set()
     results = []
     for path in paths:
+        shown = anonymizer.token(path) if anonymizer else str(path)
         try:
             image = load_rgb(path)
         except DecodeError as exc:
-            results.append(ExplainedFile(str(path), error=str(exc)))
+            results.append(ExplainedFile(shown, error=anonymizer.scrub(str(exc)) if anonymizer else str(exc)))
             continue
         probs, found = explainer.explain(image, methods, index)
-        stem = _unique_stem(Path(path).stem, stems)
+        stem = _unique_stem(shown if anonymizer else Path(path).stem, stems)
         files = {}
         for item in found:
             files[item.method] = out / f"{stem}.{item.method}.png"
-            picture = overlay(image, item.heatmap, explainer.preprocessing)
-            artifact.atomic_write_bytes(files[item.method], image_png(picture))
+            png = image_png(overlay(image, item.heatmap, explainer.preprocessing))
+            artifact.atomic_write_bytes(files[item.method], anonymizer.image_bytes(png) if anonymizer else png)
         top = int(np.argmax(probs))
         results.append(ExplainedFile(
-            str(path), explainer.classes[top], float(probs[top]), found[0].class_name, found[0].prob, files,
+            shown, explainer.classes[top], float(probs[top]), found[0].class_name, found[0].prob, files,
             {e.method: round(e.seconds, 3) for e in found},
             [round(v, 2) for v in crop_box(image.size, explainer.preprocessing)] if grid is not None else None,
             {e.method: pooled_grid(e.heatmap, grid) for e in found} if grid is not None else None))

@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +31,7 @@ from .encode import data_uri, image_jpeg
 from .evaluation import EvaluationResult, evaluation_files, measure
 
 if TYPE_CHECKING:
+    from .anonymize import Anonymizer
     from .predict import Predictor
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 MATRIX_LIMIT = 30  # above this many classes the confusion matrix is replaced by a table of top confusions
 GALLERY_SIZE = 12
 THUMBNAIL_SIDE = 320
+CONFIG_PATHS = ("source", "cache_dir", "extra_labels", "weights", "out")  # config.yaml keys that hold paths
 
 
 @dataclass
@@ -52,17 +54,18 @@ class Mistake:
 
 
 def write_report(run_dir: str | Path, data: str | None = None, split: str | None = None, out: str | Path | None = None,
-                 device: str = "auto", gallery: int = GALLERY_SIZE) -> Path:
+                 device: str = "auto", gallery: int = GALLERY_SIZE, anonymizer: "Anonymizer | None" = None) -> Path:
     """Measure the run (its own val split by default; see :func:`imgtune.evaluation.select_images`) and
     write the report, the only file written; returns its path (default ``RUN/report.html``,
-    ``RUN/report_<split>.html`` for another split or other data)."""
+    ``RUN/report_<split>.html`` for another split or other data). With ``anonymizer``: no path or file
+    name on the page (:func:`anonymised`), every image re-encoded without metadata, and a note."""
     into_run = out is None or runlock.inside(out, run_dir)  # then held against other writers (runlock)
     with runlock.hold(run_dir, "report") if into_run else contextlib.nullcontext():
-        return _write_report(run_dir, data, split, out, device, gallery)
+        return _write_report(run_dir, data, split, out, device, gallery, anonymizer)
 
 
 def _write_report(run_dir: str | Path, data: str | None, split: str | None, out: str | Path | None, device: str,
-                  gallery: int) -> Path:
+                  gallery: int, anonymizer: "Anonymizer | None") -> Path:
     from .explain_page import EVAL_HTML, read_table
     from .predict import Predictor
 
@@ -76,7 +79,7 @@ def _write_report(run_dir: str | Path, data: str | None, split: str | None, out:
     context["explain_eval"] = read_table(run.path)  # imgtune explain --evaluate's table, when it was run
     context["explain_eval_href"] = Path(os.path.relpath(run.path / EVAL_HTML, path.absolute().parent)).as_posix()
     context["seconds"] = time.perf_counter() - started
-    html = render(context)
+    html = render(context) if anonymizer is None else anonymizer.page(render(anonymised(context, anonymizer)))
     artifact.atomic_write_text(path, html)
     log.info("report written to %s (%.0f KB)", path, len(html.encode()) / 1024)
     return path
@@ -116,7 +119,46 @@ def _context(run: artifact.RunInfo, result: EvaluationResult, mistakes: list[Mis
     }
 
 
-def _ranking(run: artifact.RunInfo):
+def anonymised(context: dict, anonymizer: "Anonymizer") -> dict:
+    """The report's context with every path and file name replaced by its token: the run, the data, each
+    image measured or skipped, the config's paths, the mistakes, the explanation table and the ranking."""
+    from .explain_page import anonymised_summary
+
+    run, result = context["run"], context["result"]
+    for folder in (run.path, result.source, run.config.data.source):
+        anonymizer.folder(folder)
+    anonymizer.remember([*result.images, *(p for p, _ in result.skipped),
+                         *(s["path"] for s in context["data"].get("skipped", []))])
+    if (run.meta.get("weights") or {}).get("path"):
+        anonymizer.token(run.meta["weights"]["path"])
+    source = anonymizer.token(result.source)
+    explain_eval = context["explain_eval"]
+    matrix_csv = context["matrix_csv"] if result.own_data else "confusion_matrix_<split>_<data>.csv"
+    return {**context, **anonymizer.clean({key: context[key] for key in ("settings", "data", "skipped")}),
+            "title": f"imgtune report: {anonymizer.token(run.path)}", "result": replace(result, source=source),
+            "evaluated_on": f"{result.split} split of {source}" if result.split != "all" else source,
+            "config_text": _config_text(context["config_text"], anonymizer),
+            "matrix_csv": matrix_csv,
+            "mistakes": [replace(m, path=anonymizer.token(m.path), note=anonymizer.scrub(m.note))
+                         for m in context["mistakes"]],
+            "explain_eval": explain_eval and anonymised_summary(explain_eval, anonymizer),
+            "explain_eval_href": None if "/" in context["explain_eval_href"] else context["explain_eval_href"],
+            "ranking_html": _ranking(run, anonymizer)}
+
+
+def _config_text(text: str, anonymizer: "Anonymizer") -> str:
+    """config.yaml with the value of every path key (:data:`CONFIG_PATHS`) a token, the rest scrubbed."""
+    import yaml
+
+    values = yaml.safe_load(text) or {}
+    for section in values.values():
+        for key in CONFIG_PATHS if isinstance(section, dict) else ():
+            if isinstance(section.get(key), str) and section[key]:
+                section[key] = anonymizer.token(section[key])
+    return yaml.safe_dump(anonymizer.clean(values), sort_keys=False)
+
+
+def _ranking(run: artifact.RunInfo, anonymizer: "Anonymizer | None" = None):
     """A ``--model auto`` run's ranking (its rank.json) as the ranking page's section, the choice marked."""
     chosen = run.meta["model"].get("chosen_by")
     path = run.path / artifact.RANK
@@ -124,8 +166,11 @@ def _ranking(run: artifact.RunInfo):
         return None
     from . import rank_files
 
-    model = run.meta["model"]
-    return rank_files.section(rank_files.read(path), chosen=f"{model['library']}:{model['name']}")
+    model, ranking = run.meta["model"], rank_files.read(path)
+    if anonymizer is not None:
+        ranking = replace(ranking, data=anonymizer.clean({**ranking.data,
+                                                          "source": anonymizer.token(ranking.data["source"])}))
+    return rank_files.section(ranking, chosen=f"{model['library']}:{model['name']}")
 
 
 def _settings(meta: dict) -> list[tuple[str, str]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .anonymize import add_flags, from_args, scrubbing
 from .args import positive_int
 from .output import console
 
@@ -29,30 +30,39 @@ def register(commands) -> None:
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     g.add_argument("--cache-dir", help="feature cache (default $IMGTUNE_CACHE, else ~/.cache/imgtune)")
     g.add_argument("--offline", action="store_true", help="never download weights (also IMGTUNE_OFFLINE=1)")
+    add_flags(p)
     p.add_argument("--strict", action="store_true", help="exit with code 3 when an error-level problem is found")
     p.set_defaults(handler=run)
 
 
 def run(args) -> int:
-    from ..doctor import LabelCheck, diagnose
-    from ..doctor.render import write_html, write_json
-    from ..errors import UsageError
-
     from ..atomic import check_writable_folder
+    from ..errors import UsageError
 
     if args.folds < 2:
         raise UsageError("--folds must be at least 2")
     check_writable_folder(args.out, "--out")
+    anonymizer = from_args(args)  # a bad key stops the command before any work
+    with scrubbing(anonymizer, args.data, args.out):
+        return _diagnose(args, anonymizer)
+
+
+def _diagnose(args, anonymizer) -> int:
+    from ..doctor import LabelCheck, diagnose
+    from ..doctor.render import anonymised, write_html, write_json
+
     labels = LabelCheck(args.model, args.img_size, args.folds, args.cache_dir, args.offline, args.device) \
         if args.labels else None
     diagnosis = diagnose(args.data, args.val_fraction, args.test_fraction, args.seed, labels,
                          allow_outside_paths=args.allow_outside_paths)
     out = Path(args.out)
     _make_folder(out)
-    write_json(diagnosis, out / "doctor.json")
-    write_html(diagnosis, out / "doctor.html")
-    _print(diagnosis)
-    console.print(f"written: {out / 'doctor.json'}, {out / 'doctor.html'}")
+    shown = anonymised(diagnosis, anonymizer) if anonymizer else diagnosis
+    write_json(shown, out / "doctor.json")
+    write_html(diagnosis, out / "doctor.html", anonymizer)
+    _print(shown)
+    console.print("written: doctor.json and doctor.html (anonymised) in the --out folder" if anonymizer else
+                  f"written: {out / 'doctor.json'}, {out / 'doctor.html'}")
     errors = [f for f in diagnosis.findings if f.severity == "error"]
     return 3 if args.strict and errors else 0
 

@@ -21,6 +21,7 @@ from rich.table import Table
 
 from .. import finite
 from ..errors import DataError, UsageError
+from .anonymize import add_flags, from_args, scrubbing
 from .output import console
 
 # the names of imgtune.explain.METHODS and explain_eval.EVAL_METHODS (importing them here would import torch
@@ -66,6 +67,7 @@ def register(commands) -> None:
     evaluation.add_argument("--split", help="with --evaluate: the split to use (default val; test for DATA that has one)")
     p.add_argument("--device", default="auto")
     p.add_argument("--format", choices=("table", "json"), default="table")
+    add_flags(p)
     p.set_defaults(handler=run)
 
 
@@ -82,8 +84,10 @@ def run(args) -> int:
     default = Path(args.run) if evaluate else Path(args.run) / "explanations"  # artifact.EXPLANATIONS
     out = Path(args.out) if args.out else default
     check_writable_folder(out, "--out")
-    with hold(args.run, "explain") if inside(out, args.run) else contextlib.nullcontext():
-        return (_evaluate if evaluate else _explain)(args, out, settings)
+    anonymizer = from_args(args)  # a bad key stops the command before any work
+    with hold(args.run, "explain") if inside(out, args.run) else contextlib.nullcontext(), \
+            scrubbing(anonymizer, args.run, out, *args.images):
+        return (_evaluate if evaluate else _explain)(args, out, settings, anonymizer)
 
 
 def _check_args(args) -> None:
@@ -103,7 +107,7 @@ def _check_args(args) -> None:
             raise UsageError(f"--{flag} must be at least 1, not {value}")
 
 
-def _explain(args, out: Path, settings) -> int:
+def _explain(args, out: Path, settings, anonymizer) -> int:
     from ..explain import Explainer
     from ..explain_output import explain_files
     from ..predict import expand_paths
@@ -111,7 +115,11 @@ def _explain(args, out: Path, settings) -> int:
     paths = expand_paths(args.images)
     explainer = Explainer.from_run(args.run, args.device, settings)
     json_grid = args.grid if args.format == "json" else None
-    results = explain_files(explainer, paths, out, tuple(args.methods or DEFAULT_METHODS), args.class_name, json_grid)
+    results = explain_files(explainer, paths, out, tuple(args.methods or DEFAULT_METHODS), args.class_name, json_grid,
+                            anonymizer)
+    if anonymizer:  # the overlays by their names (tokens) in the --out folder, not by path
+        for r in results:
+            r.files = r.files and {method: Path(p.name) for method, p in r.files.items()}
     if args.format == "json":
         print(finite.dumps([r.to_dict() for r in results], indent=2))
     else:
@@ -121,14 +129,15 @@ def _explain(args, out: Path, settings) -> int:
         print(f"{failed} of {len(results)} file(s) could not be read", file=sys.stderr)
         return DataError.exit_code
     if args.format == "table":
-        console.print(f"overlays written to {out}")
+        console.print("overlays written to the --out folder (anonymised)" if anonymizer else
+                      f"overlays written to {out}")
     return 0
 
 
-def _evaluate(args, out: Path, settings) -> int:
+def _evaluate(args, out: Path, settings, anonymizer) -> int:
     from ..explain import Explainer
     from ..explain_eval import EvalSettings, evaluate_run
-    from ..explain_page import write_evaluation
+    from ..explain_page import anonymised_summary, write_evaluation
     from ..predict import Predictor
 
     predictor = Predictor.from_run(args.run, args.device)
@@ -136,12 +145,14 @@ def _evaluate(args, out: Path, settings) -> int:
     chosen = EvalSettings(images=args.eval_images, slow_images=args.slow_images, sanity_images=args.sanity_images)
     result = evaluate_run(explainer, predictor.run, args.data, args.split,
                           tuple(args.methods or EVAL_METHODS), chosen)
-    paths = write_evaluation(result, explainer, out)
+    paths = write_evaluation(result, explainer, out, anonymizer)
     if args.format == "json":
-        print(finite.dumps(result.summary, indent=2))
+        print(finite.dumps(anonymised_summary(result.summary, anonymizer) if anonymizer else result.summary,
+                           indent=2))
         return 0
     _eval_table(result.summary)
-    console.print(f"written: {paths['json']} and {paths['html']}")
+    console.print(f"written: {paths['json'].name} and {paths['html'].name} (anonymised) in the --out folder"
+                  if anonymizer else f"written: {paths['json']} and {paths['html']}")
     return 0
 
 

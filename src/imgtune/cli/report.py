@@ -6,6 +6,7 @@ Grad-CAM overlays. Measured on the run's validation split, or on DATA (its test 
 
 from __future__ import annotations
 
+from .anonymize import add_flags, from_args, scrubbing
 from .evaluate import add_run_data_split
 
 
@@ -17,11 +18,15 @@ def register(commands) -> None:
                                  "other data or splits)")
     p.add_argument("--gallery", type=int, default=12, metavar="N", help="how many mistakes to show (default 12)")
     p.add_argument("--device", default="auto")
+    add_flags(p)
     p.set_defaults(handler=run)
 
 
 def run(args) -> int:
     from ..report import write_report
 
-    print(write_report(args.run, args.data, args.split, args.out, args.device, args.gallery))
+    anonymizer = from_args(args)  # a bad key stops the command before any work
+    with scrubbing(anonymizer, args.run, args.data, args.out):
+        path = write_report(args.run, args.data, args.split, args.out, args.device, args.gallery, anonymizer)
+    print(f"{path.name} (anonymised)" if anonymizer else path)
     return 0

@@ -1,0 +1,286 @@
+"""``--anonymize`` of ``imgtune report``, ``doctor`` and ``explain``: outputs that can leave the site.
+
+Every file path and file name becomes a keyed token, ``file-<16 hex>`` (``folder-`` for folders): the
+first 64 bits of HMAC-SHA256 of the file's absolute path under a secret key kept locally. Without the key,
+a name cannot be guessed back by hashing candidate names (a plain hash of ``patient_SMITH_001.png``
+could be); with it, the same file gets the same token in every output, and ``imgtune anonymize lookup``
+finds the file again. Class names stay: they are the user's own labels, and the pages mean nothing
+without them.
+
+Every embedded or written image is decoded and encoded again from its pixels alone
+(:meth:`Anonymizer.image_bytes`), so no EXIF (GPS, camera, dates), comment, ICC profile, XMP or PNG text
+chunk survives, whatever produced it (the input photo, matplotlib's ``Software`` chunk). The pages are
+finished by :meth:`Anonymizer.page`: every ``data:`` image re-encoded, any known path left in the text
+replaced (a net under the structured replacement each command does), and a visible note added.
+
+The key: ``--anonymize-key FILE`` (must exist), else ``$IMGTUNE_ANONYMIZE_KEY``, else
+``$XDG_CONFIG_HOME/imgtune/anonymize.key`` (``~/.config/...``), created with 32 random bytes and mode
+0600 on first use. A key that other users can read, or shorter than 16 bytes, is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import html
+import io
+import logging
+import os
+import re
+import secrets
+from collections.abc import Iterable, Iterator
+from hashlib import sha256
+from pathlib import Path
+
+from markupsafe import escape
+from PIL import Image
+
+from .encode import data_uri, from_base64
+from .errors import UsageError
+
+log = logging.getLogger(__name__)
+
+KEY_ENV = "IMGTUNE_ANONYMIZE_KEY"
+KEY_NAME = "anonymize.key"
+KEY_BYTES = 32
+MIN_KEY_BYTES = 16
+MAX_KEY_BYTES = 4096
+TOKEN_HEX = 16
+TOKEN_PATTERN = re.compile(r"(file|folder)-[0-9a-f]{16}")
+JPEG_QUALITY = 90
+NOTE = ("Anonymised: file names and paths are replaced by keyed tokens (file-…, folder-…; "
+        "<code>imgtune anonymize lookup TOKEN DATA</code> finds the file with the same key), and every image "
+        "on this page was re-encoded from its pixels, without EXIF, ICC, XMP or text metadata. "
+        "Class names are kept.")
+_DATA_URI = re.compile(r"data:image/(png|jpeg);base64,[A-Za-z0-9+/=]+")
+_PATH_TAIL = r"(?:/[^\s'\"<>,;:()\[\]{}]*)"  # the rest of a path below a known folder
+
+
+def default_key_path() -> Path:
+    """Where the key lives when ``--anonymize-key`` is not given (created there on first use)."""
+    if os.environ.get(KEY_ENV):
+        return Path(os.environ[KEY_ENV]).expanduser()
+    config = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(config) / "imgtune" / KEY_NAME
+
+
+def create_key(path: str | Path) -> Path:
+    """A new random key at ``path`` (mode 0600, its folder 0700 when made here); never overwrites one."""
+    path = Path(path).expanduser()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise UsageError(f"{path} exists already; a key is never overwritten (tokens made with it could no "
+                         "longer be looked up). Choose another file or delete it yourself") from None
+    except OSError as exc:
+        raise UsageError(f"cannot create the anonymisation key {path}: {exc.strerror}; pass --anonymize-key "
+                         f"FILE or set {KEY_ENV} to a file in a folder you can write to") from exc
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_hex(KEY_BYTES) + "\n")
+    log.info("created the anonymisation key %s (keep it: it turns tokens back into file names)", path)
+    return path
+
+
+def load_key(path: str | Path | None = None, create: bool = True) -> bytes:
+    """The key in ``path`` (which must exist), or in :func:`default_key_path` (created when missing and
+    ``create``).
+    Refused, with what to do: not a regular file, readable or writable by others, shorter than
+    :data:`MIN_KEY_BYTES` or longer than :data:`MAX_KEY_BYTES`."""
+    if path is None:
+        path = default_key_path()
+        if create and not path.exists():
+            create_key(path)
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UsageError(f"anonymisation key {path}: no such file; make one with `imgtune anonymize key {path}`")
+    found = path.stat()
+    if not path.is_file():
+        raise UsageError(f"anonymisation key {path} is not a regular file; pass the key file itself")
+    if found.st_mode & 0o077:
+        raise UsageError(f"anonymisation key {path} can be read or changed by other users (mode "
+                         f"{found.st_mode & 0o777:o}); run `chmod 600 {path}`")
+    try:
+        with path.open("rb") as handle:
+            key = handle.read(MAX_KEY_BYTES + 1).strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read the anonymisation key {path}: {exc.strerror}") from exc
+    if not MIN_KEY_BYTES <= len(key) <= MAX_KEY_BYTES:
+        raise UsageError(f"anonymisation key {path} holds {len(key)} bytes; a key needs {MIN_KEY_BYTES} to "
+                         f"{MAX_KEY_BYTES} (make a new one with `imgtune anonymize key FILE`)")
+    return key
+
+
+def canonical(path: str | os.PathLike) -> str:
+    """What a token is computed from: the absolute path with links resolved (a URL stays as it is), so
+    ``data/a.png`` and ``/home/me/data/a.png`` get one token."""
+    text = os.fspath(path)
+    return text if "://" in text else str(Path(text).expanduser().resolve())
+
+
+class Anonymizer:
+    """Tokens for paths under one key, and the cleaning of texts, structures, images and pages.
+
+    Every path tokenised is remembered with the spellings it may have in a text (as given, absolute,
+    resolved, its file name); :meth:`scrub` replaces each of them. A folder given to :meth:`folder` is
+    also replaced with whatever path follows it."""
+
+    def __init__(self, key: bytes):
+        self._key = key
+        self._forms: dict[str, str] = {}  # spelling -> token (files)
+        self._folders: dict[str, str] = {}  # spelling -> token (folders: the path below is replaced too)
+        self._pattern: re.Pattern | None = None
+
+    @classmethod
+    def open(cls, key_file: str | Path | None = None) -> "Anonymizer":
+        return cls(load_key(key_file))
+
+    def digest(self, path: str | os.PathLike) -> str:
+        return hmac.new(self._key, canonical(path).encode("utf-8", "surrogateescape"), sha256).hexdigest()[:TOKEN_HEX]
+
+    def token(self, path: str | os.PathLike) -> str:
+        """``file-<hex>`` (``folder-<hex>`` for a folder) for ``path``, remembered for :meth:`scrub`."""
+        text = os.fspath(path)
+        if TOKEN_PATTERN.fullmatch(text):
+            return text  # already a token (a second pass over cleaned values)
+        kind = "folder" if "://" not in text and Path(text).is_dir() else "file"
+        token = f"{kind}-{self.digest(text)}"
+        forms = self._folders if kind == "folder" else self._forms
+        for form in _spellings(text):
+            forms.setdefault(form, token)
+        self._pattern = None
+        return token
+
+    def folder(self, path: str | os.PathLike) -> str:
+        """The token of a folder whose paths below are replaced too (data roots, run folders, --out)."""
+        text = os.fspath(path)
+        token = f"folder-{self.digest(text)}"
+        for form in _spellings(text, with_name=False):
+            self._folders.setdefault(form, token)
+        self._pattern = None
+        return token
+
+    def remember(self, paths: Iterable) -> None:
+        for path in paths:
+            self.token(str(path))
+
+    def scrub(self, text: str) -> str:
+        """``text`` with every known spelling of a path replaced by its token (longest first; a name
+        only where it stands alone, not inside a longer name)."""
+        if not text or not (self._forms or self._folders):
+            return text
+        return self._compiled().sub(self._replace, text)
+
+    def clean(self, value):
+        """A copy of a JSON-like value (dicts, lists, tuples, strings, paths) with every string scrubbed
+        and every path object tokenised; ``data:`` URIs and other values unchanged."""
+        if isinstance(value, str):
+            return value if value.startswith("data:") else self.scrub(value)
+        if isinstance(value, os.PathLike):
+            return self.token(value)
+        if isinstance(value, dict):
+            return {self.clean(k): self.clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self.clean(v) for v in value)
+        return value
+
+    @contextlib.contextmanager
+    def scrubbed_logging(self) -> Iterator[None]:
+        """While the command runs, every log record (warnings name files as they are read) is scrubbed
+        before any handler of the root logger writes it."""
+        scrub = self.scrub
+
+        class _Scrub(logging.Filter):
+            def filter(self, record: logging.LogRecord) -> bool:
+                record.msg, record.args = scrub(record.getMessage()), None
+                return True
+
+        handlers, found = logging.getLogger().handlers, _Scrub()
+        for handler in handlers:
+            handler.addFilter(found)
+        try:
+            yield
+        finally:
+            for handler in handlers:
+                handler.removeFilter(found)
+
+    def image_bytes(self, data: bytes) -> bytes:
+        """The image in ``data`` encoded again from its pixels alone, in its own format (PNG or JPEG)."""
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            kind = "JPEG" if image.format == "JPEG" else "PNG"
+            mode = "RGB" if kind == "JPEG" else image.mode if image.mode in ("RGB", "RGBA", "L", "LA") else "RGBA"
+            pixels = image.convert(mode)
+        bare = Image.frombytes(mode, pixels.size, pixels.tobytes())  # no info, no exif, no palette
+        buffer = io.BytesIO()
+        bare.save(buffer, format=kind, **({"quality": JPEG_QUALITY} if kind == "JPEG" else {}))
+        return buffer.getvalue()
+
+    def page(self, text: str) -> str:
+        """An HTML page ready to leave the site: every ``data:`` image re-encoded from its pixels, every
+        known path in the text replaced, and the visible note after ``<body>``."""
+        parts, last = [], 0
+        for match in _DATA_URI.finditer(text):
+            parts.append(self.scrub(text[last:match.start()]))
+            parts.append(data_uri(self.image_bytes(from_base64(match.group(0))), f"image/{match.group(1)}"))
+            last = match.end()
+        parts.append(self.scrub(text[last:]))
+        page = "".join(parts)
+        if "<body>" not in page:
+            raise ValueError("an anonymised page needs a <body> for its note")
+        return page.replace("<body>", f'<body>\n<p class="anonymised note" id="anonymised"><b>{NOTE}</b></p>', 1)
+
+    def _compiled(self) -> re.Pattern:
+        """One pattern of every spelling (also as HTML escapes it), longest first, each a named group."""
+        if self._pattern is None:
+            spellings = {**self._forms, **{str(escape(k)): v for k, v in self._forms.items()}}
+            folders = {**self._folders, **{str(escape(k)): v for k, v in self._folders.items()}}
+            self._lookup = {**spellings, **folders}
+            # a folder's bare relative name (``data``) counts only with a path below it (``data/x.png``)
+            alternatives = [(form, re.escape(form)) for form in spellings]
+            alternatives += [(form, re.escape(form) + _PATH_TAIL + ("?" if "/" in form else ""))
+                             for form in folders if form not in spellings]
+            alternatives.sort(key=lambda pair: -len(pair[0]))
+            self._groups = [form for form, _ in alternatives]
+            body = "|".join(f"(?P<g{i}>{pattern})" for i, (_, pattern) in enumerate(alternatives))
+            self._pattern = re.compile(rf"(?<![\w.\-])(?:{body})(?![\w\-]|\.\w)")
+        return self._pattern
+
+    def _replace(self, match: re.Match) -> str:
+        form = self._groups[int(match.lastgroup[1:])]
+        if match.group(0) == form:
+            return self._lookup[form]
+        return self.token(html.unescape(match.group(0)))  # a path below a known folder: its own token
+
+
+def _spellings(text: str, with_name: bool = True) -> set[str]:
+    """The ways a path may be written in a message: as given, absolute, resolved, as a POSIX path, and
+    (files) its bare name when it has an extension (a bare stem like ``1`` would match too much)."""
+    if "://" in text:
+        return {text}
+    path = Path(text).expanduser()
+    forms = {text, str(path), os.path.abspath(path), canonical(path), path.as_posix()}
+    if with_name and path.suffix and len(path.name) >= 3:
+        forms.add(path.name)
+    return {f.rstrip("/") or f for f in forms if f and f not in (".", "/")}
+
+
+def find_token(token: str, key: bytes, roots: Iterable[str | Path]) -> list[Path]:
+    """Every file or folder under ``roots`` (and the roots themselves) whose token under ``key`` is
+    ``token``: the local look-up of an anonymised name."""
+    if not TOKEN_PATTERN.fullmatch(token):
+        raise UsageError(f"{token!r} is not an imgtune token (file-<16 hex digits> or folder-<16 hex digits>)")
+    anonymizer, digest, found = Anonymizer(key), token.partition("-")[2], []
+    for root in roots:
+        for path in _walk(Path(root)):
+            if hmac.compare_digest(anonymizer.digest(path), digest):
+                found.append(path)
+    return found
+
+
+def _walk(root: Path) -> Iterable[Path]:
+    yield root
+    for folder, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in [*dirnames, *sorted(filenames)]:
+            yield Path(folder) / name
