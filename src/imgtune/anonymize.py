@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import secrets
+import tempfile
 from collections.abc import Iterable, Iterator
 from hashlib import sha256
 from pathlib import Path
@@ -67,30 +68,38 @@ def default_key_path() -> Path:
 def create_key(path: str | Path) -> Path:
     """A new random key at ``path`` (mode 0600, its folder 0700 when made here); never overwrites one."""
     path = Path(path).expanduser()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
+    if path.exists() or path.is_symlink():
         raise UsageError(f"{path} exists already; a key is never overwritten (tokens made with it could no "
-                         "longer be looked up). Choose another file or delete it yourself") from None
-    except OSError as exc:
+                         "longer be looked up). Choose another file or delete it yourself")
+    try:  # written whole under a temporary name (mode 0600), then linked: never half a key, never overwritten
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_hex(KEY_BYTES) + "\n")
+            os.link(tmp, path)
+        finally:
+            os.unlink(tmp)
+    except OSError as exc:  # also a key made meanwhile by another process (the link fails: it exists)
         raise UsageError(f"cannot create the anonymisation key {path}: {exc.strerror}; pass --anonymize-key "
                          f"FILE or set {KEY_ENV} to a file in a folder you can write to") from exc
-    with os.fdopen(fd, "w") as handle:
-        handle.write(secrets.token_hex(KEY_BYTES) + "\n")
     log.info("created the anonymisation key %s (keep it: it turns tokens back into file names)", path)
     return path
 
 
 def load_key(path: str | Path | None = None, create: bool = True) -> bytes:
     """The key in ``path`` (which must exist), or in :func:`default_key_path` (created when missing and
-    ``create``).
-    Refused, with what to do: not a regular file, readable or writable by others, shorter than
+    ``create``). Refused, with what to do: not a regular file, readable or writable by others, shorter than
     :data:`MIN_KEY_BYTES` or longer than :data:`MAX_KEY_BYTES`."""
     if path is None:
         path = default_key_path()
         if create and not path.exists():
-            create_key(path)
+            try:
+                create_key(path)
+            except UsageError:
+                if not path.exists():
+                    raise
+                # else another process made the key meanwhile: that one is read
     path = Path(path).expanduser()
     if not path.exists():
         raise UsageError(f"anonymisation key {path}: no such file; make one with `imgtune anonymize key {path}`")

@@ -151,8 +151,8 @@ def _config_text(text: str, anonymizer: "Anonymizer") -> str:
     import yaml
 
     values = yaml.safe_load(text) or {}
-    for section in values.values():
-        for key in CONFIG_PATHS if isinstance(section, dict) else ():
+    for section in (values, *(v for v in values.values() if isinstance(v, dict))):
+        for key in CONFIG_PATHS:
             if isinstance(section.get(key), str) and section[key]:
                 section[key] = anonymizer.token(section[key])
     return yaml.safe_dump(anonymizer.clean(values), sort_keys=False)
