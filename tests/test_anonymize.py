@@ -100,13 +100,19 @@ def check_page(path: Path, tmp: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def private(tmp_path_factory) -> Path:
-    """tmp/hospital_north/data (the dataset) and a tiny run trained on it, tmp/hospital_north/study."""
+def private_data(tmp_path_factory) -> Path:
+    """tmp/hospital_north/data: the dataset."""
     top = tmp_path_factory.mktemp("hospital_north")
-    data = private_dataset(top / "data")
-    run = top / "study"
-    assert main(["-q", "train", str(data), *SCRATCH_ARGS, "--epochs", "1", "--workers", "0", "--out", str(run)]) == 0
+    private_dataset(top / "data")
     return top
+
+
+@pytest.fixture(scope="module")
+def private(private_data) -> Path:
+    """... and a tiny run trained on it, tmp/hospital_north/study."""
+    assert main(["-q", "train", str(private_data / "data"), *SCRATCH_ARGS, "--epochs", "1", "--workers", "0",
+                 "--out", str(private_data / "study")]) == 0
+    return private_data
 
 
 def test_key_is_private_stable_and_keyed(tmp_path):
@@ -149,9 +155,9 @@ def test_a_key_others_can_read_is_refused(tmp_path):
         load_key(key)
 
 
-def test_doctor_anonymized(private, tmp_path, capsys):
+def test_doctor_anonymized(private_data, tmp_path, capsys):
     data = tmp_path / "hospital_north_copy"
-    shutil.copytree(private / "data", data)
+    shutil.copytree(private_data / "data", data)
     first = sorted((data / "train" / "red_circle" / "ward_7").iterdir())[0]
     shutil.copy(first, data / "val" / "red_circle" / "ward_7" / "patient_SMITH_copy.png")  # leakage
     write_unreadable(data / "train" / "red_circle" / "ward_7" / "patient_SMITH_broken.png")
@@ -170,6 +176,7 @@ def test_doctor_anonymized(private, tmp_path, capsys):
     assert "patient_SMITH_broken.png" in plain and "anonymised" not in plain
 
 
+@pytest.mark.slow
 def test_report_anonymized_and_not(private, tmp_path, capsys):
     """On other data where every image sits under every class, so there are mistakes to show."""
     mixed = tmp_path / "mixed"
@@ -211,10 +218,11 @@ def test_explain_anonymized(private, tmp_path, capsys):
     for path in written:
         assert_bare(path.read_bytes(), path.name)
 
-    evaluated = tmp_path / "evaluated"
-    assert main(["explain", str(run), "--evaluate", "--out", str(evaluated), "--method", "gradcam", "--images", "3",
-                 "--sanity-images", "1", "--anonymize"]) == 0
+    assert main(["explain", str(run), "--evaluate", "--method", "gradcam", "--images", "3", "--sanity-images", "1",
+                 "--anonymize"]) == 0  # into RUN, where the report finds it
     printed = capsys.readouterr()
     assert_private(printed.out + printed.err, "explain --evaluate's output", private)
-    assert_private((evaluated / "explain_eval.json").read_text(), "explain_eval.json", private)
-    check_page(evaluated / "explain_eval.html", private)
+    assert_private((run / "explain_eval.json").read_text(), "explain_eval.json", private)
+    check_page(run / "explain_eval.html", private)
+    assert main(["report", str(run), "--out", str(tmp_path / "report.html"), "--anonymize"]) == 0
+    assert 'id="explanations"' in check_page(tmp_path / "report.html", private)

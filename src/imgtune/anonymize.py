@@ -53,7 +53,7 @@ NOTE = ("Anonymised: file names and paths are replaced by keyed tokens (file-…
         "<code>imgtune anonymize lookup TOKEN DATA</code> finds the file with the same key), and every image "
         "on this page was re-encoded from its pixels, without EXIF, ICC, XMP or text metadata. "
         "Class names are kept.")
-_DATA_URI = re.compile(r"data:image/(png|jpeg);base64,[A-Za-z0-9+/=]+")
+_DATA_URI = re.compile(r"data:image/[\w.+-]+;base64,[A-Za-z0-9+/=]+")  # any kind: PNG or JPEG after
 _PATH_TAIL = r"(?:/[^\s'\"<>,;:()\[\]{}]*)"  # the rest of a path below a known folder
 
 
@@ -214,7 +214,7 @@ class Anonymizer:
                 handler.removeFilter(found)
 
     def image_bytes(self, data: bytes) -> bytes:
-        """The image in ``data`` encoded again from its pixels alone, in its own format (PNG or JPEG)."""
+        """The image in ``data`` encoded again from its pixels alone: JPEG stays JPEG, any other PNG."""
         with Image.open(io.BytesIO(data)) as image:
             image.load()
             kind = "JPEG" if image.format == "JPEG" else "PNG"
@@ -231,7 +231,8 @@ class Anonymizer:
         parts, last = [], 0
         for match in _DATA_URI.finditer(text):
             parts.append(self.scrub(text[last:match.start()]))
-            parts.append(data_uri(self.image_bytes(from_base64(match.group(0))), f"image/{match.group(1)}"))
+            bare = self.image_bytes(from_base64(match.group(0)))
+            parts.append(data_uri(bare, "image/jpeg" if bare.startswith(b"\xff\xd8") else "image/png"))
             last = match.end()
         parts.append(self.scrub(text[last:]))
         page = "".join(parts)

@@ -58,8 +58,10 @@ def scrubbing(anonymizer, *folders):
     if anonymizer is None:
         return contextlib.nullcontext()
     for folder in folders:
-        if folder and Path(folder).is_file():
+        if folder and Path(folder).is_file():  # an image, or a CSV naming files beside it
             anonymizer.token(folder)
+            if Path(folder).suffix.lower() == ".csv":
+                anonymizer.folder(Path(folder).parent)
         elif folder:
             anonymizer.folder(folder)
     return anonymizer.scrubbed_logging()
