@@ -185,6 +185,7 @@ def test_report_anonymized_and_not(private, tmp_path, capsys):
             target = mixed / name / "ward_7" / f"patient_SMITH_{i:03d}{image.suffix}"
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(image, target)
+    write_unreadable(mixed / "red_circle" / "ward_7" / "patient_SMITH_broken.png")  # listed as skipped
     out = tmp_path / "report.html"
     assert main(["report", str(private / "study"), str(mixed), "--out", str(out), "--gallery", "4",
                  "--anonymize"]) == 0
@@ -193,11 +194,12 @@ def test_report_anonymized_and_not(private, tmp_path, capsys):
     text = check_page(out, private)
     assert_private(text, "report.html", tmp_path)
     assert text.count("Grad-CAM overlay of file-") == 4
+    assert re.search(r"<li><code>file-[0-9a-f]{16}</code>: ", text)  # the unreadable file, skipped
 
     assert main(["report", str(private / "study"), str(mixed), "--out", str(tmp_path / "plain.html"),
                  "--gallery", "4"]) == 0
     plain = (tmp_path / "plain.html").read_text()
-    assert "patient_SMITH_" in plain and str(mixed) in plain and 'id="anonymised"' not in plain
+    assert "patient_SMITH_broken.png" in plain and str(mixed) in plain and 'id="anonymised"' not in plain
     with pytest.raises(AssertionError, match="text chunks|Software|matplotlib"):  # the figures' own metadata
         for i, data in enumerate(embedded(plain)):
             assert_bare(data, f"plain image {i}")
