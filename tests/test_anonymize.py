@@ -134,6 +134,19 @@ def test_key_is_private_stable_and_keyed(tmp_path):
     assert_private(first.scrub(text), "scrubbed text", tmp_path)
 
 
+def test_scrub_takes_the_longest_name_and_paths_below_known_folders(tmp_path):
+    anonymizer = Anonymizer(b"0123456789abcdef0123456789abcdef")
+    data = tmp_path / "ward_7"
+    short, long = data / "img_1.png", data / "img_10.png"
+    anonymizer.folder(data)
+    tokens = {name: anonymizer.token(path) for name, path in (("short", short), ("long", long))}
+    text = anonymizer.scrub(f"img_10.png, img_1.png; {long}: {data}/other/patient_SMITH.jpg and img_1.png.bak")
+    assert text.startswith(f"{tokens['long']}, {tokens['short']}; {tokens['long']}: file-")
+    assert text.endswith(" and img_1.png.bak")  # another name: not this file's
+    assert_private(text.replace("img_1.png.bak", ""), "scrubbed text", tmp_path)
+    assert anonymizer.scrub_path(f"cannot read {short}", short) == f"cannot read {tokens['short']}"
+
+
 def test_anonymize_lookup_command(tmp_path, capsys):
     image = tmp_path / "ward_7" / "patient_SMITH_002.jpg"
     image.parent.mkdir()

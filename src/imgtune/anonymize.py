@@ -21,6 +21,7 @@ The key: ``--anonymize-key FILE`` (must exist), else ``$IMGTUNE_ANONYMIZE_KEY``,
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 import html
 import io
@@ -122,9 +123,19 @@ def load_key(path: str | Path | None = None, create: bool = True) -> bytes:
 
 def canonical(path: str | os.PathLike) -> str:
     """What a token is computed from: the absolute path with links resolved (a URL stays as it is), so
-    ``data/a.png`` and ``/home/me/data/a.png`` get one token."""
+    ``data/a.png`` and ``/home/me/data/a.png`` get one token. The folder is resolved once for all its
+    files (a look-up over thousands of files would otherwise stat every part of every path)."""
     text = os.fspath(path)
-    return text if "://" in text else str(Path(text).expanduser().resolve())
+    if "://" in text:
+        return text
+    folder, name = os.path.split(os.path.abspath(os.path.expanduser(text)))
+    joined = os.path.join(_real_folder(folder), name)
+    return os.path.realpath(joined) if name and os.path.islink(joined) else joined
+
+
+@functools.lru_cache(maxsize=4096)
+def _real_folder(folder: str) -> str:
+    return os.path.realpath(folder)
 
 
 class Anonymizer:
@@ -179,6 +190,14 @@ class Anonymizer:
         if not text or not (self._forms or self._folders):
             return text
         return self._compiled().sub(self._replace, text)
+
+    def scrub_path(self, text: str, path: str | os.PathLike) -> str:
+        """``text`` with the spellings of ``path`` alone replaced by its token: for a message about one
+        file, without rebuilding the pattern of every path (one error among thousands of files)."""
+        token = self.token(path)
+        for form in sorted(_spellings(os.fspath(path)), key=len, reverse=True):
+            text = text.replace(form, token)
+        return text
 
     def clean(self, value):
         """A copy of a JSON-like value (dicts, lists, tuples, strings, paths) with every string scrubbed
@@ -241,26 +260,54 @@ class Anonymizer:
         return page.replace("<body>", f'<body>\n<p class="anonymised note" id="anonymised"><b>{NOTE}</b></p>', 1)
 
     def _compiled(self) -> re.Pattern:
-        """One pattern of every spelling (also as HTML escapes it), longest first, each a named group."""
+        """One pattern of every spelling (also as HTML escapes it), as a trie so that its cost does not
+        grow with the number of files: files first, then folders with the path below them (a folder's
+        bare relative name, ``data``, only with a path below it, ``data/x.png``)."""
         if self._pattern is None:
-            spellings = {**self._forms, **{str(escape(k)): v for k, v in self._forms.items()}}
+            files = {**self._forms, **{str(escape(k)): v for k, v in self._forms.items()}}
             folders = {**self._folders, **{str(escape(k)): v for k, v in self._folders.items()}}
-            self._lookup = {**spellings, **folders}
-            # a folder's bare relative name (``data``) counts only with a path below it (``data/x.png``)
-            alternatives = [(form, re.escape(form)) for form in spellings]
-            alternatives += [(form, re.escape(form) + _PATH_TAIL + ("?" if "/" in form else ""))
-                             for form in folders if form not in spellings]
-            alternatives.sort(key=lambda pair: -len(pair[0]))
-            self._groups = [form for form, _ in alternatives]
-            body = "|".join(f"(?P<g{i}>{pattern})" for i, (_, pattern) in enumerate(alternatives))
+            self._lookup = {**folders, **files}
+            rooted = [f for f in folders if "/" in f and f not in files]
+            bare = [f for f in folders if "/" not in f and f not in files]
+            # a file below a known folder is found by the folder's pattern: only its name needs one
+            files = [f for f in files if not _below(f, rooted)]
+            branches = [f"(?P<file>{_trie(files)})" if files else None,
+                        f"(?P<folder>{_trie(rooted)}){_PATH_TAIL}?" if rooted else None,
+                        f"(?P<below>{_trie(bare)}){_PATH_TAIL}" if bare else None]
+            body = "|".join(b for b in branches if b)
             self._pattern = re.compile(rf"(?<![\w.\-])(?:{body})(?![\w\-]|\.\w)")
         return self._pattern
 
     def _replace(self, match: re.Match) -> str:
-        form = self._groups[int(match.lastgroup[1:])]
-        if match.group(0) == form:
-            return self._lookup[form]
-        return self.token(html.unescape(match.group(0)))  # a path below a known folder: its own token
+        found = match.group(0)
+        if found in self._lookup:  # a file, or a folder itself
+            return self._lookup[found]
+        return self.token(html.unescape(found))  # a path below a known folder: its own token
+
+
+def _below(path: str, folders: list[str]) -> bool:
+    """Whether ``path`` lies below one of ``folders`` (spellings with a ``/``; few, so a plain scan)."""
+    return "/" in path and any(path.startswith(folder + "/") for folder in folders)
+
+
+def _trie(words: Iterable[str]) -> str:
+    """A regular expression matching any of ``words``, the longest where several fit, built as a trie
+    (an alternation of thousands of paths would be tried one by one at every position)."""
+    root: dict = {}
+    for word in words:
+        node = root
+        for char in word:
+            node = node.setdefault(char, {})
+        node[""] = {}
+
+    def build(node: dict) -> str:
+        branches = [re.escape(char) + build(child) for char, child in sorted(node.items()) if char]
+        if not branches:
+            return ""
+        inner = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+        return f"(?:{inner})?" if "" in node else inner
+
+    return build(root)
 
 
 def _spellings(text: str, with_name: bool = True) -> set[str]:

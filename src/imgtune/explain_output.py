@@ -63,7 +63,8 @@ def explain_files(explainer: Explainer, paths: list[Path], out: Path, methods: t
         try:
             image = load_rgb(path)
         except DecodeError as exc:
-            results.append(ExplainedFile(shown, error=anonymizer.scrub(str(exc)) if anonymizer else str(exc)))
+            error = anonymizer.scrub_path(str(exc), path) if anonymizer else str(exc)
+            results.append(ExplainedFile(shown, error=error))
             continue
         probs, found = explainer.explain(image, methods, index)
         stem = _unique_stem(shown if anonymizer else Path(path).stem, stems)

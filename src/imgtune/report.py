@@ -127,8 +127,8 @@ def anonymised(context: dict, anonymizer: "Anonymizer") -> dict:
     run, result = context["run"], context["result"]
     for folder in (run.path, result.source, run.config.data.source):
         anonymizer.folder(folder)
-    anonymizer.remember([*result.images, *(p for p, _ in result.skipped),
-                         *(s["path"] for s in context["data"].get("skipped", []))])
+    anonymizer.remember([*(m.path for m in context["mistakes"]), *(p for p, _ in result.skipped),
+                         *(s["path"] for s in context["data"].get("skipped", []))])  # what the page names
     if (run.meta.get("weights") or {}).get("path"):
         anonymizer.token(run.meta["weights"]["path"])
     source = anonymizer.token(result.source)
