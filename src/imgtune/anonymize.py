@@ -24,7 +24,6 @@ import contextlib
 import functools
 import hmac
 import html
-import io
 import logging
 import os
 import re
@@ -35,9 +34,8 @@ from hashlib import sha256
 from pathlib import Path
 
 from markupsafe import escape
-from PIL import Image
 
-from .encode import data_uri, from_base64
+from .encode import bare_image, map_embedded
 from .errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -54,7 +52,6 @@ NOTE = ("Anonymised: file names and paths are replaced by keyed tokens (file-…
         "<code>imgtune anonymize lookup TOKEN DATA</code> finds the file with the same key), and every image "
         "on this page was re-encoded from its pixels, without EXIF, ICC, XMP or text metadata. "
         "Class names are kept.")
-_DATA_URI = re.compile(r"data:image/[\w.+-]+;base64,[A-Za-z0-9+/=]+")  # any kind: PNG or JPEG after
 _PATH_TAIL = r"(?:/[^\s'\"<>,;:()\[\]{}]*)"  # the rest of a path below a known folder
 
 
@@ -233,28 +230,13 @@ class Anonymizer:
                 handler.removeFilter(found)
 
     def image_bytes(self, data: bytes) -> bytes:
-        """The image in ``data`` encoded again from its pixels alone: JPEG stays JPEG, any other PNG."""
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            kind = "JPEG" if image.format == "JPEG" else "PNG"
-            mode = "RGB" if kind == "JPEG" else image.mode if image.mode in ("RGB", "RGBA", "L", "LA") else "RGBA"
-            pixels = image.convert(mode)
-        bare = Image.frombytes(mode, pixels.size, pixels.tobytes())  # no info, no exif, no palette
-        buffer = io.BytesIO()
-        bare.save(buffer, format=kind, **({"quality": JPEG_QUALITY} if kind == "JPEG" else {}))
-        return buffer.getvalue()
+        """The image in ``data`` encoded again from its pixels alone (:func:`imgtune.encode.bare_image`)."""
+        return bare_image(data, JPEG_QUALITY)
 
     def page(self, text: str) -> str:
-        """An HTML page ready to leave the site: every ``data:`` image re-encoded from its pixels, every
+        """An HTML page ready to leave the site: every embedded image re-encoded from its pixels, every
         known path in the text replaced, and the visible note after ``<body>``."""
-        parts, last = [], 0
-        for match in _DATA_URI.finditer(text):
-            parts.append(self.scrub(text[last:match.start()]))
-            bare = self.image_bytes(from_base64(match.group(0)))
-            parts.append(data_uri(bare, "image/jpeg" if bare.startswith(b"\xff\xd8") else "image/png"))
-            last = match.end()
-        parts.append(self.scrub(text[last:]))
-        page = "".join(parts)
+        page = map_embedded(text, self.image_bytes, self.scrub)
         if "<body>" not in page:
             raise ValueError("an anonymised page needs a <body> for its note")
         return page.replace("<body>", f'<body>\n<p class="anonymised note" id="anonymised"><b>{NOTE}</b></p>', 1)
