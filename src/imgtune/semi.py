@@ -34,7 +34,8 @@ MAX_ROUNDS = 4  # self-training: at most this many rounds (fewer when the hold-o
 NEIGHBOURS = 10  # of the kNN graph
 ALPHA = 0.2  # LabelSpreading's clamping: how far a labelled image's label may move
 MAX_FOLDS = 5
-REPEATS = 2  # repeated folds: a small labelled set gives a noisy hold-out; two draws halve the variance
+REPEATS = 2  # folds drawn twice below SMALL labelled images: a small hold-out is noisy
+SMALL = 60
 MAX_ITER = 500
 NOT_ASKED = "--semi none: the unlabelled images are not used"
 
@@ -122,7 +123,8 @@ def choose(x_lab: np.ndarray, y_lab: np.ndarray, x_unl: np.ndarray, num_classes:
         baseline.add(data.fit(train).predict_proba(data.z_lab[held]), y_lab[held])
     tried = _spreading_settings(data, folds) if method == "label-spreading" else _self_training_settings(data, folds)
     best = max(tried, key=lambda s: s.score.key())
-    holdout = {"folds": len(folds) // REPEATS, "repeats": REPEATS, "labelled_only": baseline.to_dict(),
+    repeats = _repeats(y_lab)
+    holdout = {"folds": len(folds) // repeats, "repeats": repeats, "labelled_only": baseline.to_dict(),
                "with_pseudo_labels": best.score.to_dict(), "tried": [_row(s) for s in tried]}
     if best.score.key() <= baseline.key():
         return unused(len(x_unl), f"pseudo-labels by {method} did not beat the labelled images alone on the inner "
@@ -152,8 +154,12 @@ def _folds(y: np.ndarray, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     smallest = int(counts[counts > 0].min())
     if smallest < 2:
         return []
-    splitter = RepeatedStratifiedKFold(n_splits=min(MAX_FOLDS, smallest), n_repeats=REPEATS, random_state=seed)
+    splitter = RepeatedStratifiedKFold(n_splits=min(MAX_FOLDS, smallest), n_repeats=_repeats(y), random_state=seed)
     return list(splitter.split(np.zeros(len(y)), y))
+
+
+def _repeats(y: np.ndarray) -> int:
+    return REPEATS if len(y) < SMALL else 1
 
 
 class _Data:

@@ -100,7 +100,7 @@ def _precision(choice: semi.Choice, classes: list[str]) -> dict | None:
     per_class = {c: (round(int(r) / int(t), 4) if t else None) for c, r, t in zip(classes, found.right, found.taken)}
     total = int(found.taken.sum())
     return {"overall": round(int(found.right.sum()) / total, 4) if total else None, "per_class": per_class,
-            "hidden_images_labelled": total // semi.REPEATS}  # each labelled image is hidden once per repeat
+            "hidden_images_labelled": total // choice.holdout["repeats"]}  # each image is hidden once per repeat
 
 
 def _log(report: dict) -> None:
