@@ -13,9 +13,12 @@ What is kept is decided on the labelled **training** images only (val and test s
 folds (repeated), each hiding some labelled images, which are pseudo-labelled like the unlabelled
 ones. For every confidence threshold (and, for self-training, every round) the head the run would fit
 (L2 logistic regression, pseudo-labels weighted below real ones) is scored on the hidden images
-against the head fitted on the labelled images alone. The best setting is used only if it beats
-labelled-only (accuracy first, log loss on a tie); otherwise no pseudo-label is used, and the report
-says so. The hidden images also give each class's pseudo-labels an estimated precision.
+against the head fitted on the labelled images alone. The best setting (accuracy, then log loss on a
+tie) is used only if its accuracy is higher than labelled-only's: a lower log loss alone is not enough
+(pseudo-labels make the head surer of itself whether or not they are right); otherwise no pseudo-label
+is used, and the report says so. Pseudo-labels weigh ``weight`` each, and together never more than the
+labelled images (``min(weight, labelled / pseudo-labelled)`` each): they refine the labelled images'
+head rather than replace it. The hidden images also give each class's pseudo-labels an estimated precision.
 """
 
 from __future__ import annotations
@@ -126,15 +129,20 @@ def choose(x_lab: np.ndarray, y_lab: np.ndarray, x_unl: np.ndarray, num_classes:
     repeats = _repeats(y_lab)
     holdout = {"folds": len(folds) // repeats, "repeats": repeats, "labelled_only": baseline.to_dict(),
                "with_pseudo_labels": best.score.to_dict(), "tried": [_row(s) for s in tried]}
-    if best.score.key() <= baseline.key():
-        return unused(len(x_unl), f"pseudo-labels by {method} did not beat the labelled images alone on the inner "
-                      f"hold-out (accuracy {best.score.accuracy:.3f} against {baseline.accuracy:.3f}, log loss "
+    if best.score.accuracy <= baseline.accuracy:
+        return unused(len(x_unl), f"pseudo-labels by {method} did not raise the accuracy of the labelled images alone "
+                      f"on the inner hold-out (accuracy {best.score.accuracy:.3f} against {baseline.accuracy:.3f}, log loss "
                       f"{best.score.mean_log_loss:.3f} against {baseline.mean_log_loss:.3f}), so none are used", holdout)
     labels, confidence = data.final(method, best)
     return Choice(method, labels, confidence, f"{method} beat the labelled images alone on the inner hold-out "
                   f"(accuracy {best.score.accuracy:.3f} against {baseline.accuracy:.3f}, log loss "
                   f"{best.score.mean_log_loss:.3f} against {baseline.mean_log_loss:.3f})", best.threshold,
                   best.rounds if method == "self-training" else None, holdout, best.precision)
+
+
+def pseudo_weight(weight: float, labelled: int, pseudo: int) -> float:
+    """Each pseudo-label's weight: ``weight``, lowered so that together they weigh no more than the labelled."""
+    return min(weight, labelled / max(pseudo, 1))
 
 
 def unused(n: int, reason: str, holdout: dict | None = None) -> Choice:
@@ -189,7 +197,7 @@ class _Data:
         z, y, w = self.z_lab[train], self.y_lab[train], np.ones(len(train))
         if pseudo is not None and len(pseudo):
             z, y = np.vstack([z, z_extra]), np.concatenate([y, pseudo])
-            w = np.concatenate([w, np.full(len(pseudo), self.weight)])
+            w = np.concatenate([w, np.full(len(pseudo), pseudo_weight(self.weight, len(train), len(pseudo)))])
         with warnings.catch_warnings(), threadpool_limits(1):
             warnings.simplefilter("ignore")
             model = LogisticRegression(C=self.c, max_iter=MAX_ITER, warm_start=start is not None)

@@ -48,17 +48,18 @@ def with_pseudo_labels(source: DataSource, unlabelled: Unlabelled | None, config
     train = config.train
     if train.semi == "none":
         log.info("semi-supervised: %s", semi.NOT_ASKED)
-        return source, _report(semi.unused(0, semi.NOT_ASKED), unlabelled, source.classes, config, 0)
+        return source, _report(semi.unused(0, semi.NOT_ASKED), unlabelled, source.classes, config, 0,
+                               torch.zeros(0))
     labelled = source.features("train", built, config.model.body, options, device)
     found = _unlabelled_features(unlabelled, source.classes, built, config, options, device)
     samples = [unlabelled.samples[i] for i in found.positions.tolist()]
     choice = semi.choose(labelled.features.numpy(), labelled.targets.numpy(), found.features.numpy(),
                          len(source.classes), train.semi, train.pseudo_weight, train.seed)
-    report = _report(choice, unlabelled, source.classes, config, len(samples))
+    report = _report(choice, unlabelled, source.classes, config, len(samples), labelled.targets)
     _log(report)
     if choice.method == "none":
         return source, report
-    return _add(source, samples, choice, train.pseudo_weight), report
+    return _add(source, samples, choice, report["weight"]), report
 
 
 def _unlabelled_features(unlabelled: Unlabelled, classes: list[str], built: BuiltModel, config: RunConfig,
@@ -82,11 +83,14 @@ def _add(source: FolderSource, samples: list, choice: semi.Choice, weight: float
 
 
 def _report(choice: semi.Choice, unlabelled: Unlabelled, classes: list[str], config: RunConfig,
-            with_features: int) -> dict:
+            with_features: int, labelled: torch.Tensor) -> dict:
+    """``labelled``: the labelled training images' targets."""
     counts = choice.counts(len(classes))
     report = {"requested": config.train.semi, "used": choice.method, "reason": choice.reason,
               "unlabelled": {**unlabelled.summary(), "with_features": with_features},
-              "weight": config.train.pseudo_weight, "threshold": choice.threshold, "rounds": choice.rounds,
+              "weight": semi.pseudo_weight(config.train.pseudo_weight, len(labelled), int(counts.sum()))
+              if counts.sum() else config.train.pseudo_weight,
+              "threshold": choice.threshold, "rounds": choice.rounds,
               "pseudo_labels": {c: int(n) for c, n in zip(classes, counts)}, "pseudo_labels_total": int(counts.sum()),
               "estimated_precision": _precision(choice, classes), "inner_holdout": choice.holdout}
     return report
