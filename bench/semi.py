@@ -23,7 +23,6 @@ Datasets: ``hymenoptera`` (/work/shared/datasets; 245 train, 153 val photos, two
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import random
 import shutil
@@ -38,23 +37,10 @@ from common import HYMENOPTERA, ROOT
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 
 import imgtune  # noqa: E402
+from active import photos, write_csv  # noqa: E402  (the same CSVs of photos as the active-learning bench)
 from rank import digits_folder  # noqa: E402
 
-SUFFIXES = (".jpg", ".jpeg", ".png", ".gif")
 METHODS = ("supervised-only", "label-spreading", "self-training")
-
-
-def photos(folder: Path) -> list[tuple[Path, str]]:
-    return [(p.resolve(), c.name) for c in sorted(folder.iterdir()) if c.is_dir()
-            for p in sorted(c.iterdir()) if p.suffix.lower() in SUFFIXES]
-
-
-def write_csv(path: Path, rows: list[tuple[Path, str, str]]) -> Path:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label", "split"])
-        writer.writerows([str(p), label, split] for p, label, split in rows)
-    return path
 
 
 def draw(data: Path, tmp: Path, seed: int, per_class: int) -> tuple[Path, Path]:
