@@ -169,3 +169,26 @@ def test_train_with_unlabelled_images_writes_its_pseudo_labels(tmp_path, strateg
         assert main(["report", str(run)]) == 0
         html = (run / "report.html").read_text()
         assert 'id="semi"' in html and "copy_of_val.png" in html
+
+
+def test_pseudo_labelled_images_join_the_training_split_with_their_weight(tmp_path):
+    """What both the fitted head and the epochs that train the whole model read: the training split with
+    the pseudo-labelled images appended, drawn by a sampler that weighs them ``weight``."""
+    from imgtune.data.sources import FolderSource, LoaderOptions, train_sampler
+    from imgtune.semi_train import _add
+
+    data = make_split_dataset(tmp_path / "data", train=3, val=2)
+    source = FolderSource(load_splits(data, progress=False), str(data))
+    pool = open_unlabelled(_pool(tmp_path, data), source.splits, progress=False).samples
+    labels = np.array([i % 3 if i < 6 else -1 for i in range(len(pool))])
+    added = _add(source, pool, semi.Choice("label-spreading", labels, np.ones(len(pool)), "test"), 0.25)
+    train = added.splits.split("train")
+    assert len(train) == 9 + 6 and [s.label for s in train[9:]] == [source.classes[i % 3] for i in range(6)]
+    assert source.splits.split("train") == train[:9]  # the labelled data (meta.json, resume) is unchanged
+    options = LoaderOptions(4, 0, 0, False, None)
+    targets = torch.tensor([source.classes.index(s.label) for s in train])
+    sampler = train_sampler(added, targets, torch.arange(len(train)), options)
+    assert sampler.weights.tolist() == [1.0] * 9 + [0.25] * 6
+    balanced = train_sampler(added, targets, torch.arange(len(train)), LoaderOptions(4, 0, 0, True, None))
+    assert balanced.weights[9:].sum() < balanced.weights[:9].sum()
+    assert train_sampler(source, targets[:9], torch.arange(9), options) is None
