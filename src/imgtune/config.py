@@ -138,7 +138,8 @@ class TrainConfig:
                                     "self-training, or none; pseudo-labels are used only where an inner hold-out of "
                                     "the labelled training images says they help", choices=SEMIS,
                               unset="label-spreading when --unlabeled is given")
-    pseudo_weight: float = option(0.5, "weight of a pseudo-labelled image relative to a labelled one (--unlabeled)")
+    pseudo_weight: float = option(0.5, "weight of a pseudo-labelled image relative to a labelled one (--unlabeled), "
+                                       "lowered so that together they never outweigh the labelled images")
     seed: int = option(0, "random seed of the splits, initialisation, shuffling and augmentation")
     device: str = option("auto", "auto: CUDA, then Apple MPS, then CPU", choices=DEVICES)
     accumulate: int = option(1, "sum the gradients of N batches per optimizer step (an N times larger batch in "
