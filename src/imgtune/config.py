@@ -41,6 +41,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 FEATURE_ENGINES = ("auto", "torch", "onnxruntime")  # imgtune.body_runtime
 HEAD_FITS = ("auto", "lbfgs", "sgd")  # imgtune.head_fit
 BALANCES = ("none", "weights", "sampler")
+SEMIS = ("label-spreading", "self-training", "none")  # imgtune.semi
 LOGS = ("csv", "tensorboard")  # where per-epoch metrics go besides metrics.csv (which is always written)
 # Above this ratio of the largest to the smallest training class, --balance defaults to "weights".
 IMBALANCE_THRESHOLD = 3.0
@@ -82,6 +83,8 @@ class DataConfig:
                                             "(docs/unlabelled.md)", metavar="FILE.csv")
     allow_outside_paths: bool = option(False, "let a CSV name files outside its own folder (../x.jpg, absolute "
                                               "paths elsewhere); only for a CSV you trust (docs/data.md)")
+    unlabeled: str | None = option(None, "a folder of unlabelled images for semi-supervised training (--semi; "
+                                         "docs/unlabelled.md)", metavar="DIR")
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,12 @@ class TrainConfig:
         None, "class imbalance: none, weights (class-weighted loss) or sampler (class-balanced sampling)",
         choices=BALANCES, unset=f"weights when the largest training class has over {IMBALANCE_THRESHOLD:g}x the "
                                 "images of the smallest, else none")
+    semi: str | None = option(None, "with --unlabeled: label-spreading (kNN graph over the frozen features), "
+                                    "self-training, or none; pseudo-labels are used only where an inner hold-out of "
+                                    "the labelled training images says they help", choices=SEMIS,
+                              unset="label-spreading when --unlabeled is given")
+    pseudo_weight: float = option(0.5, "weight of a pseudo-labelled image relative to a labelled one (--unlabeled), "
+                                       "lowered so that together they never outweigh the labelled images")
     seed: int = option(0, "random seed of the splits, initialisation, shuffling and augmentation")
     device: str = option("auto", "auto: CUDA, then Apple MPS, then CPU", choices=DEVICES)
     accumulate: int = option(1, "sum the gradients of N batches per optimizer step (an N times larger batch in "
@@ -292,6 +301,8 @@ def resolve(config: RunConfig) -> RunConfig:
     config = replace(config, train=replace(train, **filled))
     if config.train.freeze_epochs is None:  # the head epochs run on cached features: cheap
         config = replace(config, train=replace(config.train, freeze_epochs=max(1, config.train.epochs // 2)))
+    if config.data.unlabeled and config.train.semi is None:
+        config = replace(config, train=replace(config.train, semi="label-spreading"))
     if config.train.strategy == "scratch" and config.model.pretrained:
         config = replace(config, model=replace(config.model, pretrained=False))
     validate(config)
@@ -362,9 +373,17 @@ def validate(config: RunConfig) -> None:
     if t.early_stop is not None and t.early_stop < 1:
         raise UsageError("train.early_stop (patience in epochs) must be at least 1")
     _check_positive("train.accumulate", t.accumulate)
+    _check_semi(d, t)
     _check_auto(m)
     if t.checkpoint_every is not None:
         _check_positive("train.checkpoint_every", t.checkpoint_every)
+
+
+def _check_semi(data: DataConfig, train: TrainConfig) -> None:
+    if train.semi not in (None, "none") and not data.unlabeled:
+        raise UsageError(f"--semi {train.semi} needs --unlabeled DIR, the folder of unlabelled images")
+    if not 0 < train.pseudo_weight <= 1:
+        raise UsageError(f"train.pseudo_weight (--pseudo-weight) must be in (0, 1]; got {train.pseudo_weight!r}")
 
 
 def _check_auto(model: ModelConfig) -> None:

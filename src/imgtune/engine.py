@@ -113,6 +113,7 @@ class Loaders:
     frozen_train: object = None
     frozen_val: object = None
     frozen_test: object = None
+    frozen_train_weights: torch.Tensor | None = None  # per row of frozen_train (pseudo-labels count less)
 
     def for_phase(self, model: Classifier, phase: Phase) -> tuple[nn.Module, object, object]:
         if phase.body_frozen and self.frozen_train is not None:
@@ -252,7 +253,7 @@ class _Run:
         class_weight = "balanced" if self.train.balance == "sampler" else \
             ({i: float(w) for i, w in enumerate(weights.cpu())} if weights is not None else None)
         info = fit_linear_head(linear_layer(self.model.head), features, targets, self.num_classes, class_weight,
-                               self.train.seed)
+                               self.train.seed, self.loaders.frozen_train_weights)
         self.model.head.eval()
         with torch.inference_mode():
             logits, labels = self.model.head(features.to(self.device)), targets.to(self.device)

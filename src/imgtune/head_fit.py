@@ -37,8 +37,10 @@ def linear_layer(head: nn.Module) -> nn.Linear | None:
 
 
 def fit_linear_head(layer: nn.Linear, features: torch.Tensor, targets: torch.Tensor, num_classes: int,
-                    class_weight: dict[int, float] | str | None, seed: int) -> dict:
-    """Fit ``layer`` (``features`` -> logits) in place; returns what was chosen, for the log and the run."""
+                    class_weight: dict[int, float] | str | None, seed: int,
+                    sample_weight: torch.Tensor | None = None) -> dict:
+    """Fit ``layer`` (``features`` -> logits) in place; returns what was chosen, for the log and the run.
+    ``sample_weight``: per image (pseudo-labelled images count less than labelled ones: imgtune.semi)."""
     from sklearn.linear_model import LogisticRegression
     from threadpoolctl import threadpool_limits
 
@@ -46,14 +48,15 @@ def fit_linear_head(layer: nn.Linear, features: torch.Tensor, targets: torch.Ten
     x, y = features.double().numpy(), targets.numpy()
     keep = y >= 0
     x, y = x[keep], y[keep]
+    w = sample_weight.double().numpy()[keep] if sample_weight is not None else None
     mean, scale = x.mean(axis=0), x.std(axis=0)
     scale[scale < 1e-12] = 1.0
     z = (x - mean) / scale
     present = np.unique(y)
     with warnings.catch_warnings(), threadpool_limits(1):  # one BLAS thread: the problem is small
         warnings.simplefilter("ignore")  # ConvergenceWarning (n_iter says it) and API FutureWarnings
-        c, folds, losses = _choose_c(z, y, class_weight, seed)
-        model = LogisticRegression(C=c, max_iter=MAX_ITER, class_weight=class_weight).fit(z, y)
+        c, folds, losses = choose_c(z, y, class_weight, seed, w)
+        model = LogisticRegression(C=c, max_iter=MAX_ITER, class_weight=class_weight).fit(z, y, sample_weight=w)
     weight, bias = _logits_of(model, present, num_classes)
     with torch.no_grad():
         layer.weight.copy_(torch.from_numpy(weight / scale).to(layer.weight))
@@ -63,7 +66,8 @@ def fit_linear_head(layer: nn.Linear, features: torch.Tensor, targets: torch.Ten
             "converged": iterations < MAX_ITER, "images": int(len(y)), "seconds": round(time.perf_counter() - start, 2)}
 
 
-def _choose_c(z: np.ndarray, y: np.ndarray, class_weight, seed: int) -> tuple[float, int, dict | None]:
+def choose_c(z: np.ndarray, y: np.ndarray, class_weight, seed: int,
+             sample_weight: np.ndarray | None = None) -> tuple[float, int, dict | None]:
     """C with the best mean cross-validated log loss (ties: the stronger regularisation) over
     stratified folds of the training split (as many as the smallest class allows, at most 5), the path
     of Cs warm-started in each fold (``LogisticRegressionCV``)."""
@@ -75,11 +79,12 @@ def _choose_c(z: np.ndarray, y: np.ndarray, class_weight, seed: int) -> tuple[fl
     if folds < 2:
         log.info("head fit: a class has one training image, so no cross-validation: C = 1")
         return 1.0, 0, None
+    w = np.ones(len(y)) if sample_weight is None else sample_weight
     if len(y) > SELECT_ON:
-        z, _, y, _ = train_test_split(z, y, train_size=SELECT_ON, stratify=y, random_state=seed)
+        z, _, y, _, w, _ = train_test_split(z, y, w, train_size=SELECT_ON, stratify=y, random_state=seed)
     search = LogisticRegressionCV(Cs=CS, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
                                   max_iter=MAX_ITER, class_weight=class_weight, refit=False, scoring="neg_log_loss")
-    search.fit(z, y)
+    search.fit(z, y, sample_weight=None if sample_weight is None else w)
     scores = search.scores_
     scores = np.asarray(next(iter(scores.values())) if isinstance(scores, dict) else scores).reshape(folds, -1)
     mean = scores.mean(axis=0)

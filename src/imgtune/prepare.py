@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import artifact, balance, distributed, experiment_log, models
+from . import artifact, balance, distributed, experiment_log, models, semi_train
 from .artifact import check_writable_folder, default_out_dir
 from .cache import check_store, default_cache_dir
 from .config import RunConfig, to_dict, validate
 from .data import content
 from .data.sources import DataSource, LoaderOptions, open_source, total_images
+from .data.unlabelled import Unlabelled
 from .errors import DataError, UsageError
 from .inference import select_device
 from .rank import AUTO, Ranking, choose_model, reason
@@ -40,6 +41,7 @@ class Setup:
     built: models.BuiltModel
     device: torch.device
     ranking: Ranking | None = None  # --model auto: the ranking the model was chosen from (rank.py)
+    unlabelled: Unlabelled | None = None  # --unlabeled: the checked unlabelled images (semi_train.py)
 
     def loader_options(self) -> LoaderOptions:
         data = self.config.data
@@ -70,13 +72,14 @@ def prepare(config: RunConfig, progress: bool = True, started_with: dict | None 
         check_same_data(started_with, data.source, source, Path(config.out) / artifact.DATA_FILES)
     config = _with_balance(config, source)
     source.check(config)
+    unlabelled = semi_train.open_for(source, config, checks, progress)
     ranking = None
     if config.model.name == AUTO:  # rank the candidates on this data; the config then names the chosen one
         config, ranking = choose_model(config, source, progress)
         seed_everything(config.train.seed + distributed.current().rank)  # as if the model had been named
     built = models.create(config.model, len(source.classes), offline=config.offline)
     device = distributed.device_for(distributed.current(), select_device(config.train.device))
-    return Setup(finalize(config, source, built, device), source, built, device, ranking)
+    return Setup(finalize(config, source, built, device), source, built, device, ranking, unlabelled)
 
 
 def finalize(config: RunConfig, source: DataSource, built: models.BuiltModel, device: torch.device) -> RunConfig:
@@ -88,7 +91,8 @@ def finalize(config: RunConfig, source: DataSource, built: models.BuiltModel, de
     out = config.out if config.out is not None else distributed.broadcast(str(default_out_dir()))
     config = replace(config, out=out,
                      data=replace(data, source=absolute_source(data.source), num_workers=workers,
-                                  extra_labels=data.extra_labels and absolute_source(data.extra_labels)),
+                                  extra_labels=data.extra_labels and absolute_source(data.extra_labels),
+                                  unlabeled=data.unlabeled and absolute_source(data.unlabeled)),
                      model=replace(model, img_size=built.preprocessing.img_size),
                      train=replace(train, device=device.type))
     validate(config)

@@ -113,7 +113,8 @@ def _context(run: artifact.RunInfo, result: EvaluationResult, mistakes: list[Mis
         "reliability_png": data_uri(figures.reliability_png(cal["reliability"], cal["ece"],
                                                             f"Reliability ({result.split})",
                                                             cal.get("reliability_calibrated"), cal["temperature"])),
-        "calibration": cal, "held_out_calibration": _held_out_calibration(run.path),
+        "calibration": cal, "held_out_calibration": _saved_metrics(run.path).get("calibration"),
+        "semi": _saved_metrics(run.path).get("semi"),
         "mistakes": mistakes, "n_mistakes": int((result.probs.argmax(1) != result.y_true).sum()),
         "skipped": result.skipped, "ranking_html": _ranking(run),
     }
@@ -199,11 +200,10 @@ def _metrics_rows(run_dir: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def _held_out_calibration(run_dir: Path) -> dict | None:
+def _saved_metrics(run_dir: Path) -> dict:
+    """metrics.json as training wrote it (held-out calibration; the semi-supervised report)."""
     path = run_dir / artifact.METRICS_JSON
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text()).get("calibration")
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _mistakes(predictor: "Predictor", result: EvaluationResult, limit: int) -> list[Mistake]:

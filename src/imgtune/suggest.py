@@ -37,7 +37,8 @@ from . import artifact, features, models
 from .atomic import atomic_write_text
 from .data.content import read_files
 from .data.duplicates import exact_groups, near_groups
-from .data.scan import Sample, _image_files, check_files
+from .data.scan import Sample
+from .data.unlabelled import unlabelled_images
 from .errors import DataError, UsageError
 from .inference import select_device
 
@@ -75,21 +76,6 @@ def suggest(run_dir: str | Path, folder: str | Path, n: int = 50, strategy: str 
         np.argsort(-uncertainty, kind="stable")[:n]
     return [Suggestion(kept[i].path, run.classes[int(probs[i].argmax())], float(probs[i].max()),
                        float(uncertainty[i])) for i in order]
-
-
-def unlabelled_images(folder: str | Path) -> list[Sample]:
-    """Every readable image under ``folder`` (recursively), checked like training data."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"{folder} is not a folder; pass the folder of unlabelled images")
-    found = [Sample(path, "") for path in _image_files(folder)]
-    if not found:
-        raise DataError(f"{folder} holds no image files (none with an image extension such as .jpg or .png, "
-                        "in it or its subfolders)")
-    good, skipped, _ = check_files(found)
-    if not good:
-        raise DataError(f"{folder}: none of its {len(found)} image file(s) can be read ({skipped[0][1]}, ...)")
-    return good
 
 
 def _unknown_to_run(run: artifact.RunInfo, samples: list[Sample]) -> list[Sample]:

@@ -29,6 +29,7 @@ from .errors import DataError, ImgtuneError, TrainingDiverged, UsageError
 from .interrupt import StopRequest
 from .prepare import Setup, prepare, run_meta
 from .results import final_metrics
+from .semi_train import with_pseudo_labels
 from .strategies import plan
 
 log = logging.getLogger(__name__)
@@ -161,8 +162,10 @@ def _train_and_save(setup: Setup, start: float, resume: dict | None = None) -> T
     out, main = Path(config.out), distributed.current().is_main
     model = distributed.sync_batchnorm(built.model).to(device, memory_format=torch.channels_last)
     phases = plan(config.train)
-    loaders = build_loaders(setup.source, built, phases, config.data.augment, config.model.body,
-                            setup.loader_options(), device)
+    source, semi_report = with_pseudo_labels(setup.source, setup.unlabelled, config, built, setup.loader_options(),
+                                             device)
+    loaders = build_loaders(source, built, phases, config.data.augment, config.model.body, setup.loader_options(),
+                            device)
     log.info("training %s with strategy %s on %s (run folder %s)", built.spec, config.train.strategy, device, out)
     weights = balance.class_weights(loaders.train.dataset.targets(), len(setup.source.classes)) \
         if config.train.balance == "weights" else None
@@ -190,6 +193,8 @@ def _train_and_save(setup: Setup, start: float, resume: dict | None = None) -> T
         artifact.save_weights(model.cpu(), out / artifact.WEIGHTS)
     model.to(device)
     metrics = final_metrics(model, loaders, setup.source.classes, device, config, stopper, final_frozen)
+    if semi_report is not None:
+        metrics["semi"] = semi_report
     if main:
         if metrics["calibration"] is not None:
             artifact.write_json(out / artifact.CALIBRATION, metrics["calibration"])

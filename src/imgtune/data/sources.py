@@ -28,7 +28,7 @@ from ..strategies import Phase
 from . import content
 from .checks import check_duplicates
 from .dataset import ImageDataset, make_loader
-from .sampler import evaluation_sampler
+from .sampler import evaluation_sampler, training_sampler
 from .scan import DataSplits, load_splits
 from .shards import ShardSplits, is_shards, load_manifest, stream_loader
 from .transforms import Preprocessing, eval_transform, train_transform
@@ -50,7 +50,10 @@ class LoaderOptions:
 
 class _Source:
     """What every source has: the found splits' classes, layout, skipped files, counts and summary.
-    Each source adds ``size``, ``check``, ``images`` and ``features``."""
+    Each source adds ``size``, ``check``, ``images`` and ``features``. ``train_weights``: how often each
+    training image is drawn relative to the others (pseudo-labelled images count less: semi_train.py)."""
+
+    train_weights: torch.Tensor | None = None
 
     def __init__(self, splits: DataSplits | ShardSplits, source: str):
         self.splits, self.source = splits, source
@@ -96,9 +99,8 @@ class FolderSource(_Source):
             if cache_pixels and options.cache_dir is not None else None
         dataset = ImageDataset(members, self.classes, transform, draft_size=pre.resize_size, pixels=pixels,
                                preprocessing=pre)
-        sampler = None if shuffle else evaluation_sampler(len(dataset))
-        if shuffle and options.balanced:
-            sampler = balance.balanced_sampler(dataset.targets(), len(self.classes), options.seed)
+        sampler = train_sampler(self, dataset.targets(), torch.arange(len(dataset)), options) if shuffle else \
+            evaluation_sampler(len(dataset))
         drop_last = shuffle and drop_last_batch(len(members), options.batch_size)
         return make_loader(dataset, options.batch_size, shuffle, options.workers, options.seed, drop_last,
                            sampler=sampler)
@@ -188,13 +190,27 @@ def build_loaders(source: DataSource, built: BuiltModel, phases: list[Phase], au
     if any(p.body_frozen for p in phases):
         names = ("train", "val", "test") if phases[-1].body_frozen else ("train", "val")
         sets = {name: source.features(name, built, body, options, device) for name in names if source.size(name)}
-        targets = sets["train"].targets
-        sampler = balance.balanced_sampler(targets, len(source.classes), options.seed) if options.balanced else None
+        targets, positions = sets["train"].targets, sets["train"].positions
+        sampler = train_sampler(source, targets, positions, options)
         loaders.frozen_train = sets["train"].loader(options.batch_size, True, options.seed,
                                                     drop_last_batch(len(targets), options.batch_size), sampler)
+        if source.train_weights is not None:
+            loaders.frozen_train_weights = source.train_weights[positions]
         loaders.frozen_val = _frozen_eval(sets["val"], options)
         loaders.frozen_test = _frozen_eval(sets["test"], options) if "test" in sets else None
     return loaders
+
+
+def train_sampler(source: DataSource, targets: torch.Tensor, positions: torch.Tensor, options: LoaderOptions):
+    """The training split's sampler: class-balanced (``--balance sampler``) and/or drawing each image as
+    often as its weight (``source.train_weights``), else None (the loader's shuffling)."""
+    weights = source.train_weights[positions] if source.train_weights is not None else None
+    if options.balanced:
+        sampler = balance.balanced_sampler(targets, len(source.classes), options.seed)
+        if weights is not None:
+            sampler.weights = sampler.weights * weights
+        return sampler
+    return training_sampler(len(targets), options.seed, weights=weights) if weights is not None else None
 
 
 def _frozen_eval(found: features.FeatureSet, options: LoaderOptions):
