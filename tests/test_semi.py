@@ -80,6 +80,7 @@ def test_without_a_hold_out_or_when_not_asked_nothing_is_pseudo_labelled():
     assert semi.choose(x[labelled], y[labelled], x[unlabelled], 3, "none", 0.5, 0).reason == semi.NOT_ASKED
 
 
+@pytest.mark.slow
 def test_self_training_stops_when_the_hold_out_stops_improving():
     x, y, labelled, unlabelled, _ = _clusters(2)
     choice = semi.choose(x[labelled], y[labelled], x[unlabelled], 3, "self-training", 0.5, 2)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-import numpy as np
 import torch
 
 from . import features, semi
