@@ -40,6 +40,7 @@ KEEPS = ("final", "best")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 FEATURE_ENGINES = ("auto", "torch", "onnxruntime")  # imgtune.body_runtime
 HEAD_FITS = ("auto", "lbfgs", "sgd")  # imgtune.head_fit
+SIZE_SOURCES = ("data", "pretrained")  # imgtune.sizing
 BALANCES = ("none", "weights", "sampler")
 LOGS = ("csv", "tensorboard")  # where per-epoch metrics go besides metrics.csv (which is always written)
 # Above this ratio of the largest to the smallest training class, --balance defaults to "weights".
@@ -95,7 +96,10 @@ class ModelConfig:
     pretrained: bool = option(True, "start from pretrained weights (--no-pretrained: random initialisation)")
     weights: str | None = option(None, "a local weights file, tried before any cache, package or download",
                                  metavar="FILE")
-    img_size: int | None = option(None, "input size", unset="the pretrained configuration's")
+    img_size: int | None = option(None, "input size in pixels", unset="per --size-from")
+    size_from: str = option("data", "the input size when --img-size is not given: data (matched to the training "
+                                    "images when most are much smaller than the pretrained size) or pretrained "
+                                    "(docs/training.md)", choices=SIZE_SOURCES)
     body: str = option("penultimate", "penultimate: all but the last layer; conv: convolutional trunk + global "
                                       "average pooling", choices=BODIES)
     head: str = option("linear", "linear, mlp (hidden layer + ReLU) or fused (old logits beside features)",

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import artifact, balance, distributed, experiment_log, models
+from . import artifact, balance, distributed, experiment_log, models, sizing
 from .artifact import check_writable_folder, default_out_dir
 from .cache import check_store, default_cache_dir
 from .config import RunConfig, to_dict, validate
@@ -40,6 +40,7 @@ class Setup:
     built: models.BuiltModel
     device: torch.device
     ranking: Ranking | None = None  # --model auto: the ranking the model was chosen from (rank.py)
+    size: sizing.SizeChoice | None = None  # how the input size was chosen (sizing.py)
 
     def loader_options(self) -> LoaderOptions:
         data = self.config.data
@@ -75,8 +76,9 @@ def prepare(config: RunConfig, progress: bool = True, started_with: dict | None 
         config, ranking = choose_model(config, source, progress)
         seed_everything(config.train.seed + distributed.current().rank)  # as if the model had been named
     built = models.create(config.model, len(source.classes), offline=config.offline)
+    built, size = sizing.apply(config, source.image_sides(), built)
     device = distributed.device_for(distributed.current(), select_device(config.train.device))
-    return Setup(finalize(config, source, built, device), source, built, device, ranking)
+    return Setup(finalize(config, source, built, device), source, built, device, ranking, size)
 
 
 def finalize(config: RunConfig, source: DataSource, built: models.BuiltModel, device: torch.device) -> RunConfig:
@@ -163,6 +165,8 @@ def run_meta(setup: Setup, requested: RunConfig | None = None) -> dict:
     }
     if requested is not None and requested != config:
         meta["requested_config"] = to_dict(requested)
+    if setup.size is not None:
+        meta["input_size"] = setup.size.to_dict()
     if setup.ranking is not None:
         meta["model"].update(requested=AUTO, chosen_by=chosen_by(setup.ranking))
     return meta

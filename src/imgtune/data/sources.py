@@ -66,6 +66,10 @@ class _Source:
         """Every image's (path, label, digest) per split, where the source knows them (``content.py``)."""
         return None
 
+    def image_sides(self) -> list[int]:
+        """The shorter side of every training image, where the source knows them (``sizing.py``)."""
+        return []
+
     def content(self) -> dict[str, str] | None:
         """One digest per split of the images' content (what a resume compares), where known."""
         files = self.files()
@@ -82,6 +86,9 @@ class FolderSource(_Source):
 
     def size(self, split: str) -> int:
         return len(self.splits.split(split))
+
+    def image_sides(self) -> list[int]:
+        return [min(s.shape) for s in self.splits.split("train") if s.shape]
 
     def check(self, config: RunConfig) -> None:
         """Copies of a file across splits or classes stop training unless ``--allow-leakage``."""
