@@ -118,6 +118,9 @@ class TrainConfig:
                                    "for the frozen epochs; auto: lbfgs when the frozen phase is the last "
                                    "(linear-probe), sgd before fine-tuning (docs/training.md)", choices=HEAD_FITS)
     freeze_epochs: int | None = option(None, "gradual: epochs with the backbone frozen", unset="half of --epochs")
+    unfreeze: str = option("all", "what trains when the backbone is unfrozen (finetune, gradual): all, or top:K, the "
+                                  "top K blocks, on cached activations of the frozen lower blocks "
+                                  "(docs/training.md)", metavar="all|top:K")
     lr: float | None = option(None, "head learning rate")
     backbone_lr_factor: float | None = option(None, "backbone lr = lr x this (finetune, gradual, scratch)")
     optimizer: str = option("adamw", "adamw, adam (weight decay as L2), sgd (Nesterov momentum) or rmsprop "

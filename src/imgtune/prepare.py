@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import artifact, balance, distributed, experiment_log, models, sizing
+from . import artifact, balance, distributed, experiment_log, models, partial, sizing
 from .artifact import check_writable_folder, default_out_dir
 from .cache import check_store, default_cache_dir
 from .config import RunConfig, to_dict, validate
@@ -47,7 +47,7 @@ class Setup:
         cache_dir = cache_folder(self.config) if data.cache else None
         return LoaderOptions(data.batch_size // distributed.current().world, data.num_workers,
                              self.config.train.seed, self.config.train.balance == "sampler", cache_dir,
-                             data.feature_engine)
+                             data.feature_engine, partial.top_blocks(self.config.train.unfreeze))
 
 
 def cache_folder(config: RunConfig) -> Path:
@@ -77,6 +77,7 @@ def prepare(config: RunConfig, progress: bool = True, started_with: dict | None 
         seed_everything(config.train.seed + distributed.current().rank)  # as if the model had been named
     built = models.create(config.model, len(source.classes), offline=config.offline)
     built, size = sizing.apply(config, source.image_sides(), built)
+    partial.check(config.train, built.model.body, built.preprocessing.img_size)
     device = distributed.device_for(distributed.current(), select_device(config.train.device))
     return Setup(finalize(config, source, built, device), source, built, device, ranking, size)
 
