@@ -6,7 +6,7 @@ Small images: scikit-learn's 8x8 digits upscaled to 32 px, and generated four-sh
 at the size the rule picks (no flag), and at one size below and one above the rule (``--img-size``), each
 a fresh process with a fresh cache. Hymenoptera (large photos): the size the rule picks, from the scan.
 
-    python bench/img_size.py [--per-class 80] [--strategy gradual]
+    python bench/img_size.py [--per-class 80] [--strategy gradual] [--epochs N]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import numpy as np
 from common import HYMENOPTERA, ROOT, child_env, run_measured, warm_imports
 
 sys.path.insert(0, str(ROOT / "tests"))
+EPOCHS: int | None = None  # --epochs
 
 
 def digits_tree(root: Path, per_class: int) -> Path:
@@ -50,6 +51,8 @@ def shapes_tree(root: Path, per_class: int, seed: int = 0) -> Path:
 def train(data: Path, out: Path, cache: Path, strategy: str, size_args: list[str]) -> dict:
     command = [sys.executable, "-m", "imgtune", "-q", "train", str(data), "--model", "mobilenet_v2", "--strategy",
                strategy, "--out", str(out), "--offline", *size_args]
+    if EPOCHS:
+        command += ["--epochs", str(EPOCHS)]
     seconds, _, _ = run_measured(command, child_env(IMGTUNE_CACHE=str(cache)))
     meta = json.loads((out / "meta.json").read_text())
     return {"accuracy": json.loads((out / "metrics.json").read_text())["accuracy"], "seconds": seconds,
@@ -81,7 +84,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-class", type=int, default=80, help="digits per class (shapes: twice as many)")
     parser.add_argument("--strategy", default="gradual")
+    parser.add_argument("--epochs", type=int, help="the strategy's default when not given")
     args = parser.parse_args()
+    global EPOCHS
+    EPOCHS = args.epochs
     warm_imports()
     print(f"hymenoptera: the rule picks {rule_for(HYMENOPTERA)} px (pretrained 224)", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
