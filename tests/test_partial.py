@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from datagen import CLASSES, PRETRAINED_ARGS, make_split_dataset
-from imgtune import activations, models, partial
+from imgtune import activations, artifact, models, partial
 from imgtune.cli import main
 from imgtune.config import ModelConfig
 from imgtune.data.scan import load_splits
@@ -128,7 +128,7 @@ def test_gradual_top_k_trains_only_the_top_blocks(data, tmp_path):
     out = tmp_path / "run"
     assert main(["-q", "train", str(data), "--workers", "0", "--out", str(out), *PRETRAINED_ARGS, "--strategy",
                  "gradual", "--epochs", "2", "--freeze-epochs", "1", "--unfreeze", "top:2"]) == 0
-    trained, start = load_file(out / "weights.safetensors"), built_model().model.state_dict()
+    trained, start = load_file(out / artifact.WEIGHTS), built_model().model.state_dict()
     lower = [k for k in start if k.startswith("body.features.") and int(k.split(".")[2]) < 17]
     top = [k for k in start if k.startswith(("body.features.17.", "body.features.18.")) and k.endswith("weight")]
     assert lower and top
