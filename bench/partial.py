@@ -1,0 +1,69 @@
+"""Partial fine-tuning on cached activations (``--unfreeze top:K``) against the full path (``--unfreeze all``),
+in one invocation: ``gradual`` with default settings otherwise (``mobilenet_v2``), each a fresh process with
+a fresh cache (so the activations are computed in the measured run, as a first run would).
+
+Datasets: hymenoptera (224 px photos) and scikit-learn's digits upscaled to 32 px (trained at the size
+``--size-from data`` picks). Also a second run of each ``top:K`` on the warm cache (activations reused).
+
+    python bench/partial.py [--top 3] [--per-class 25] [--epochs N] [--skip-hymenoptera]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from common import HYMENOPTERA, child_env, run_measured, warm_imports
+from img_size import digits_tree
+
+
+def train(data: Path, out: Path, cache: Path, unfreeze: str, epochs: int | None) -> dict:
+    command = [sys.executable, "-m", "imgtune", "-q", "train", str(data), "--model", "mobilenet_v2", "--strategy",
+               "gradual", "--unfreeze", unfreeze, "--out", str(out), "--offline", "--overwrite"]
+    if epochs:
+        command += ["--epochs", str(epochs)]
+    seconds, _, _ = run_measured(command, child_env(IMGTUNE_CACHE=str(cache)))
+    rows = (out / "metrics.csv").read_text().splitlines()
+    return {"accuracy": json.loads((out / "metrics.json").read_text())["accuracy"], "seconds": seconds,
+            "epochs": len(rows) - 1}
+
+
+def compare(name: str, data: Path, tmp: Path, tops: list[int], epochs: int | None) -> list[dict]:
+    runs = [("all", "cold")] + [(f"top:{k}", "cold") for k in tops] + [(f"top:{k}", "warm") for k in tops]
+    rows = []
+    for unfreeze, cache_state in runs:
+        cache = tmp / f"cache-{name}-{unfreeze}"
+        result = train(data, tmp / f"{name}-{unfreeze}", cache, unfreeze, epochs)
+        rows.append({"dataset": name, "unfreeze": unfreeze, "cache": cache_state, **result})
+        print(f"{name}, --unfreeze {unfreeze} ({cache_state} cache): val accuracy {result['accuracy']:.4f}, "
+              f"{result['seconds']:.1f} s", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--top", type=int, nargs="+", default=[3], help="K of --unfreeze top:K (one or more)")
+    parser.add_argument("--per-class", type=int, default=25, help="digits per class")
+    parser.add_argument("--epochs", type=int, help="gradual's default when not given")
+    parser.add_argument("--skip-hymenoptera", action="store_true")
+    args = parser.parse_args()
+    warm_imports()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        rows += compare("digits 32 px", digits_tree(tmp / "digits", args.per_class), tmp, args.top, args.epochs)
+        if not args.skip_hymenoptera:
+            rows += compare("hymenoptera", HYMENOPTERA, tmp, args.top, args.epochs)
+    print("\n| dataset | --unfreeze | cache | val accuracy | wall s | time vs all |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        base = next(r for r in rows if r["dataset"] == row["dataset"])["seconds"]
+        print(f"| {row['dataset']} | {row['unfreeze']} | {row['cache']} | {row['accuracy']:.4f} | "
+              f"{row['seconds']:.1f} | {row['seconds'] / base:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
