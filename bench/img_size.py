@@ -94,12 +94,19 @@ def main() -> None:
         tmp = Path(tmp)
         rows = compare("digits 32 px", digits_tree(tmp / "digits", args.per_class), tmp, args.strategy)
         rows += compare("shapes 28-48 px", shapes_tree(tmp / "shapes", 2 * args.per_class), tmp, args.strategy)
-    print("\n| dataset | input size | px | val accuracy | wall s | time vs pretrained |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print_table(rows, [("input size", "run"), ("px", "img_size")], "pretrained")
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str]], against: str) -> None:
+    """A markdown table of ``rows`` (``columns``: header, key); the last column is each row's wall time
+    over that of its dataset's first row."""
+    print("\n| dataset | " + " | ".join(h for h, _ in columns) + f" | val accuracy | wall s | time vs {against} |")
+    print("| --- " * (len(columns) + 4) + "|")
     for row in rows:
         base = next(r for r in rows if r["dataset"] == row["dataset"])["seconds"]
-        print(f"| {row['dataset']} | {row['run']} | {row['img_size']} | {row['accuracy']:.4f} | "
-              f"{row['seconds']:.1f} | {row['seconds'] / base:.2f} |")
+        cells = " | ".join(str(row[key]) for _, key in columns)
+        print(f"| {row['dataset']} | {cells} | {row['accuracy']:.4f} | {row['seconds']:.1f} | "
+              f"{row['seconds'] / base:.2f} |")
 
 
 if __name__ == "__main__":

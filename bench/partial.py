@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from common import HYMENOPTERA, child_env, run_measured, warm_imports
-from img_size import digits_tree
+from img_size import digits_tree, print_table
 
 
 def train(data: Path, out: Path, cache: Path, unfreeze: str, epochs: int | None) -> dict:
@@ -102,12 +102,7 @@ def main() -> None:
         rows += compare("digits 32 px", digits_tree(tmp / "digits", args.per_class), tmp, args.top, args.epochs)
         if not args.skip_hymenoptera:
             rows += compare("hymenoptera", HYMENOPTERA, tmp, args.top, args.epochs)
-    print("\n| dataset | --unfreeze | cache | val accuracy | wall s | time vs all |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for row in rows:
-        base = next(r for r in rows if r["dataset"] == row["dataset"])["seconds"]
-        print(f"| {row['dataset']} | {row['unfreeze']} | {row['cache']} | {row['accuracy']:.4f} | "
-              f"{row['seconds']:.1f} | {row['seconds'] / base:.2f} |")
+    print_table(rows, [("--unfreeze", "unfreeze"), ("cache", "cache")], "all")
 
 
 if __name__ == "__main__":
