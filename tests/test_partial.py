@@ -106,7 +106,7 @@ def test_cache_is_reused_and_its_size_bounded(data, tmp_path, monkeypatch, caplo
     built = built_model()
     splits = load_splits(data, progress=False)
     source = SimpleNamespace(splits=splits, classes=splits.classes)
-    options = SimpleNamespace(unfreeze_top=3, batch_size=8, cache_dir=tmp_path, seed=0)
+    options = SimpleNamespace(unfreeze_top=3, batch_size=8, cache_dir=tmp_path, seed=0, balanced=False)
     computed, compute = [], activations._compute
     monkeypatch.setattr(activations, "_compute", lambda *args: computed.append(len(args[3])) or compute(*args))
     first = activations.partial_loaders(source, built, "penultimate", options)
@@ -135,3 +135,14 @@ def test_gradual_top_k_trains_only_the_top_blocks(data, tmp_path):
     assert all(torch.equal(trained[k], start[k]) for k in lower)  # weights and batch-norm statistics
     assert any(not torch.equal(trained[k], start[k]) for k in top)
     assert json.loads((out / "metrics.json").read_text())["accuracy"] >= 0.0
+
+
+def test_view_sampler_draws_every_image_once_with_one_view():
+    sampler = activations.ViewSampler(5, 4, seed=0)
+    sampler.set_epoch(1)
+    first = sampler.order()
+    assert sorted(i // 4 for i in first) == list(range(5)) and len(sampler) == 5
+    sampler.set_epoch(2)
+    assert sampler.order() != first
+    weighted = activations.ViewSampler(4, 2, 0, activations.EpochSampler(4, 0, torch.tensor([1.0, 0, 0, 0])))
+    assert {i // 2 for i in weighted.order()} == {0}  # the base's weights: only image 0 can be drawn

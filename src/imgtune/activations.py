@@ -67,10 +67,11 @@ class ActivationSet:
 
 
 class ViewSampler(EpochSampler):
-    """Each epoch, every image once (in :class:`EpochSampler`'s order), with one of its views at random."""
+    """Each epoch, every image once (in :class:`EpochSampler`'s order; with ``base``'s weights, e.g. the
+    class-balanced draws of ``--balance sampler``), with one of its views at random."""
 
-    def __init__(self, images: int, views: int, seed: int):
-        super().__init__(images, seed)
+    def __init__(self, images: int, views: int, seed: int, base: EpochSampler | None = None):
+        super().__init__(images, seed, base.weights if base is not None else None)
         self.views = views
 
     def order(self) -> list[int]:
@@ -155,6 +156,7 @@ class PartialLoaders:
 
 def partial_loaders(source, built: BuiltModel, body: str, options, limit: int = partial.MAX_BYTES) -> PartialLoaders:
     """Activations of the training split (several views) and of the validation split (one), as loaders."""
+    from .balance import balanced_sampler
     from .cache import pixel_store
     from .data.sampler import evaluation_sampler
     from .data.sources import drop_last_batch
@@ -175,9 +177,10 @@ def partial_loaders(source, built: BuiltModel, body: str, options, limit: int = 
     sets = {name: extract(found, pre, samples, source.classes, count,
                           store_for(built, body, found, count, options.cache_dir, len(shape) + 1), options.batch_size, pixels,
                           f"{name} activations") for name, samples, count in (("train", train, views), ("val", val, 1))}
-    n = len(sets["train"].targets)
+    n, targets = len(sets["train"].targets), sets["train"].targets
+    balanced = balanced_sampler(targets, len(source.classes), options.seed) if options.balanced else None
     train_loader = torch.utils.data.DataLoader(sets["train"], batch_size=options.batch_size,
-                                               sampler=ViewSampler(n, views, options.seed),
+                                               sampler=ViewSampler(n, views, options.seed, balanced),
                                                drop_last=drop_last_batch(n, options.batch_size))
     val_loader = torch.utils.data.DataLoader(sets["val"], batch_size=options.batch_size,
                                              sampler=evaluation_sampler(len(sets["val"])))
