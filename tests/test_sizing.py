@@ -37,14 +37,14 @@ def test_sizes_are_multiples_the_architecture_takes():
 def test_a_transformer_built_for_its_grid_keeps_its_pretrained_size():
     built = models.create(ModelConfig(name="vit_tiny_patch16_224", pretrained=False), 2)
     choice = sizing.choose(_config(), [40] * 10, built)
-    assert (choice.img_size, choice.method) == (224, "pretrained")
+    assert (choice.img_size, choice.method) == (224, "pretrained")  # with --size-from data
     assert "only takes its pretrained size" in choice.reason
 
 
 def _config(**model):
     from imgtune.config import RunConfig
 
-    return RunConfig(model=ModelConfig(**model))
+    return RunConfig(model=ModelConfig(size_from="data", **model))
 
 
 def train(data: Path, out: Path, *args: str) -> None:
@@ -60,7 +60,7 @@ def data(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_run_records_the_size_and_predict_uses_it(data, tmp_path):
     run = tmp_path / "run"
-    train(data, run)
+    train(data, run, "--size-from", "data")
     meta = json.loads((run / "meta.json").read_text())
     assert meta["input_size"]["method"] == "data"
     assert meta["input_size"]["median_side"] == 40
@@ -73,8 +73,8 @@ def test_run_records_the_size_and_predict_uses_it(data, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flags, size, method", [(["--img-size", "64"], 64, "flag"),
-                                                 (["--size-from", "pretrained"], 224, "pretrained")])
+@pytest.mark.parametrize("flags, size, method", [(["--img-size", "64", "--size-from", "data"], 64, "flag"),
+                                                 ([], 224, "pretrained")])  # the default: the pretrained size
 def test_flags_override_the_rule(data, tmp_path, flags, size, method):
     train(data, tmp_path / "run", *flags)
     meta = json.loads((tmp_path / "run" / "meta.json").read_text())

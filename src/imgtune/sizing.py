@@ -1,4 +1,4 @@
-"""The input size chosen from the data (``--size-from data``, the default; docs/training.md).
+"""The input size chosen from the data (``--size-from data``; docs/training.md).
 
 A model pretrained at 224 px is given 224 px images whatever the data: a 32 px scan is upscaled to
 about fifty times its pixels, and every forward and backward pass pays for them. When most training
@@ -11,7 +11,8 @@ data").
 
 The chosen size becomes ``model.img_size`` in the saved config and the run's one preprocessing
 definition (meta.json), which predict, export and serve read; how it was chosen is meta.json's
-``input_size``. ``--img-size N`` always wins; ``--size-from pretrained`` keeps the pretrained size.
+``input_size``. ``--img-size N`` always wins; ``--size-from pretrained`` (the default, until the rule is
+measured to keep accuracy: docs/benchmarks.md) keeps the pretrained size.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def apply(config: RunConfig, sides: list[int], built: BuiltModel) -> tuple[Built
     """``built`` with the preprocessing at the chosen size (the same weights: a convolutional body does
     not depend on its input size), and the choice, logged."""
     choice = choose(config, sides, built)
-    if choice.method != "flag":
+    if config.model.size_from == "data" and choice.method != "flag":
         log.info("input size %d px (%s)", choice.img_size, choice.reason)
     if choice.img_size == built.preprocessing.img_size:
         return built, choice
