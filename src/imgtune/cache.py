@@ -201,6 +201,13 @@ def feature_store(root: Path, model_description: dict, num_features: int | None 
     return ArrayStore(root / "features" / key_of(description), description, expect)
 
 
+def activation_store(root: Path, model_description: dict, ndim: int) -> ArrayStore:
+    """A frozen lower part's activations (imgtune.activations): (views, ...) per image, float16."""
+    description = {"kind": "activations", "version": FORMAT_VERSION, **model_description}
+    open_cache(root)
+    return ArrayStore(root / "activations" / key_of(description), description, Expect("float16", (None,) * ndim))
+
+
 def check_store(root: Path) -> ArrayStore:
     """What the file checks found for each file content (:mod:`imgtune.data.checked`); Pillow's and
     imgtune's versions are in the key, so an upgrade checks every file again."""
@@ -223,8 +230,8 @@ def pixel_store(root: Path, resize_size: int, interpolation: str) -> ArrayStore:
 
 # What imgtune writes under a cache folder, relative to it; anything else there is not imgtune's.
 _ENTRY = r"(?P<ab>[0-9a-f]{2})/(?P=ab)[0-9a-f]+\.(?:arr|npy)"  # .npy: format 1
-_STORES = r"(?:features/[0-9a-f]{24}|checks/[0-9a-f]{24}|pixels/[0-9]+-[a-z][a-z-]*)"
-KINDS = ("features", "pixels", "checks")  # the folders of a cache
+_STORES = r"(?:features/[0-9a-f]{24}|activations/[0-9a-f]{24}|checks/[0-9a-f]{24}|pixels/[0-9]+-[a-z][a-z-]*)"
+KINDS = ("features", "activations", "pixels", "checks")  # the folders of a cache
 _WRITING = r"\.[^/]+\.[A-Za-z0-9_]+\.tmp"  # a write that a killed process left (see imgtune.atomic)
 _BODY = r"features/[0-9a-f]{24}/body-[0-9a-f]{16}\.onnx"  # the exported body (imgtune.body_runtime)
 _OWN = re.compile(rf"{_BODY}|{_STORES}/(?:{_ENTRY}|key\.json|(?:[0-9a-f]{{2}}/)?{_WRITING})")

@@ -40,6 +40,7 @@ KEEPS = ("final", "best")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 FEATURE_ENGINES = ("auto", "torch", "onnxruntime")  # imgtune.body_runtime
 HEAD_FITS = ("auto", "lbfgs", "sgd")  # imgtune.head_fit
+SIZE_SOURCES = ("data", "pretrained")  # imgtune.sizing
 BALANCES = ("none", "weights", "sampler")
 SEMIS = ("label-spreading", "self-training", "none")  # imgtune.semi
 LOGS = ("csv", "tensorboard")  # where per-epoch metrics go besides metrics.csv (which is always written)
@@ -98,7 +99,10 @@ class ModelConfig:
     pretrained: bool = option(True, "start from pretrained weights (--no-pretrained: random initialisation)")
     weights: str | None = option(None, "a local weights file, tried before any cache, package or download",
                                  metavar="FILE")
-    img_size: int | None = option(None, "input size", unset="the pretrained configuration's")
+    img_size: int | None = option(None, "input size in pixels", unset="per --size-from")
+    size_from: str = option("pretrained", "the input size when --img-size is not given: pretrained (the weights' own) "
+                                          "or data (matched to the training images when most are much smaller than "
+                                          "the pretrained size; docs/training.md)", choices=SIZE_SOURCES)
     body: str = option("penultimate", "penultimate: all but the last layer; conv: convolutional trunk + global "
                                       "average pooling", choices=BODIES)
     head: str = option("linear", "linear, mlp (hidden layer + ReLU) or fused (old logits beside features)",
@@ -117,6 +121,9 @@ class TrainConfig:
                                    "for the frozen epochs; auto: lbfgs when the frozen phase is the last "
                                    "(linear-probe), sgd before fine-tuning (docs/training.md)", choices=HEAD_FITS)
     freeze_epochs: int | None = option(None, "gradual: epochs with the backbone frozen", unset="half of --epochs")
+    unfreeze: str = option("all", "what trains when the backbone is unfrozen (finetune, gradual): all, or top:K, the "
+                                  "top K blocks, on cached activations of the frozen lower blocks "
+                                  "(docs/training.md)", metavar="all|top:K")
     lr: float | None = option(None, "head learning rate")
     backbone_lr_factor: float | None = option(None, "backbone lr = lr x this (finetune, gradual, scratch)")
     optimizer: str = option("adamw", "adamw, adam (weight decay as L2), sgd (Nesterov momentum) or rmsprop "

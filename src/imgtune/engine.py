@@ -114,10 +114,13 @@ class Loaders:
     frozen_val: object = None
     frozen_test: object = None
     frozen_train_weights: torch.Tensor | None = None  # per row of frozen_train (pseudo-labels count less)
+    partial: object = None  # --unfreeze top:K: activations of the frozen lower blocks (activations.PartialLoaders)
 
     def for_phase(self, model: Classifier, phase: Phase) -> tuple[nn.Module, object, object]:
         if phase.body_frozen and self.frozen_train is not None:
             return model.head, self.frozen_train, self.frozen_val
+        if not phase.body_frozen and self.partial is not None:
+            return self.partial.net(model), self.partial.train, self.partial.val
         return model, self.train, self.val
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import artifact, balance, distributed, experiment_log, models, semi_train
+from . import artifact, balance, distributed, experiment_log, models, partial, semi_train, sizing
 from .artifact import check_writable_folder, default_out_dir
 from .cache import check_store, default_cache_dir
 from .config import RunConfig, to_dict, validate
@@ -42,13 +42,14 @@ class Setup:
     device: torch.device
     ranking: Ranking | None = None  # --model auto: the ranking the model was chosen from (rank.py)
     unlabelled: Unlabelled | None = None  # --unlabeled: the checked unlabelled images (semi_train.py)
+    size: sizing.SizeChoice | None = None  # how the input size was chosen (sizing.py)
 
     def loader_options(self) -> LoaderOptions:
         data = self.config.data
         cache_dir = cache_folder(self.config) if data.cache else None
         return LoaderOptions(data.batch_size // distributed.current().world, data.num_workers,
                              self.config.train.seed, self.config.train.balance == "sampler", cache_dir,
-                             data.feature_engine)
+                             data.feature_engine, partial.top_blocks(self.config.train.unfreeze))
 
 
 def cache_folder(config: RunConfig) -> Path:
@@ -78,8 +79,10 @@ def prepare(config: RunConfig, progress: bool = True, started_with: dict | None 
         config, ranking = choose_model(config, source, progress)
         seed_everything(config.train.seed + distributed.current().rank)  # as if the model had been named
     built = models.create(config.model, len(source.classes), offline=config.offline)
+    built, size = sizing.apply(config, source.image_sides(), built)
+    partial.check(config.train, built.model.body, built.preprocessing.img_size)
     device = distributed.device_for(distributed.current(), select_device(config.train.device))
-    return Setup(finalize(config, source, built, device), source, built, device, ranking, unlabelled)
+    return Setup(finalize(config, source, built, device), source, built, device, ranking, unlabelled, size)
 
 
 def finalize(config: RunConfig, source: DataSource, built: models.BuiltModel, device: torch.device) -> RunConfig:
@@ -167,6 +170,8 @@ def run_meta(setup: Setup, requested: RunConfig | None = None) -> dict:
     }
     if requested is not None and requested != config:
         meta["requested_config"] = to_dict(requested)
+    if setup.size is not None:
+        meta["input_size"] = setup.size.to_dict()
     if setup.ranking is not None:
         meta["model"].update(requested=AUTO, chosen_by=chosen_by(setup.ranking))
     return meta

@@ -107,6 +107,8 @@ def _prepare_resume(run_dir: Path, setup: Setup, found: checkpoint.Found, previo
     meta = run_meta(setup)
     if previous.get("requested_config") is not None:
         meta["requested_config"] = previous["requested_config"]
+    if "input_size" in previous:  # the size the run started with was chosen then (sizing.py)
+        meta["input_size"] = previous["input_size"]
     if "chosen_by" in previous.get("model", {}):  # a --model auto run keeps the record of its choice
         meta["model"].update(requested=previous["model"]["requested"], chosen_by=previous["model"]["chosen_by"])
     artifact.write_json(run_dir / artifact.META, meta)

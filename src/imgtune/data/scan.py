@@ -42,6 +42,7 @@ class Sample:
     split: str | None = None  # None until assigned
     digest: str | None = None  # hash of the file's bytes, set by check_files (the caches' key)
     fingerprint: bytes | None = None  # perceptual fingerprint (fingerprint.py), set by check_files
+    shape: tuple[int, int] | None = None  # (width, height) in pixels, set by check_files (sizing.py reads it)
 
 
 @dataclass(frozen=True)
@@ -253,7 +254,8 @@ def inspect_file(sample: Sample, checks: ArrayStore | None = None) -> FileCheck:
         except DecodeError as exc:
             return FileCheck(sample, problem=exc.kind, reason=str(exc), size=len(data))
         checked.remember(checks, digest, info)
-    return FileCheck(replace(sample, digest=digest, fingerprint=info.fingerprint), info, size=len(data))
+    return FileCheck(replace(sample, digest=digest, fingerprint=info.fingerprint, shape=(info.width, info.height)),
+                     info, size=len(data))
 
 
 def inspect_files(samples: list[Sample], progress: bool = True, min_for_bar: int = 2000,

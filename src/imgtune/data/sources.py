@@ -23,6 +23,7 @@ from ..cache import ArrayStore, pixel_store
 from ..config import RunConfig
 from ..engine import Loaders
 from ..errors import UsageError
+from ..activations import partial_loaders
 from ..models import BuiltModel
 from ..strategies import Phase
 from . import content
@@ -46,6 +47,7 @@ class LoaderOptions:
     balanced: bool  # class-balanced sampling of the training split (--balance sampler)
     cache_dir: Path | None  # the disk caches' folder; None: no disk caches (--no-cache)
     feature_engine: str = "auto"  # what runs the frozen body (--feature-engine, imgtune.body_runtime)
+    unfreeze_top: int | None = None  # --unfreeze top:K (imgtune.partial); None: all
 
 
 class _Source:
@@ -69,6 +71,10 @@ class _Source:
         """Every image's (path, label, digest) per split, where the source knows them (``content.py``)."""
         return None
 
+    def image_sides(self) -> list[int]:
+        """The shorter side of every training image, where the source knows them (``sizing.py``)."""
+        return []
+
     def content(self) -> dict[str, str] | None:
         """One digest per split of the images' content (what a resume compares), where known."""
         files = self.files()
@@ -85,6 +91,9 @@ class FolderSource(_Source):
 
     def size(self, split: str) -> int:
         return len(self.splits.split(split))
+
+    def image_sides(self) -> list[int]:
+        return [min(s.shape) for s in self.splits.split("train") if s.shape]
 
     def check(self, config: RunConfig) -> None:
         """Copies of a file across splits or classes stop training unless ``--allow-leakage``."""
@@ -136,6 +145,9 @@ class ShardSource(_Source):
         if config.train.balance == "sampler":
             raise UsageError("--balance sampler needs random access to the images; shards are read as a stream: "
                              "use --balance weights (class weights from the manifest's counts)")
+        if config.train.unfreeze != "all":
+            raise UsageError("--unfreeze top:K caches activations by file; shards are read as a stream: use "
+                             "--unfreeze all")
         if config.train.checkpoint_every:
             raise UsageError("--checkpoint-every: a stream cannot resume in the middle of an epoch; checkpoints "
                              "are written at the end of every epoch (resume restarts at the next one)")
@@ -198,6 +210,8 @@ def build_loaders(source: DataSource, built: BuiltModel, phases: list[Phase], au
             loaders.frozen_train_weights = source.train_weights[positions]
         loaders.frozen_val = _frozen_eval(sets["val"], options)
         loaders.frozen_test = _frozen_eval(sets["test"], options) if "test" in sets else None
+    if options.unfreeze_top is not None and body_trains:
+        loaders.partial = partial_loaders(source, built, body, options)
     return loaders
 
 
