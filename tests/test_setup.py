@@ -101,7 +101,8 @@ def test_sources_answer_the_same_questions():
         return {name for name in dir(cls) if not name.startswith("_")}
 
     assert public(FolderSource) == public(ShardSource) == {"counts", "summary", "size", "check", "images",
-                                                           "features", "files", "content", "image_sides"}
+                                                           "features", "files", "content", "image_sides",
+                                                           "train_weights"}
     for name in ("size", "check", "images", "features"):  # each source answers in its own way
         assert name in vars(FolderSource) and name in vars(ShardSource)
 
