@@ -40,8 +40,22 @@ def add_flag(parser, option: cfg.Option) -> None:
     if option.type is bool:  # True by default: --x/--no-x; False by default: a switch
         kwargs["action"] = argparse.BooleanOptionalAction if option.default else "store_true"
     else:
-        kwargs.update(type=option.type, choices=option.choices, metavar=option.metavar)
+        kwargs.update(type=_with_words(option) if option.words else option.type, choices=option.choices,
+                      metavar=option.metavar or ("{" + ",".join(option.words) + ",NUMBER}" if option.words else None))
     parser.add_argument(option.flag, **kwargs)
+
+
+def _with_words(option: cfg.Option):
+    """The flag's type, also taking the option's special words (``--lr auto``)."""
+    def parse(text: str):
+        if text in option.words:
+            return text
+        try:
+            return option.type(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is neither {' nor '.join(option.words)} nor a number") \
+                from None
+    return parse
 
 
 def option_help(option: cfg.Option) -> str:
