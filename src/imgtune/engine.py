@@ -125,6 +125,13 @@ class Loaders:
         return model, self.train, self.val
 
 
+def head_fit_asked(train: TrainConfig, phase: Phase, last: bool, loaders: Loaders) -> bool:
+    """Whether ``--head-fit`` asks for the (frozen) ``phase`` to be fitted by L-BFGS on cached features
+    rather than trained by SGD (``last``: it is the strategy's last phase); the head must also be linear."""
+    fit = train.head_fit if train.head_fit != "auto" else ("lbfgs" if last else "sgd")
+    return phase.body_frozen and loaders.frozen_train is not None and fit == "lbfgs"
+
+
 def fit(model: Classifier, phases: list[Phase], loaders: Loaders, train: TrainConfig, device: torch.device,
         num_classes: int, on_epoch: Callable[[EpochResult, list[dict]], None] = lambda result, rows: None,
         class_weights: torch.Tensor | None = None, hooks: Hooks | None = None,
@@ -250,8 +257,7 @@ class _Run:
         """``--head-fit lbfgs``: a linear head on cached features is fitted to convergence instead of
         trained for the phase's epochs (imgtune.head_fit); ``auto``: where the frozen phase is the last
         (linear-probe), not yet before fine-tuning (gradual), where it has not been measured to help."""
-        fit = self.train.head_fit if self.train.head_fit != "auto" else ("lbfgs" if last else "sgd")
-        if not (phase.body_frozen and self.loaders.frozen_train is not None and fit == "lbfgs"):
+        if not head_fit_asked(self.train, phase, last, self.loaders):
             return False
         if linear_layer(self.model.head) is None:
             log.info("head fit: the %s head is trained by SGD for the phase's epochs (only a linear head is fitted "

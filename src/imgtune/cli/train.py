@@ -25,13 +25,18 @@ def register(commands) -> None:
     p.add_argument("--resume", metavar="RUN", help="continue the interrupted run in folder RUN from its newest "
                                                    "checkpoint, with its saved config (only --epochs may be given, "
                                                    "to raise the epoch count)")
+    add_training_flags(p)
+    p.set_defaults(handler=run)
+
+
+def add_training_flags(p) -> None:
+    """--preset, --config and one flag per training option (train and lr-find)."""
     p.add_argument("--preset", choices=sorted(cfg.PRESETS), help=_escape(preset_help()))
     p.add_argument("--config", dest="config_file", metavar="YAML",
                    help="a config file (e.g. a run's config.yaml); flags override it, it overrides --preset")
     groups = {title: p.add_argument_group(title) for title in GROUPS.values()}
     for option in cfg.OPTIONS.values():
         add_flag(groups[option.group or GROUPS[option.section]], option)
-    p.set_defaults(handler=run)
 
 
 def add_flag(parser, option: cfg.Option) -> None:
