@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from . import artifact, balance, checkpoint, distributed, experiment_log, lr_find, runlock
-from .config import RunConfig, load_yaml, resolve, save_yaml
+from .config import RunConfig, load_yaml, resolve, save_yaml, to_dict
 from .data import content
 from .data.sources import build_loaders
 from .engine import Loaders, fit
@@ -150,9 +150,16 @@ def _auto_lr(setup: Setup, model, phases, loaders, weights) -> tuple[RunConfig, 
     """``--lr auto``: the range test's rate, saved in config.yaml (what runs; meta.json's requested_config
     keeps "auto"), with lr_find.json and lr_find.png beside it."""
     config, curve = lr_find.choose(setup.config, model, phases, loaders, setup.device, weights)
+    out = Path(config.out)
     if curve is not None:
-        lr_find.write(curve, Path(config.out))
-    save_yaml(config, Path(config.out) / artifact.CONFIG)
+        lr_find.write(curve, out)
+    save_yaml(config, out / artifact.CONFIG)
+    meta = json.loads((out / artifact.META).read_text())
+    meta["config"] = to_dict(config)
+    meta["lr_find"] = {"requested": lr_find.AUTO, "chosen": config.train.lr,
+                       "rule": curve.rule if curve else "no phase uses a rate: the strategy's default",
+                       "curve": lr_find.JSON if curve else None}
+    artifact.write_json(out / artifact.META, meta)
     return config, plan(config.train)
 
 
