@@ -316,7 +316,8 @@ def check_types(config: RunConfig) -> None:
         if (value is None and option.optional) or value in option.words:
             continue
         if not _is_a(value, option.type):
-            raise UsageError(f"{option.dotted} ({option.flag}) must be {_TYPE_WORDS[option.type]}; got {value!r}")
+            words = "".join(f" or {word}" for word in option.words)
+            raise UsageError(f"{option.dotted} ({option.flag}) must be {_TYPE_WORDS[option.type]}{words}; got {value!r}")
         if option.type is float and not math.isfinite(value):
             raise UsageError(f"{option.dotted} ({option.flag}) must be a finite number; got {value!r}")
 

@@ -95,8 +95,9 @@ def range_test(model: Classifier, phase: Phase, loaders: Loaders, train: TrainCo
         model.freeze_body(frozen)
         checkpoint.restore_rng(rng)
     if len(losses) < 10:
-        raise TrainingDiverged(f"the learning-rate range test diverged after {len(losses)} step(s), at lr "
-                               f"{lrs[-1]:.2g}: no rate to suggest; pass --lr with a number (e.g. 1e-4)")
+        raise TrainingDiverged(f"the learning-rate range test stopped after {len(losses)} step(s) ({stopped}): no "
+                               "rate to suggest; pass --lr with a number (e.g. 1e-4), and check the data for broken "
+                               "or mislabelled images (imgtune doctor)")
     return LrCurve(lrs, losses, raw, suggest(lrs, losses), phase.name, stopped)
 
 
@@ -212,6 +213,8 @@ def run(config: RunConfig, iterations: int = ITERATIONS, progress: bool = True) 
     from .prepare import prepare
     from .training import materials
 
+    if iterations < 10:
+        raise UsageError(f"--iterations {iterations}: the range test needs at least 10 steps")
     resolved = resolve(config)
     artifact.check_out_dir(resolved.out, resolved.overwrite)  # before any work
     setup = prepare(resolved, progress)
