@@ -3,11 +3,13 @@ process: ``--ema``, ``--mixup``, ``--lr auto``, and flip TTA at evaluation (``ev
 plain run), on hymenoptera and on scikit-learn's digits (upscaled to 64 px, as bench/rank.py).
 
 Every variant is ``imgtune train DATA --model mobilenet_v2`` with today's defaults (``gradual``) plus its
-flag; the digits run at ``--img-size 96`` for all variants (the input-size rule is another part of issue
-13), so that the unfrozen epochs take seconds. A linear-probe run first fills each dataset's feature
-cache, so every variant starts from the same warm cache and the times compare.
+flag, all at one input size per dataset (``--size``, ``--digits-size``; the input-size rule is another
+part of issue 13): on a loaded machine, a smaller size keeps the unfrozen epochs affordable. A
+linear-probe run first fills each dataset's feature cache, so every variant starts from the same warm
+cache and the times compare.
 
-    python bench/extras.py [--data DIR] [--seed 0] [--skip digits]
+    python bench/extras.py [--data DIR] [--seed 0] [--size 224] [--digits-per-class 140] [--digits-size 96]
+                           [--skip hymenoptera digits]
 """
 
 from __future__ import annotations
@@ -80,16 +82,21 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=HYMENOPTERA)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip", nargs="*", default=[], choices=("hymenoptera", "digits"))
+    parser.add_argument("--size", type=int, help="hymenoptera's --img-size (default: the model's, 224)")
+    parser.add_argument("--digits-per-class", type=int, default=140, help="training scans per digit (val: 38)")
+    parser.add_argument("--digits-size", type=int, default=96)
     args = parser.parse_args()
     warm_imports()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if "hymenoptera" not in args.skip:
-            rows += bench_dataset("hymenoptera", args.data.resolve(), tmp, args.seed, [])
+            size = ["--img-size", str(args.size)] if args.size else []
+            rows += bench_dataset(f"hymenoptera at {args.size or 224} px", args.data.resolve(), tmp, args.seed, size)
         if "digits" not in args.skip:
-            digits = digits_folder(tmp / "digits", train=140, val=38)
-            rows += bench_dataset("digits 64 px (1400 train)", digits, tmp, args.seed, ["--img-size", "96"])
+            digits = digits_folder(tmp / "digits", train=args.digits_per_class, val=38)
+            rows += bench_dataset(f"digits ({10 * args.digits_per_class} train) at {args.digits_size} px", digits,
+                                  tmp, args.seed, ["--img-size", str(args.digits_size)])
     print("\n| data | variant | val accuracy | wall s | lr |")
     print("| --- | --- | --- | --- | --- |")
     for name, variant, accuracy, seconds, lr in rows:
