@@ -5,27 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 from pathlib import Path
 from unittest import mock
 
 from datagen import SCRATCH_ARGS, make_split_dataset, write_unreadable
 from faultlib import Fault, Outcome
 from faultlib import cli as _cli
+from faults_diverge import _private_cache, cli  # the cache kept private; stdout kept out of the fault table
 
 FAST = (*SCRATCH_ARGS, "--workers", "0", "--batch-size", "6", "--epochs", "1")
-
-
-def cli(*args: str) -> Outcome:
-    """faultlib's ``cli``, its tables on stdout kept out of the fault table."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        return _cli(*args)
-
-
-@contextlib.contextmanager
-def _private_cache(tmp: Path):
-    with mock.patch.dict(os.environ, {"IMGTUNE_CACHE": str(tmp / "cache")}):
-        yield
 
 
 def _data(tmp: Path) -> Path:
