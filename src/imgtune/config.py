@@ -317,7 +317,8 @@ def check_types(config: RunConfig) -> None:
             continue
         if not _is_a(value, option.type):
             words = "".join(f" or {word}" for word in option.words)
-            raise UsageError(f"{option.dotted} ({option.flag}) must be {_TYPE_WORDS[option.type]}{words}; got {value!r}")
+            raise UsageError(f"{option.dotted} ({option.flag}) must be {_TYPE_WORDS[option.type]}{words}; "
+                             f"got {value!r}")
         if option.type is float and not math.isfinite(value):
             raise UsageError(f"{option.dotted} ({option.flag}) must be a finite number; got {value!r}")
 

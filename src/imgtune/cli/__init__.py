@@ -11,9 +11,11 @@ import sys
 
 from .. import __version__
 from ..errors import EXIT_CODES, EXIT_UNEXPECTED, ImgtuneError
-from . import cache, doctor, evaluate, explain, export, lr_find, predict, rank, report, sample, serve, shard, suggest, train
+from . import (cache, doctor, evaluate, explain, export, lr_find, predict, rank, report, sample, serve, shard, suggest,
+               train)
 
-COMMANDS = (train, lr_find, rank, evaluate, predict, explain, export, report, serve, doctor, suggest, shard, sample, cache)
+COMMANDS = (train, lr_find, rank, evaluate, predict, explain, export, report, serve, doctor, suggest, shard, sample,
+            cache)
 log = logging.getLogger("imgtune")
 
 
