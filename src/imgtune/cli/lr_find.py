@@ -13,22 +13,21 @@ from .train import add_training_flags
 
 
 def register(commands) -> None:
-    from ..lr_find import ITERATIONS
-
     p = commands.add_parser("lr-find", help="suggest a learning rate by a range test (fastai's lr_find)",
                             description=__doc__.splitlines()[0])
     p.add_argument("data", help="the data imgtune train would take (folder or CSV)")
-    p.add_argument("--iterations", type=positive_int, default=ITERATIONS,
-                   help=f"optimizer steps of the test, the rate growing from 1e-7 to 10 (default {ITERATIONS})")
+    p.add_argument("--iterations", type=positive_int,  # None: lr_find.ITERATIONS (torch is not imported here)
+                   help="optimizer steps of the test, the rate growing from 1e-7 to 10 (default 100, as fastai)")
     add_training_flags(p)
     p.set_defaults(handler=run)
 
 
 def run(args) -> int:
-    from ..lr_find import run as find
+    from ..lr_find import ITERATIONS, run as find
 
     options = {name: getattr(args, name) for name in cfg.OPTIONS}
-    curve, files = find(cfg.build(args.data, args.preset, args.config_file, **options), args.iterations)
+    curve, files = find(cfg.build(args.data, args.preset, args.config_file, **options),
+                        args.iterations or ITERATIONS)
     console.print(f"suggested learning rate: {curve.suggestion:.3g} ({curve.rule}; range test on the {curve.phase} "
                   f"phase, {len(curve.lrs)} steps, ended at {curve.stopped})")
     console.print(f"plot: {files['png']}; curve: {files['json']}")
