@@ -252,3 +252,10 @@ def test_lr_find_command_and_tta_on_the_command_line(tmp_path, capsys):
     assert main(["-q", "evaluate", str(run), "--engine", "torch", "--tta", "--format", "json"]) == 0
     report = json.loads((run / "evaluation_val_tta.json").read_text())
     assert report["tta"] == "flip" and not (run / "evaluation_val.json").exists()
+
+
+def test_lr_find_help_states_the_default_steps():
+    from imgtune.cli import build_parser
+
+    text = build_parser()._subparsers._group_actions[0].choices["lr-find"].format_help()
+    assert f"default {lr_find.ITERATIONS}," in " ".join(text.split())
