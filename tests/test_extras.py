@@ -229,10 +229,15 @@ def _losses(run) -> list[tuple[str, str]]:
 
 
 @pytest.mark.slow
-def test_lr_find_command_and_tta_on_the_command_line(tmp_path, capsys):
+def test_lr_find_command_and_tta_on_the_command_line(tmp_path, capsys, monkeypatch):
     data = make_split_dataset(tmp_path / "data", train=6, val=3)
     out = tmp_path / "lrf"
-    assert main(["-q", "lr-find", str(data), *FAST, "--iterations", "30", "--out", str(out)]) == 0
+    swept = []
+    real = lr_find.make_optimizer
+    monkeypatch.setattr(lr_find, "make_optimizer", lambda model, phase, train: swept.append(phase) or
+                        real(model, phase, train))
+    assert main(["-q", "lr-find", str(data), *FAST, "--lr", "0.5", "--iterations", "30", "--out", str(out)]) == 0
+    assert [p.head_lr for p in swept] == [1.0]  # rates are swept from 1e-7 whatever --lr says
     assert "suggested learning rate" in capsys.readouterr().out
     assert {p.name for p in out.iterdir()} >= {"lr_find.png", "lr_find.json"}
     run = tmp_path / "run"

@@ -215,7 +215,7 @@ def run(config: RunConfig, iterations: int = ITERATIONS, progress: bool = True) 
 
     if iterations < 10:
         raise UsageError(f"--iterations {iterations}: the range test needs at least 10 steps")
-    resolved = resolve(config)
+    resolved = resolve(replace(config, train=replace(config.train, lr=AUTO)))  # swept: a given --lr does not apply
     artifact.check_out_dir(resolved.out, resolved.overwrite)  # before any work
     setup = prepare(resolved, progress)
     model, phases, loaders, weights = materials(setup)
