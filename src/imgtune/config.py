@@ -50,16 +50,17 @@ IMBALANCE_THRESHOLD = 3.0
 
 def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, metavar: str | None = None,
            unset: str | None = None, flag: str | None = None, dest: str | None = None,
-           group: str | None = None) -> Any:
+           group: str | None = None, words: tuple[str, ...] = ()) -> Any:
     """A config field that is also a training option.
 
     ``dest``: its flat name (keyword of :func:`build`, dest of the flag), default the field's name;
     ``flag``: default ``--`` + ``dest`` with dashes; ``unset``: what ``None`` means, for the help;
-    ``group``: the help section when not the field's own section. A ``bool`` defaulting to True is a
-    ``--x/--no-x`` flag, one defaulting to False a switch.
+    ``group``: the help section when not the field's own section; ``words``: special values accepted
+    besides the field's type (``--lr auto``). A ``bool`` defaulting to True is a ``--x/--no-x`` flag,
+    one defaulting to False a switch.
     """
     meta = {"help": help, "choices": choices, "metavar": metavar, "unset": unset, "flag": flag, "dest": dest,
-            "group": group}
+            "group": group, "words": words}
     return field(default=default, metadata=meta)
 
 
@@ -124,7 +125,8 @@ class TrainConfig:
     unfreeze: str = option("all", "what trains when the backbone is unfrozen (finetune, gradual): all, or top:K, the "
                                   "top K blocks, on cached activations of the frozen lower blocks "
                                   "(docs/training.md)", metavar="all|top:K")
-    lr: float | None = option(None, "head learning rate")
+    lr: float | None = option(None, "head learning rate; auto: chosen by a learning-rate range test before training "
+                                    "(imgtune lr-find, docs/training.md)", words=("auto",))
     backbone_lr_factor: float | None = option(None, "backbone lr = lr x this (finetune, gradual, scratch)")
     optimizer: str = option("adamw", "adamw, adam (weight decay as L2), sgd (Nesterov momentum) or rmsprop "
                                      "(momentum --momentum, smoothing 0.9)", choices=OPTIMIZERS)
@@ -132,6 +134,11 @@ class TrainConfig:
     weight_decay: float = option(0.01, "weight decay (none on biases and norm weights)")
     warmup_epochs: float = option(0.0, "epochs of linear learning-rate warm-up before the cosine decay")
     label_smoothing: float = option(0.0, "label smoothing of the cross-entropy loss")
+    ema: float = option(0.0, "keep an exponential moving average of the weights with this decay (timm ModelEmaV3, "
+                             "with warm-up), validated and saved instead of the raw weights; 0: off", metavar="DECAY")
+    mixup: float = option(0.0, "mixup alpha while the backbone trains (0: off)", metavar="ALPHA")
+    cutmix: float = option(0.0, "cutmix alpha while the backbone trains (0: off; with --mixup, one of the two per "
+                                "batch)", metavar="ALPHA")
     early_stop: int | None = option(None, "stop after PATIENCE epochs without improvement", metavar="PATIENCE",
                                     unset="off")
     monitor: str = option("accuracy", "validation metric for early stopping and --keep best", choices=MONITORS)
@@ -186,6 +193,7 @@ class Option:
     unset: str | None
     group: str | None
     optional: bool = False  # None is a value (``X | None``): "choose for me"
+    words: tuple[str, ...] = ()  # special values besides the type's (``--lr auto``)
 
     @property
     def dotted(self) -> str:
@@ -213,7 +221,7 @@ def _options() -> dict[str, Option]:
                 raise TypeError(f"{cls.__name__}.{f.name}: option {name!r} or flag {flag} is defined twice")
             found[name] = Option(name, section, f.name, _value_type(hints[f.name]), f.default, flag, meta["help"],
                                  meta["choices"], meta["metavar"], meta["unset"], meta["group"],
-                                 type(None) in typing.get_args(hints[f.name]))
+                                 type(None) in typing.get_args(hints[f.name]), meta["words"])
     return found
 
 
@@ -323,10 +331,12 @@ def check_types(config: RunConfig) -> None:
         raise UsageError(f"data.source must be a path (text); got {config.data.source!r}")
     for option in OPTIONS.values():
         value = option.get(config)
-        if value is None and option.optional:
+        if (value is None and option.optional) or value in option.words:
             continue
         if not _is_a(value, option.type):
-            raise UsageError(f"{option.dotted} ({option.flag}) must be {_TYPE_WORDS[option.type]}; got {value!r}")
+            words = "".join(f" or {word}" for word in option.words)
+            raise UsageError(f"{option.dotted} ({option.flag}) must be {_TYPE_WORDS[option.type]}{words}; "
+                             f"got {value!r}")
         if option.type is float and not math.isfinite(value):
             raise UsageError(f"{option.dotted} ({option.flag}) must be a finite number; got {value!r}")
 
@@ -342,7 +352,7 @@ def _is_a(value: Any, kind: type) -> bool:
 
 # Options that must not be negative (their lower bound); the other ranges are checked in validate.
 NOT_BELOW = {"train.momentum": 0, "train.weight_decay": 0, "train.warmup_epochs": 0, "train.seed": 0,
-             "train.backbone_lr_factor": 0}
+             "train.backbone_lr_factor": 0, "train.mixup": 0, "train.cutmix": 0}
 MAX_SEED = 2**32 - 1  # numpy's seeds
 
 
@@ -373,8 +383,9 @@ def validate(config: RunConfig) -> None:
         raise UsageError(
             f"train.freeze_epochs ({t.freeze_epochs}) must be at least 1 and below train.epochs ({t.epochs}) "
             "for the gradual strategy")
-    if t.lr <= 0:
-        raise UsageError("train.lr must be positive")
+    if t.lr != "auto" and t.lr <= 0:
+        raise UsageError("train.lr must be positive (or auto)")
+    _check_range("train.ema", t.ema, 0.0, 1.0)
     _check_range("model.dropout", m.dropout, 0.0, 1.0)
     _check_range("train.label_smoothing", t.label_smoothing, 0.0, 1.0)
     if t.early_stop is not None and t.early_stop < 1:

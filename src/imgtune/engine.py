@@ -22,6 +22,7 @@ from . import checkpoint, distributed
 from .config import TrainConfig
 from .distributed import quiet_rank
 from .errors import DataError, TrainingDiverged
+from .extras import Mixer, WeightAverage, batch_mixer, weight_average
 from .finite import nonfinite_tensors
 from .head_fit import fit_linear_head, linear_layer
 from .inference import autocast, predict_probs, to_channels_last
@@ -36,12 +37,15 @@ log = logging.getLogger(__name__)
 
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, device: torch.device,
                     scaler: torch.amp.GradScaler | None, description: str, tally: Tally | None = None,
-                    after_step: Callable[[], None] = lambda: None, accumulate: int = 1) -> tuple[float, float]:
+                    after_step: Callable[[], None] = lambda: None, accumulate: int = 1,
+                    mix: Mixer | None = None) -> tuple[float, float]:
     """Train on what ``loader`` yields, adding to ``tally`` (a resumed epoch's sums); ``after_step`` runs
     after every optimizer step. With ``accumulate`` N, gradients of N batches are summed (each loss
     divided by N) before one optimizer step, as one batch N times larger would give; a short last group
     of k < N batches is divided by k (timm's ``last_accum_steps``), as its one larger batch would be.
     Under DDP the gradients are only averaged across ranks on the step's last batch (``no_sync``).
+    ``mix`` (mixup/cutmix, :mod:`imgtune.extras`) turns each batch into mixed images and soft targets
+    for the loss; the accuracy shown is against the images' own labels.
     A loss that is not a finite number stops training before its optimizer step
     (:class:`~imgtune.errors.TrainingDiverged`). Returns the epoch's mean loss and accuracy."""
     tally = tally or Tally(optimizer.param_groups[0]["lr"])
@@ -58,10 +62,11 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, dev
             images = to_channels_last(images.to(device, non_blocking=True))
             targets = targets.to(device, non_blocking=True)
             defer = model.no_sync() if not boundary and hasattr(model, "no_sync") else contextlib.nullcontext()
+            inputs, wanted = mix(images, targets) if mix is not None else (images, targets)
             with defer:
                 with autocast(device):
-                    logits = model(images)
-                    loss = loss_fn(logits, targets)
+                    logits = model(inputs)
+                    loss = loss_fn(logits, wanted)
                 group = min(accumulate, total - (tally.batches - 1) // accumulate * accumulate)
                 scaled = loss / group if group > 1 else loss
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
@@ -124,6 +129,13 @@ class Loaders:
         return model, self.train, self.val
 
 
+def head_fit_asked(train: TrainConfig, phase: Phase, last: bool, loaders: Loaders) -> bool:
+    """Whether ``--head-fit`` asks for the (frozen) ``phase`` to be fitted by L-BFGS on cached features
+    rather than trained by SGD (``last``: it is the strategy's last phase); the head must also be linear."""
+    fit = train.head_fit if train.head_fit != "auto" else ("lbfgs" if last else "sgd")
+    return phase.body_frozen and loaders.frozen_train is not None and fit == "lbfgs"
+
+
 def fit(model: Classifier, phases: list[Phase], loaders: Loaders, train: TrainConfig, device: torch.device,
         num_classes: int, on_epoch: Callable[[EpochResult, list[dict]], None] = lambda result, rows: None,
         class_weights: torch.Tensor | None = None, hooks: Hooks | None = None,
@@ -137,10 +149,15 @@ def fit(model: Classifier, phases: list[Phase], loaders: Loaders, train: TrainCo
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and not torch.cuda.is_bf16_supported() \
         else None
     run = _Run(model, loaders, train, device, num_classes, loss_fn, scaler, on_epoch, hooks or Hooks(),
-               Progress(EarlyStopping(train.monitor, train.early_stop, train.keep == "best")))
+               Progress(EarlyStopping(train.monitor, train.early_stop, train.keep == "best")),
+               ema=weight_average(model, train.ema), mix=batch_mixer(train.mixup, train.cutmix, num_classes))
     if resume is not None:
         model.load_state_dict(resume["model"])
         run.progress.load_state_dict(resume)
+        if run.ema is not None and resume.get("ema"):  # a finished run resumed to write its results keeps it
+            run.ema.load_state_dict(resume["ema"])
+        elif run.ema is not None:
+            run.ema.restart(model)
     for index, phase in enumerate(phases):
         end = sum(p.epochs for p in phases[:index + 1])
         if run.progress.stopped_early or run.progress.epochs_done >= end:
@@ -153,6 +170,8 @@ def fit(model: Classifier, phases: list[Phase], loaders: Loaders, train: TrainCo
             run.fit_head(end)
         while run.progress.epochs_done < end and not run.progress.stopped_early:
             run.epoch()
+    if run.ema is not None:  # the averaged weights are the model from here on (saved, measured)
+        model.load_state_dict(run.ema.module.state_dict())
     return run.progress
 
 
@@ -178,6 +197,8 @@ class _Run:
     optimizer: torch.optim.Optimizer | None = None
     scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
     schedule_steps: int = 0
+    ema: WeightAverage | None = None  # --ema: validated and kept instead of the raw weights
+    mix: Mixer | None = None  # --mixup/--cutmix, while the body trains
 
     def start_phase(self, index: int, phase: Phase, warmup_epochs: float) -> None:
         self.phase_index, self.phase = index, phase
@@ -190,6 +211,8 @@ class _Run:
         self.schedule_steps = phase.epochs * per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(self.schedule_steps, round(warmup_epochs * per_epoch)))
+        if self.ema is not None:
+            self.ema.restart(self.model)
 
     def restore(self, saved: dict) -> None:
         """Continue from a checkpoint: the optimizer and schedule if it was taken in this phase (not
@@ -204,6 +227,8 @@ class _Run:
                 self._apply_schedule()
         if self.scaler is not None and saved["scaler"] is not None:
             self.scaler.load_state_dict(saved["scaler"])
+        if self.ema is not None and saved.get("ema") is not None and saved["phase"] == self.phase_index:
+            self.ema.load_state_dict(saved["ema"])
         checkpoint.restore_rng(saved["rng"])
         rank = distributed.current().rank
         if rank:  # rank 0's generators and running sums were saved; the others start afresh
@@ -224,7 +249,8 @@ class _Run:
         _position(self.train_loader, epoch, progress.tally.batches)
         loss, acc = train_one_epoch(self.net, self.train_loader, self.optimizer, self.scheduler, self.loss_fn,
                                     self.device, self.scaler, f"epoch {epoch} ({self.phase.name})",
-                                    progress.tally, self._after_step, self.train.accumulate)
+                                    progress.tally, self._after_step, self.train.accumulate,
+                                    None if self.phase.body_frozen else self.mix)
         if distributed.current().enabled:  # the epoch's figures over every rank's images
             loss_sum, correct, seen = distributed.sum_across([progress.tally.loss_sum, progress.tally.correct,
                                                               progress.tally.seen])
@@ -235,8 +261,7 @@ class _Run:
         """``--head-fit lbfgs``: a linear head on cached features is fitted to convergence instead of
         trained for the phase's epochs (imgtune.head_fit); ``auto``: where the frozen phase is the last
         (linear-probe), not yet before fine-tuning (gradual), where it has not been measured to help."""
-        fit = self.train.head_fit if self.train.head_fit != "auto" else ("lbfgs" if last else "sgd")
-        if not (phase.body_frozen and self.loaders.frozen_train is not None and fit == "lbfgs"):
+        if not head_fit_asked(self.train, phase, last, self.loaders):
             return False
         if linear_layer(self.model.head) is None:
             log.info("head fit: the %s head is trained by SGD for the phase's epochs (only a linear head is fitted "
@@ -264,6 +289,8 @@ class _Run:
         log.info("epochs %d-%d (%s): head fitted to convergence by L-BFGS, C %.3g chosen by %d-fold cross-validation "
                  "on the training split (%d iterations, %.1fs)", self.progress.epochs_done + 1, end, self.phase.name,
                  info["C"], info["folds"], info["iterations"], info["seconds"])
+        if self.ema is not None:
+            self.ema.restart(self.model)  # the fitted head is the phase's result: nothing to average
         self._finish(end, None, loss, acc, time.perf_counter() - since, {"head_fit": "lbfgs", "C": info["C"]})
 
     def _finish(self, epoch: int, lr: float | None, loss: float, acc: float, seconds: float,
@@ -271,7 +298,8 @@ class _Run:
         """Validate, record the row and tell the hooks: the end of an epoch (or of a fitted phase)."""
         progress = self.progress
         self._check_weights()
-        probs, targets, _ = predict_probs(self.net, self.val_loader, self.device, "validating")
+        judged = self.ema.counterpart(self.model, self.net) if self.ema is not None else self.net
+        probs, targets, _ = predict_probs(judged, self.val_loader, self.device, "validating")
         val = quick_metrics(targets, probs, self.num_classes)
         if not math.isfinite(val["loss"]):  # finite weights whose outputs overflow
             raise TrainingDiverged(f"{self._where()}: the validation loss is {val['loss']}, although the weights "
@@ -282,7 +310,8 @@ class _Run:
         progress.rows.append({**result.row(), **(extra or {})})
         progress.tally, progress.epochs_done = None, epoch
         self.on_epoch(result, progress.rows)
-        progress.stopped_early = progress.stopper.update(epoch, val[self.train.monitor], self.model)
+        progress.stopped_early = progress.stopper.update(epoch, val[self.train.monitor],
+                                                         self.ema.module if self.ema is not None else self.model)
         if progress.stopped_early:
             stopper = progress.stopper
             log.info("early stopping: val %s has not improved for %d epochs (best %.4f at epoch %d)",
@@ -309,6 +338,8 @@ class _Run:
             raise TrainingDiverged(f"{self._where()}: the weights are NaN or infinite ({names})")
 
     def _after_step(self) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model)
         self.progress.steps += 1
         self.hooks.after_step(self.progress.steps, self.snapshot)
 
@@ -329,6 +360,7 @@ class _Run:
                 "schedule_steps": self.schedule_steps,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "phase": self.phase_index, "rng": checkpoint.capture_rng(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
                 "sampler": {"epoch": progress["epoch"], "start": progress["step"] * batch_size}, **progress}
 
 

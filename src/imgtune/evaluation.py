@@ -58,6 +58,7 @@ class EvaluationResult:
     images: list[ImageRef] = field(default_factory=list)  # the images measured, in the order of the rows below
     y_true: np.ndarray | None = None  # class indices
     probs: np.ndarray | None = None  # (images, classes), the model's own (uncalibrated) probabilities
+    tta: bool = False  # probabilities averaged with the mirror images' (--tta)
 
     @property
     def paths(self) -> list[str]:
@@ -118,17 +119,17 @@ def _from_shards(source: str, name: str) -> Selection:
 
 
 def evaluate(run_dir: str | Path, data: str | None = None, split: str | None = None, device: str = "auto",
-             batch_size: int = 32, engine: str = "auto", int8: bool = False) -> EvaluationResult:
+             batch_size: int = 32, engine: str = "auto", int8: bool = False, tta: bool = False) -> EvaluationResult:
     """Measure the run on its own split (val by default) or on ``data`` (see :func:`select_images`), with
     the ``engine`` of :func:`~imgtune.ort_predict.open_predictor`. Computes only: :func:`write_evaluation`
     writes the files ``imgtune evaluate`` writes."""
     from .ort_predict import open_predictor
 
-    return measure(open_predictor(run_dir, engine, device, int8=int8), data, split, batch_size)
+    return measure(open_predictor(run_dir, engine, device, int8=int8), data, split, batch_size, tta)
 
 
 def measure(predictor: "RunPredictor", data: str | None = None, split: str | None = None,
-            batch_size: int = 32) -> EvaluationResult:
+            batch_size: int = 32, tta: bool = False) -> EvaluationResult:
     """:func:`evaluate` with a predictor already built from the run (``Predictor.from_run`` or
     ``OrtPredictor.from_run``, uncalibrated), so a caller that needs the model again (the report's
     Grad-CAM gallery) builds it once."""
@@ -138,7 +139,7 @@ def measure(predictor: "RunPredictor", data: str | None = None, split: str | Non
                          "(Predictor.from_run(RUN) or OrtPredictor.from_run(RUN); it reads the run's data and "
                          "calibration)")
     chosen = select_images(run, data, split)
-    probs, errors = predictor.probabilities(chosen.images, batch_size)
+    probs, errors = predictor.probabilities(chosen.images, batch_size, tta)
     failed = [(str(image), e) for image, e in zip(chosen.images, errors) if e]
     ok = [i for i, e in enumerate(errors) if e is None]
     if not ok:
@@ -148,8 +149,9 @@ def measure(predictor: "RunPredictor", data: str | None = None, split: str | Non
     y_true = np.array([index[chosen.labels[i]] for i in ok])
     report = full_report(y_true, probs[ok], run.classes)
     report["calibration"] = split_calibration(run, y_true, probs[ok], own_val=data is None and chosen.split == "val")
+    report["tta"] = "flip" if tta else None
     return EvaluationResult(run.path, run.classes, chosen.split, data or run.config.data.source, data is None, report,
-                            chosen.skipped + failed, [chosen.images[i] for i in ok], y_true, probs[ok])
+                            chosen.skipped + failed, [chosen.images[i] for i in ok], y_true, probs[ok], tta)
 
 
 def split_calibration(run: artifact.RunInfo, y_true: np.ndarray, probs: np.ndarray, own_val: bool) -> dict:
@@ -182,8 +184,10 @@ def data_tag(data: str | Path) -> str:
 
 def evaluation_files(result: EvaluationResult) -> dict[str, Path]:
     """Where :func:`write_evaluation` puts each file: ``<kind>_<split>`` for the run's own data,
-    ``<kind>_<split>_<tag>`` for other data (see :func:`data_tag`); all match ``artifact.EVALUATION_FILES``."""
+    ``<kind>_<split>_<tag>`` for other data (see :func:`data_tag`), then ``_tta`` with ``--tta`` (so a
+    measurement with flip TTA sits beside the plain one); all match ``artifact.EVALUATION_FILES``."""
     suffix = result.split if result.own_data else f"{result.split}_{data_tag(result.source)}"
+    suffix += "_tta" if result.tta else ""
     return {"json": result.run_dir / f"evaluation_{suffix}.json",
             "csv": result.run_dir / f"confusion_matrix_{suffix}.csv",
             "png": result.run_dir / f"confusion_matrix_{suffix}.png",

@@ -219,6 +219,20 @@ def reliability_png(table: dict, ece: float, title: str, calibrated: dict | None
     return figure_png(fig)
 
 
+def lr_find_png(lrs: list[float], losses: list[float], suggestion: float, rule: str) -> bytes:
+    """The learning-rate range test: smoothed training loss against the learning rate (log scale), the
+    suggested rate marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(lrs, losses, color="#4c72b0")
+    at = int(np.argmin(np.abs(np.log(np.asarray(lrs)) - math.log(suggestion))))
+    ax.plot([lrs[at]], [losses[at]], "o", color="#dd8452", label=f"{rule}: lr {suggestion:.2g}")
+    ax.set(xscale="log", xlabel="learning rate", ylabel="training loss (smoothed)", title="Learning-rate range test")
+    _legend(ax, loc="upper left", fontsize="small")
+    fig.tight_layout()
+    return figure_png(fig)
+
+
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of the (latency, accuracy) points no other point beats on both (lower latency and at least
     the accuracy, or the latency and higher accuracy), fastest first."""

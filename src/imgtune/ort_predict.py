@@ -128,20 +128,27 @@ class OrtPredictor:
                               f"{artifact.WEIGHTS} (trained again since?); make it again with `{how}`")
         return predictor
 
-    def probabilities(self, paths: list[str | Path | ImageRef],
-                      batch_size: int = 32) -> tuple[np.ndarray, list[str | None]]:
-        """Class probabilities for each image (rows of NaN where it failed) and the errors."""
-        return batched_probabilities(paths, self.load_one, self.run_batch, len(self.classes), batch_size)
+    def probabilities(self, paths: list[str | Path | ImageRef], batch_size: int = 32,
+                      tta: bool = False) -> tuple[np.ndarray, list[str | None]]:
+        """Class probabilities for each image (rows of NaN where it failed) and the errors; ``tta``:
+        averaged with the mirror image's."""
+        return batched_probabilities(paths, self.load_one, self.run_batch, len(self.classes), batch_size,
+                                     flip=self.flip_one if tta else None)
+
+    @staticmethod
+    def flip_one(pixels: np.ndarray) -> np.ndarray:
+        """A :meth:`load_one` result (H, W, C) mirrored left to right."""
+        return np.ascontiguousarray(pixels[:, ::-1])
 
     def run_batch(self, pixels: list[np.ndarray]) -> np.ndarray:
         """Probabilities of a batch of :meth:`load_one` results."""
         out = self.session.run(None, {INPUT_NAME: np.stack(pixels)})[0]
         return rescale_temperature(out.astype(np.float64), self.graph_temperature or 1.0, self.temperature or 1.0)
 
-    def predict(self, paths: Iterable[str | Path | ImageRef], top_k: int = 3,
-                batch_size: int = 32) -> list[Prediction]:
+    def predict(self, paths: Iterable[str | Path | ImageRef], top_k: int = 3, batch_size: int = 32,
+                tta: bool = False) -> list[Prediction]:
         paths = [as_image_ref(p) for p in paths]
-        probs, errors = self.probabilities(paths, batch_size)
+        probs, errors = self.probabilities(paths, batch_size, tta)
         return top_predictions(paths, probs, errors, self.classes, top_k)
 
     def load_one(self, source: str | Path | ImageRef) -> np.ndarray:

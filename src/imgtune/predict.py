@@ -53,21 +53,28 @@ class Predictor:
         artifact.load_weights(built.model, run.path / artifact.WEIGHTS)
         return cls(built.model, run.classes, run.preprocessing, device, run, calibrated)
 
-    def probabilities(self, paths: list[str | Path | ImageRef],
-                      batch_size: int = 32) -> tuple[np.ndarray, list[str | None]]:
+    def probabilities(self, paths: list[str | Path | ImageRef], batch_size: int = 32,
+                      tta: bool = False) -> tuple[np.ndarray, list[str | None]]:
         """Class probabilities for each image (a path or an :class:`~imgtune.data.image_ref.ImageRef`;
-        rows of NaN where it failed) and the errors."""
-        return batched_probabilities(paths, self.load_one, self.run_batch, len(self.classes), batch_size)
+        rows of NaN where it failed) and the errors; ``tta``: averaged with the mirror image's."""
+        return batched_probabilities(paths, self.load_one, self.run_batch, len(self.classes), batch_size,
+                                     flip=self.flip_one if tta else None)
 
-    def predict(self, paths: Iterable[str | Path | ImageRef], top_k: int = 3, batch_size: int = 32) -> list[Prediction]:
+    def predict(self, paths: Iterable[str | Path | ImageRef], top_k: int = 3, batch_size: int = 32,
+                tta: bool = False) -> list[Prediction]:
         """Top ``top_k`` classes of each image; ``Prediction.path`` is its path (or an ImageRef's name)."""
         paths = [as_image_ref(p) for p in paths]
-        probs, errors = self.probabilities(paths, batch_size)
+        probs, errors = self.probabilities(paths, batch_size, tta)
         return top_predictions(paths, probs, errors, self.classes, top_k)
 
     def load_one(self, source: str | Path | ImageRef) -> torch.Tensor:
         """One image as the model takes it (raises DecodeError); the server decodes with it off its event loop."""
         return self.transform(load_rgb(source, self.preprocessing.resize_size))
+
+    @staticmethod
+    def flip_one(tensor: torch.Tensor) -> torch.Tensor:
+        """A :meth:`load_one` result (C, H, W) mirrored left to right."""
+        return torch.flip(tensor, dims=[-1])
 
     def run_batch(self, tensors: list[torch.Tensor]) -> np.ndarray:
         """Probabilities of a batch of :meth:`load_one` results (the server's dynamic batches use it)."""

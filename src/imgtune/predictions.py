@@ -53,13 +53,16 @@ class RunPredictor(Protocol):
     run: "RunInfo | None"  # the run folder it was made from (measure() reads its data and calibration)
     temperature: float | None  # None: the model's own probabilities
 
-    def probabilities(self, paths: list, batch_size: int = 32) -> tuple[np.ndarray, list[str | None]]: ...
+    def probabilities(self, paths: list, batch_size: int = 32,
+                      tta: bool = False) -> tuple[np.ndarray, list[str | None]]: ...
 
-    def predict(self, paths: Iterable, top_k: int = 3, batch_size: int = 32) -> list[Prediction]: ...
+    def predict(self, paths: Iterable, top_k: int = 3, batch_size: int = 32, tta: bool = False) -> list[Prediction]: ...
 
     def load_one(self, source: Any) -> Any: ...  # one image as run_batch takes it; raises DecodeError
 
     def run_batch(self, inputs: list) -> np.ndarray: ...  # probabilities, one row per loaded image
+
+    def flip_one(self, loaded: Any) -> Any: ...  # a load_one result mirrored left to right (--tta)
 
 
 def rescale_temperature(probs: np.ndarray, have: float, want: float) -> np.ndarray:
@@ -113,13 +116,15 @@ def expand_paths(inputs: Iterable[str | Path]) -> list[Path]:
 
 
 def batched_probabilities(paths: Sequence, load: Callable[[Any], Any], run: Callable[[list], np.ndarray],
-                          num_classes: int, batch_size: int = 32, ahead: int = 2
-                          ) -> tuple[np.ndarray, list[str | None]]:
+                          num_classes: int, batch_size: int = 32, ahead: int = 2,
+                          flip: Callable[[Any], Any] | None = None) -> tuple[np.ndarray, list[str | None]]:
     """What every predictor does with a list of images: ``load`` each (returning what ``run`` takes, or
     raising :class:`DecodeError`/``OSError``) in threads up to ``ahead`` batches in front of the model
     (Pillow releases the GIL, so decoding overlaps inference and memory holds a few batches), then
     ``run`` each batch of loaded images to probabilities. Returns the probabilities (rows of NaN where an
-    image failed) and each image's error (``None`` when it was read)."""
+    image failed) and each image's error (``None`` when it was read). With ``flip`` (``--tta``), each
+    image's probabilities are the mean of its own and its mirror image's (:func:`flip_averaged`)."""
+    run = flip_averaged(run, flip) if flip is not None else run
     probs = np.full((len(paths), num_classes), np.nan, dtype=np.float64)
     errors: list[str | None] = [None] * len(paths)
     for start, loaded in read_ahead(paths, _catching(load), batch_size, ahead):
@@ -129,6 +134,16 @@ def batched_probabilities(paths: Sequence, load: Callable[[Any], Any], run: Call
         if keep:
             probs[[start + i for i in keep]] = run([loaded[i][0] for i in keep])
     return probs, errors
+
+
+def flip_averaged(run: Callable[[list], np.ndarray], flip: Callable[[Any], Any]) -> Callable[[list], np.ndarray]:
+    """Flip test-time augmentation: the mean of the probabilities of each image and of its left-right
+    mirror image, both views in one call of ``run``. Used only where asked (``predict --tta``,
+    ``evaluate --tta``): exports and the server answer as plain ``predict`` does."""
+    def both(items: list) -> np.ndarray:
+        probs = run([*items, *(flip(item) for item in items)])
+        return (probs[:len(items)] + probs[len(items):]) / 2
+    return both
 
 
 def _catching(load: Callable[[Any], Any]) -> Callable[[Any], tuple[Any, str | None]]:

@@ -20,17 +20,18 @@ from pathlib import Path
 
 import torch
 
-from . import artifact, balance, checkpoint, distributed, experiment_log, runlock
-from .config import RunConfig, load_yaml, resolve, save_yaml
+from . import artifact, balance, checkpoint, distributed, experiment_log, lr_find, runlock
+from .config import RunConfig, load_yaml, resolve, save_yaml, to_dict
 from .data import content
 from .data.sources import build_loaders
-from .engine import fit
+from .engine import Loaders, fit
 from .errors import DataError, ImgtuneError, TrainingDiverged, UsageError
 from .interrupt import StopRequest
+from .models import Classifier
 from .prepare import Setup, prepare, run_meta
 from .results import final_metrics
 from .semi_train import with_pseudo_labels
-from .strategies import plan
+from .strategies import Phase, plan
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,23 @@ def _check_resumable(found: checkpoint.Found, config: RunConfig, epochs: int | N
                     "to train it further)", done)
 
 
+def _auto_lr(setup: Setup, model, phases, loaders, weights) -> tuple[RunConfig, list]:
+    """``--lr auto``: the range test's rate, saved in config.yaml (what runs; meta.json's requested_config
+    keeps "auto"), with lr_find.json and lr_find.png beside it."""
+    config, curve = lr_find.choose(setup.config, model, phases, loaders, setup.device, weights)
+    out = Path(config.out)
+    if curve is not None:
+        lr_find.write(curve, out)
+    save_yaml(config, out / artifact.CONFIG)
+    meta = json.loads((out / artifact.META).read_text())
+    meta["config"] = to_dict(config)
+    meta["lr_find"] = {"requested": lr_find.AUTO, "chosen": config.train.lr,
+                       "rule": curve.rule if curve else "no phase uses a rate: the strategy's default",
+                       "curve": lr_find.JSON if curve else None}
+    artifact.write_json(out / artifact.META, meta)
+    return config, plan(config.train)
+
+
 def _diverged(exc: TrainingDiverged, out: Path, config: RunConfig) -> TrainingDiverged:
     """The engine's finding (epoch, batch, what is not finite) with what was kept and what to try."""
     kept = checkpoint.listed(out / checkpoint.FOLDER)
@@ -159,18 +177,29 @@ def _diverged(exc: TrainingDiverged, out: Path, config: RunConfig) -> TrainingDi
         "broken or mislabelled images (imgtune doctor)")
 
 
+def materials(setup: Setup) -> tuple[Classifier, list[Phase], Loaders, torch.Tensor | None, dict | None]:
+    """What training (and the learning-rate range test) starts from: the model on its device, the
+    strategy's phases, the loaders (with the pseudo-labelled images of ``--unlabeled``), the class
+    weights of the loss (``--balance weights``) and the semi-supervised report (None without it)."""
+    config, device = setup.config, setup.device
+    model = distributed.sync_batchnorm(setup.built.model).to(device, memory_format=torch.channels_last)
+    phases = plan(lr_find.provisional(config.train))
+    source, semi_report = with_pseudo_labels(setup.source, setup.unlabelled, config, setup.built,
+                                             setup.loader_options(), device)
+    loaders = build_loaders(source, setup.built, phases, config.data.augment, config.model.body,
+                            setup.loader_options(), device)
+    weights = balance.class_weights(loaders.train.dataset.targets(), len(setup.source.classes)) \
+        if config.train.balance == "weights" else None
+    return model, phases, loaders, weights, semi_report
+
+
 def _train_and_save(setup: Setup, start: float, resume: dict | None = None) -> TrainResult:
     config, built, device = setup.config, setup.built, setup.device
     out, main = Path(config.out), distributed.current().is_main
-    model = distributed.sync_batchnorm(built.model).to(device, memory_format=torch.channels_last)
-    phases = plan(config.train)
-    source, semi_report = with_pseudo_labels(setup.source, setup.unlabelled, config, built, setup.loader_options(),
-                                             device)
-    loaders = build_loaders(source, built, phases, config.data.augment, config.model.body, setup.loader_options(),
-                            device)
+    model, phases, loaders, weights, semi_report = materials(setup)
+    if config.train.lr == lr_find.AUTO:
+        config, phases = _auto_lr(setup, model, phases, loaders, weights)
     log.info("training %s with strategy %s on %s (run folder %s)", built.spec, config.train.strategy, device, out)
-    weights = balance.class_weights(loaders.train.dataset.targets(), len(setup.source.classes)) \
-        if config.train.balance == "weights" else None
     first_epoch = len(resume["rows"]) + 1 if resume else 1
     with StopRequest() as stop, experiment_log.epoch_logger(config.train.log, out, first_epoch, main) as extra:
         def on_epoch(result, rows: list[dict]) -> None:

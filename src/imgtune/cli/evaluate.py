@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .. import finite
 from .args import positive_int
-from .predict import add_engine
+from .predict import add_engine, add_tta
 from .output import console, print_confusion, print_metrics, print_per_class, print_split_calibration
 
 
@@ -20,6 +20,7 @@ def register(commands) -> None:
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--format", choices=("table", "json"), default="table")
     add_engine(p)
+    add_tta(p)
     p.set_defaults(handler=run)
 
 
@@ -37,7 +38,7 @@ def run(args) -> int:
 
     with hold(args.run, "evaluate"):  # no train --overwrite may replace the run while it is measured
         result = evaluate(args.run, args.data, args.split, args.device, args.batch_size, args.engine,
-                          args.int8)
+                          args.int8, args.tta)
         files = write_evaluation(result)
     if args.format == "json":
         print(finite.dumps({"split": result.split, "data": result.source, **result.report}, indent=2))

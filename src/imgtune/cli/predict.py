@@ -28,7 +28,16 @@ def register(commands) -> None:
                    help="temperature-scaled probabilities, softmax(logits / T) with the T fitted on the run's "
                         "validation split (calibration.json); the labels are the same")
     add_engine(p)
+    add_tta(p)
     p.set_defaults(handler=run)
+
+
+def add_tta(p) -> None:
+    """--tta, for predict and evaluate."""
+    p.add_argument("--tta", action="store_true",
+                   help="flip test-time augmentation: each image's probabilities are the mean of its own and its "
+                        "left-right mirror image's (twice the inference time); exports and imgtune serve answer "
+                        "without it")
 
 
 def add_engine(p) -> None:
@@ -46,7 +55,7 @@ def run(args) -> int:
     from ..predictions import expand_paths
 
     predictor = open_predictor(args.run, args.engine, args.device, calibrated=args.calibrated, int8=args.int8)
-    results = predictor.predict(expand_paths(args.paths), args.top_k, args.batch_size)
+    results = predictor.predict(expand_paths(args.paths), args.top_k, args.batch_size, args.tta)
     {"table": _table, "csv": _csv, "json": _json}[args.format](results)
     failed = sum(not r.ok for r in results)
     if failed:

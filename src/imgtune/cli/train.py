@@ -25,13 +25,18 @@ def register(commands) -> None:
     p.add_argument("--resume", metavar="RUN", help="continue the interrupted run in folder RUN from its newest "
                                                    "checkpoint, with its saved config (only --epochs may be given, "
                                                    "to raise the epoch count)")
+    add_training_flags(p)
+    p.set_defaults(handler=run)
+
+
+def add_training_flags(p) -> None:
+    """--preset, --config and one flag per training option (train and lr-find)."""
     p.add_argument("--preset", choices=sorted(cfg.PRESETS), help=_escape(preset_help()))
     p.add_argument("--config", dest="config_file", metavar="YAML",
                    help="a config file (e.g. a run's config.yaml); flags override it, it overrides --preset")
     groups = {title: p.add_argument_group(title) for title in GROUPS.values()}
     for option in cfg.OPTIONS.values():
         add_flag(groups[option.group or GROUPS[option.section]], option)
-    p.set_defaults(handler=run)
 
 
 def add_flag(parser, option: cfg.Option) -> None:
@@ -40,8 +45,22 @@ def add_flag(parser, option: cfg.Option) -> None:
     if option.type is bool:  # True by default: --x/--no-x; False by default: a switch
         kwargs["action"] = argparse.BooleanOptionalAction if option.default else "store_true"
     else:
-        kwargs.update(type=option.type, choices=option.choices, metavar=option.metavar)
+        kwargs.update(type=_with_words(option) if option.words else option.type, choices=option.choices,
+                      metavar=option.metavar or ("{" + ",".join(option.words) + ",NUMBER}" if option.words else None))
     parser.add_argument(option.flag, **kwargs)
+
+
+def _with_words(option: cfg.Option):
+    """The flag's type, also taking the option's special words (``--lr auto``)."""
+    def parse(text: str):
+        if text in option.words:
+            return text
+        try:
+            return option.type(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is neither {' nor '.join(option.words)} nor a number") \
+                from None
+    return parse
 
 
 def option_help(option: cfg.Option) -> str:
