@@ -35,7 +35,7 @@ from .head_fit import linear_layer
 from .inference import autocast, to_channels_last
 from .models import Classifier
 from .optim import make_optimizer
-from .strategies import Phase, plan
+from .strategies import Phase
 
 log = logging.getLogger(__name__)
 
