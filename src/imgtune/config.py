@@ -114,6 +114,14 @@ class TrainConfig:
                                    "for the frozen epochs; auto: lbfgs when the frozen phase is the last "
                                    "(linear-probe), sgd before fine-tuning (docs/training.md)", choices=HEAD_FITS)
     freeze_epochs: int | None = option(None, "gradual: epochs with the backbone frozen", unset="half of --epochs")
+    never_worse: bool = option(True, "gradual: keep the fine-tuned model only if it beats the linear probe on an inner "
+                                     "hold-out of the training split, else the probe refitted on the whole training "
+                                     "split (docs/training.md)")
+    plan: bool = option(True, "time a few batches of each phase before training, log the plan with its estimated "
+                              "minutes and show the time left (docs/training.md)")
+    time_budget: str | None = option(None, "the longest the run may take (90s, 10m, 1.5h): the best plan that fits "
+                                           "is chosen, fewer fine-tuning epochs first, linear-probe at the least",
+                                     metavar="DURATION", unset="no limit")
     lr: float | None = option(None, "head learning rate")
     backbone_lr_factor: float | None = option(None, "backbone lr = lr x this (finetune, gradual, scratch)")
     optimizer: str = option("adamw", "adamw, adam (weight decay as L2), sgd (Nesterov momentum) or rmsprop "
@@ -362,6 +370,10 @@ def validate(config: RunConfig) -> None:
     if t.early_stop is not None and t.early_stop < 1:
         raise UsageError("train.early_stop (patience in epochs) must be at least 1")
     _check_positive("train.accumulate", t.accumulate)
+    if t.time_budget is not None:
+        from .timeplan import parse_duration  # noqa: PLC0415 (timeplan imports config)
+
+        parse_duration(t.time_budget)
     _check_auto(m)
     if t.checkpoint_every is not None:
         _check_positive("train.checkpoint_every", t.checkpoint_every)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import artifact, balance, checkpoint, distributed, experiment_log, runlock
+from . import artifact, balance, checkpoint, distributed, experiment_log, never_worse, runlock, timeplan
 from .config import RunConfig, load_yaml, resolve, save_yaml
 from .data import content
 from .data.sources import build_loaders
@@ -161,11 +161,17 @@ def _train_and_save(setup: Setup, start: float, resume: dict | None = None) -> T
     out, main = Path(config.out), distributed.current().is_main
     model = distributed.sync_batchnorm(built.model).to(device, memory_format=torch.channels_last)
     phases = plan(config.train)
-    loaders = build_loaders(setup.source, built, phases, config.data.augment, config.model.body,
-                            setup.loader_options(), device)
+    hold = never_worse.carve(setup.source, config.train, phases, model.head)
+    never_worse.remember_body(hold, model)
+    loaders = build_loaders(hold.source if hold else setup.source, built, phases, config.data.augment,
+                            config.model.body, setup.loader_options(), device)
     log.info("training %s with strategy %s on %s (run folder %s)", built.spec, config.train.strategy, device, out)
     weights = balance.class_weights(loaders.train.dataset.targets(), len(setup.source.classes)) \
         if config.train.balance == "weights" else None
+    planned = timeplan.plan_run(setup, model, phases, loaders, hold.images if hold else 0, start) \
+        if config.train.plan and resume is None else None
+    if planned is not None:  # --time-budget may have chosen fewer epochs or linear-probe
+        config, phases = planned.config, planned.phases
     first_epoch = len(resume["rows"]) + 1 if resume else 1
     with StopRequest() as stop, experiment_log.epoch_logger(config.train.log, out, first_epoch, main) as extra:
         def on_epoch(result, rows: list[dict]) -> None:
@@ -176,7 +182,7 @@ def _train_and_save(setup: Setup, start: float, resume: dict | None = None) -> T
         hooks = checkpoint.Checkpointer(out, config.train.checkpoint_every, stop)
         try:
             stopper = fit(model, phases, loaders, config.train, device, len(setup.source.classes), on_epoch,
-                          weights, hooks, resume).stopper
+                          weights, hooks, resume, timeplan.TimeLeft(planned.estimate) if planned else None).stopper
         except TrainingDiverged as exc:
             raise _diverged(exc, out, config) from exc
     if config.train.keep == "best" and stopper.best_state is not None:
@@ -184,15 +190,20 @@ def _train_and_save(setup: Setup, start: float, resume: dict | None = None) -> T
                     "trust the test split (--test-fraction) for an unbiased figure", stopper.best_epoch,
                     config.train.monitor)
         model.load_state_dict(stopper.best_state)
-    final_frozen = phases[-1].body_frozen and loaders.frozen_val is not None
+    selection = never_worse.finish(hold, model, phases, built, loaders, setup.loader_options(), config.model.body,
+                                   config.train, device, weights)
+    final_frozen = phases[-1].body_frozen and loaders.frozen_val is not None and selection is None
     model.freeze_body(False)
     if main:
         artifact.save_weights(model.cpu(), out / artifact.WEIGHTS)
     model.to(device)
     metrics = final_metrics(model, loaders, setup.source.classes, device, config, stopper, final_frozen)
+    if selection is not None:
+        metrics["selection"] = selection
     if main:
         if metrics["calibration"] is not None:
             artifact.write_json(out / artifact.CALIBRATION, metrics["calibration"])
         artifact.write_json(out / artifact.METRICS_JSON, metrics)
+    timeplan.record_measured(out, planned, time.perf_counter() - start)
     distributed.barrier()
     return TrainResult(out, metrics, setup.source.summary(), time.perf_counter() - start)
