@@ -10,7 +10,8 @@ Datasets (built in a temporary folder; hymenoptera from /work/shared/datasets):
 
 Runs, each a fresh ``imgtune train`` process with an empty cache (cold): ``today`` (the default strategy
 with every new behaviour switched off: :data:`TODAY_FLAGS`, the one list of them), ``default``,
-``linear-probe``, ``finetune``; on hymenoptera also fastai's ``fine_tune(5)`` and the plain frozen PyTorch
+``linear-probe``, ``finetune``, ``default-lbfgs`` (the default with gradual's frozen phase fitted by
+L-BFGS: is it worth it now that the never-worse rule protects the end?); on hymenoptera also fastai's ``fine_tune(5)`` and the plain frozen PyTorch
 loop (bench/hymenoptera.py's paths), the reference of the speed target.
 
 Prints a table per dataset (val accuracy, wall time, ratio to today's ``gradual``, to the plain frozen
@@ -42,7 +43,8 @@ from rank import digits_folder
 # of off switches: each engineer's flags go here at merge.
 TODAY_FLAGS = ["--no-never-worse", "--no-plan"]
 RUNS = {"today": ["--strategy", "gradual", *TODAY_FLAGS], "default": [],
-        "linear-probe": ["--strategy", "linear-probe"], "finetune": ["--strategy", "finetune"]}
+        "linear-probe": ["--strategy", "linear-probe"], "finetune": ["--strategy", "finetune"],
+        "default-lbfgs": ["--head-fit", "lbfgs"]}  # gradual's frozen phase fitted by L-BFGS (not the default)
 SMALL_SIZES = (28, 48)
 
 
@@ -105,17 +107,19 @@ def references(data: Path, work: Path) -> dict[str, dict]:
             "fastai fine_tune(5)": run_script(FASTAI.format(data=data), child_env(TORCH_HOME=str(work / "torch")))}
 
 
-def bench_dataset(name: str, data: Path, runs: list[str], work: Path, with_references: bool) -> dict[str, dict]:
-    rows: dict[str, dict] = {}
+def bench_dataset(name: str, data: Path, runs: list[str], work: Path, with_references: bool,
+                  rows: dict[str, dict], save) -> None:
+    """Every run on one dataset into ``rows``; ``save()`` after each (a long benchmark keeps what ran)."""
     for run in runs:
         rows[run] = run_imgtune(data, f"{name}-{run}".replace(" ", "_").replace("/", "_").replace(",", ""),
                                 RUNS[run], work)
         print(f"{name} | {run}: accuracy {rows[run]['accuracy']:.4f}, {rows[run]['seconds']:.1f} s", flush=True)
+        save()
     if with_references:
         for reference, row in references(data, work).items():
             rows[reference] = row
             print(f"{name} | {reference}: accuracy {row['accuracy']:.4f}, {row['seconds']:.1f} s", flush=True)
-    return rows
+        save()
 
 
 def print_table(name: str, rows: dict[str, dict]) -> None:
@@ -148,9 +152,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name, data in datasets(work, args.datasets, args.quick, args.per_class, args.draws).items():
-            results[name] = bench_dataset(name, data, args.runs, work, name == "hymenoptera" and not args.quick)
-            if args.json:
-                args.json.write_text(json.dumps(results, indent=2))
+            results[name] = {}
+            bench_dataset(name, data, args.runs, work, name == "hymenoptera" and not args.quick, results[name],
+                          lambda: args.json and args.json.write_text(json.dumps(results, indent=2)))
     for name, rows in results.items():
         print_table(name, rows)
 
