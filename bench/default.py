@@ -32,12 +32,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
-from common import HYMENOPTERA, ROOT, child_env, run_measured, warm_imports
+from common import HYMENOPTERA, child_env, run_measured, warm_imports
 from few_shot import write_draw
 from hymenoptera import FASTAI, PLAIN_LOOP, WEIGHTS_NAME, offline_weights, run_script
-from rank import digits_folder
+from rank import digits_folder, shapes_folder
 
 # Today's `gradual`: the default strategy with every new behaviour of issue 13 switched off. The one list
 # of off switches: each engineer's flags go here at merge.
@@ -46,23 +44,6 @@ RUNS = {"today": ["--strategy", "gradual", *TODAY_FLAGS], "default": [],
         "linear-probe": ["--strategy", "linear-probe"], "finetune": ["--strategy", "finetune"],
         "default-lbfgs": ["--head-fit", "lbfgs"]}  # gradual's frozen phase fitted by L-BFGS (not the default)
 SMALL_SIZES = (28, 48)
-
-
-def small_folder(root: Path, train: int, val: int, seed: int = 0) -> Path:
-    """Four shapes, each image 28-48 px with a random colour on clutter: only the shape tells the class."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from plantgen import CLASSES, background, draw_object
-
-    rng = np.random.default_rng(seed)
-    for split, count in (("train", train), ("val", val)):
-        for label, (shape, _) in CLASSES.items():
-            folder = root / split / label
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                image = background(rng, int(rng.integers(SMALL_SIZES[0], SMALL_SIZES[1] + 1)))
-                draw_object(image, shape, tuple(int(c) for c in rng.integers(0, 256, 3)), rng)
-                image.save(folder / f"{label}_{i:04d}.png")
-    return root
 
 
 def datasets(work: Path, names: list[str], quick: bool, per_class: int, draws: int) -> dict[str, Path]:
@@ -77,7 +58,7 @@ def datasets(work: Path, names: list[str], quick: bool, per_class: int, draws: i
     if "digits" in names:
         found["digits"] = digits_folder(work / "digits", *((8, 4) if quick else (120, 50)))
     if "small" in names:
-        found["small"] = small_folder(work / "small", *((20, 8) if quick else (500, 125)))
+        found["small"] = shapes_folder(work / "small", *((20, 8) if quick else (500, 125)), sizes=SMALL_SIZES)
     return found
 
 
