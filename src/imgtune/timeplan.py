@@ -16,7 +16,6 @@ import copy
 import logging
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -54,7 +53,6 @@ class _Few:
 
     def __init__(self, loader, count: int):
         self.loader, self.count = loader, min(count, len(loader))
-        self.batch_size = getattr(loader, "batch_size", None)
 
     def __len__(self) -> int:
         return self.count
