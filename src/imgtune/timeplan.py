@@ -132,7 +132,7 @@ class Costs:
 def measure(model, phases: list[Phase], loaders: Loaders, train: TrainConfig, device, loss_fn,
             num_classes: int) -> Costs:
     """Time a few batches of what each phase runs, through the real loaders; the random generators (global
-    and the loaders' own) are as before afterwards."""
+    and the loaders' own) are as before afterwards. Under torchrun, the mean over the ranks."""
     rng = checkpoint.capture_rng()
     generators = [(g, g.get_state()) for g in (getattr(x, "generator", None) for x in (loaders.train,
                   loaders.frozen_train)) if g is not None]
@@ -143,7 +143,8 @@ def measure(model, phases: list[Phase], loaders: Loaders, train: TrainConfig, de
         checkpoint.restore_rng(rng)
         for generator, state in generators:
             generator.set_state(state)
-    return costs
+    world = distributed.current().world  # every rank plans from the same (mean) costs, so all choose alike
+    return Costs(*(v / world for v in distributed.sum_across(list(vars(costs).values()))))
 
 
 def _measure_into(costs: Costs, model, phases, loaders: Loaders, train, device, loss_fn, num_classes) -> None:
