@@ -20,7 +20,7 @@ the run (inside the process) and of the process. ``--quick``: small sizes, one d
 loop (a smoke run of the script).
 
     python bench/default.py [--quick] [--datasets hymenoptera few-shot digits small] [--runs today default ...]
-                            [--json FILE]
+                            [--first-draw 0] [--draws 3] [--json FILE]
 """
 
 from __future__ import annotations
@@ -46,13 +46,13 @@ RUNS = {"today": ["--strategy", "gradual", *TODAY_FLAGS], "default": [],
 SMALL_SIZES = (28, 48)
 
 
-def datasets(work: Path, names: list[str], quick: bool, per_class: int, draws: int) -> dict[str, Path]:
+def datasets(work: Path, names: list[str], quick: bool, per_class: int, draws: range) -> dict[str, Path]:
     """Each requested dataset as a folder or CSV, by name (few-shot: one per draw)."""
     found: dict[str, Path] = {}
     if "hymenoptera" in names and not quick:
         found["hymenoptera"] = HYMENOPTERA
     if "few-shot" in names:
-        for draw in range(1 if quick else draws):
+        for draw in draws[:1] if quick else draws:
             found[f"few-shot {per_class}/class, draw {draw}"] = write_draw(HYMENOPTERA, work / f"few-{draw}.csv",
                                                                            per_class, draw)
     if "digits" in names:
@@ -126,13 +126,15 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--per-class", type=int, default=10)
     parser.add_argument("--draws", type=int, default=3)
+    parser.add_argument("--first-draw", type=int, default=0, help="few-shot: the first draw's seed")
     parser.add_argument("--json", type=Path, help="also write every row here")
     args = parser.parse_args()
     warm_imports()
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for name, data in datasets(work, args.datasets, args.quick, args.per_class, args.draws).items():
+        for name, data in datasets(work, args.datasets, args.quick, args.per_class,
+                                   range(args.first_draw, args.first_draw + args.draws)).items():
             results[name] = {}
             bench_dataset(name, data, args.runs, work, name == "hymenoptera" and not args.quick, results[name],
                           lambda: args.json and args.json.write_text(json.dumps(results, indent=2)))
