@@ -25,7 +25,7 @@ from torch import nn
 from . import artifact, checkpoint, distributed
 from .config import RunConfig, TrainConfig, save_yaml
 from .engine import Loaders, train_one_epoch
-from .errors import UsageError
+from .errors import TrainingDiverged, UsageError
 from .head_fit import fit_linear_head, fitted_by_lbfgs, linear_layer
 from .inference import batched_outputs
 from .optim import make_optimizer
@@ -83,9 +83,12 @@ def _time_training(loader, phase: Phase, model, on_features: bool, train: TrainC
 
     def one_pass() -> float:
         start, stamps = time.perf_counter(), []
-        train_one_epoch(model.head if on_features else model, _Few(loader, TIMED_BATCHES + 1), optimizer,
-                        scheduler, loss_fn, device, None, f"timing {phase.name}",
-                        after_step=lambda: stamps.append(time.perf_counter() - start))
+        try:
+            train_one_epoch(model.head if on_features else model, _Few(loader, TIMED_BATCHES + 1), optimizer,
+                            scheduler, loss_fn, device, None, f"timing {phase.name}",
+                            after_step=lambda: stamps.append(time.perf_counter() - start))
+        except TrainingDiverged:  # the copy diverged (--lr 1e30): training itself will say where, not the timing
+            stamps = stamps or [time.perf_counter() - start]
         return _per_batch(stamps)
 
     return one_pass(), one_pass()
