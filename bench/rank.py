@@ -52,8 +52,9 @@ def digits_folder(root: Path, train: int, val: int) -> Path:
     return root
 
 
-def shapes_folder(root: Path, train: int, val: int, seed: int = 0) -> Path:
-    """Four shapes in random colours and sizes on cluttered backgrounds: only the shape tells the class."""
+def shapes_folder(root: Path, train: int, val: int, seed: int = 0, sizes: tuple[int, int] = (128, 128)) -> Path:
+    """Four shapes in random colours and sizes on cluttered backgrounds: only the shape tells the class.
+    Each image is ``sizes[0]``-``sizes[1]`` px a side (bench/default.py: small images of 28-48 px)."""
     from plantgen import CLASSES, background, draw_object
 
     rng = np.random.default_rng(seed)
@@ -62,7 +63,7 @@ def shapes_folder(root: Path, train: int, val: int, seed: int = 0) -> Path:
             folder = root / split / label
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(count):
-                image = background(rng, 128)
+                image = background(rng, sizes[0] if sizes[0] == sizes[1] else int(rng.integers(sizes[0], sizes[1] + 1)))
                 draw_object(image, shape, tuple(int(c) for c in rng.integers(0, 256, 3)), rng)
                 image.save(folder / f"{label}_{i:03d}.png")
     return root

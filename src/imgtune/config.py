@@ -125,6 +125,14 @@ class TrainConfig:
     unfreeze: str = option("all", "what trains when the backbone is unfrozen (finetune, gradual): all, or top:K, the "
                                   "top K blocks, on cached activations of the frozen lower blocks "
                                   "(docs/training.md)", metavar="all|top:K")
+    never_worse: bool = option(True, "gradual: keep the fine-tuned model only if it beats the linear probe on an inner "
+                                     "hold-out of the training split, else the probe refitted on the whole training "
+                                     "split (docs/training.md)")
+    plan: bool = option(True, "time a few batches of each phase before training, log the plan with its estimated "
+                              "minutes and show the time left (docs/training.md)")
+    time_budget: str | None = option(None, "the longest the run may take (90s, 10m, 1.5h): the best plan that fits "
+                                           "is chosen, fewer fine-tuning epochs first, linear-probe at the least",
+                                     metavar="DURATION", unset="no limit")
     lr: float | None = option(None, "head learning rate; auto: chosen by a learning-rate range test before training "
                                     "(imgtune lr-find, docs/training.md)", words=("auto",))
     backbone_lr_factor: float | None = option(None, "backbone lr = lr x this (finetune, gradual, scratch)")
@@ -392,6 +400,10 @@ def validate(config: RunConfig) -> None:
         raise UsageError("train.early_stop (patience in epochs) must be at least 1")
     _check_positive("train.accumulate", t.accumulate)
     _check_semi(d, t)
+    if t.time_budget is not None:
+        from .timeplan import parse_duration  # noqa: PLC0415 (timeplan imports config)
+
+        parse_duration(t.time_budget)
     _check_auto(m)
     if t.checkpoint_every is not None:
         _check_positive("train.checkpoint_every", t.checkpoint_every)

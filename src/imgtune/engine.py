@@ -24,7 +24,7 @@ from .distributed import quiet_rank
 from .errors import DataError, TrainingDiverged
 from .extras import Mixer, WeightAverage, batch_mixer, weight_average
 from .finite import nonfinite_tensors
-from .head_fit import fit_linear_head, linear_layer
+from .head_fit import fit_linear_head, fitted_by_lbfgs, linear_layer, sklearn_class_weight
 from .inference import autocast, predict_probs, to_channels_last
 from .metrics import quick_metrics
 from .models import Classifier
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, device: torch.device,
                     scaler: torch.amp.GradScaler | None, description: str, tally: Tally | None = None,
                     after_step: Callable[[], None] = lambda: None, accumulate: int = 1,
-                    mix: Mixer | None = None) -> tuple[float, float]:
+                    mix: Mixer | None = None, note: str = "") -> tuple[float, float]:
     """Train on what ``loader`` yields, adding to ``tally`` (a resumed epoch's sums); ``after_step`` runs
     after every optimizer step. With ``accumulate`` N, gradients of N batches are summed (each loss
     divided by N) before one optimizer step, as one batch N times larger would give; a short last group
@@ -46,12 +46,13 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, dev
     Under DDP the gradients are only averaged across ranks on the step's last batch (``no_sync``).
     ``mix`` (mixup/cutmix, :mod:`imgtune.extras`) turns each batch into mixed images and soft targets
     for the loss; the accuracy shown is against the images' own labels.
+    ``note`` follows the description on the progress bar (the run's time left).
     A loss that is not a finite number stops training before its optimizer step
     (:class:`~imgtune.errors.TrainingDiverged`). Returns the epoch's mean loss and accuracy."""
     tally = tally or Tally(optimizer.param_groups[0]["lr"])
     model.train()
     total = len(loader)
-    bar = tqdm(loader, desc=description, unit="batch", leave=False, disable=quiet_rank(), initial=tally.batches)
+    bar = tqdm(loader, desc=description + note, unit="batch", leave=False, disable=quiet_rank(), initial=tally.batches)
     optimizer.zero_grad(set_to_none=True)
     diverged = None  # the first non-finite loss of the optimizer step in progress
     for batch in bar:
@@ -139,18 +140,20 @@ def head_fit_asked(train: TrainConfig, phase: Phase, last: bool, loaders: Loader
 def fit(model: Classifier, phases: list[Phase], loaders: Loaders, train: TrainConfig, device: torch.device,
         num_classes: int, on_epoch: Callable[[EpochResult, list[dict]], None] = lambda result, rows: None,
         class_weights: torch.Tensor | None = None, hooks: Hooks | None = None,
-        resume: dict | None = None) -> Progress:
+        resume: dict | None = None, time_left: Callable[[int], str] | None = None) -> Progress:
     """Run every phase, or what is left of them after ``resume`` (a checkpoint's payload); calls
     ``on_epoch(result, rows)`` after each epoch with every row so far (to write the metrics CSV), and
     ``hooks`` after each step and epoch.
-    ``class_weights`` weight the training loss (``--balance weights``); validation is never weighted."""
+    ``class_weights`` weight the training loss (``--balance weights``); validation is never weighted.
+    ``time_left(epoch)`` adds the run's time left to the progress bar (``timeplan.TimeLeft``)."""
     weight = class_weights.to(device) if class_weights is not None else None
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=train.label_smoothing)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and not torch.cuda.is_bf16_supported() \
         else None
     run = _Run(model, loaders, train, device, num_classes, loss_fn, scaler, on_epoch, hooks or Hooks(),
                Progress(EarlyStopping(train.monitor, train.early_stop, train.keep == "best")),
-               ema=weight_average(model, train.ema), mix=batch_mixer(train.mixup, train.cutmix, num_classes))
+               ema=weight_average(model, train.ema), mix=batch_mixer(train.mixup, train.cutmix, num_classes),
+               time_left=time_left or (lambda epoch: ""))
     if resume is not None:
         model.load_state_dict(resume["model"])
         run.progress.load_state_dict(resume)
@@ -189,6 +192,7 @@ class _Run:
     on_epoch: Callable[[EpochResult, list[dict]], None]
     hooks: Hooks
     progress: Progress
+    time_left: Callable[[int], str] = lambda epoch: ""
     phase_index: int = 0
     phase: Phase | None = None
     net: nn.Module | None = None
@@ -250,7 +254,7 @@ class _Run:
         loss, acc = train_one_epoch(self.net, self.train_loader, self.optimizer, self.scheduler, self.loss_fn,
                                     self.device, self.scaler, f"epoch {epoch} ({self.phase.name})",
                                     progress.tally, self._after_step, self.train.accumulate,
-                                    None if self.phase.body_frozen else self.mix)
+                                    None if self.phase.body_frozen else self.mix, self.time_left(epoch))
         if distributed.current().enabled:  # the epoch's figures over every rank's images
             loss_sum, correct, seen = distributed.sum_across([progress.tally.loss_sum, progress.tally.correct,
                                                               progress.tally.seen])
@@ -277,9 +281,7 @@ class _Run:
             log.info("head fit: --label-smoothing applies to SGD epochs, not to the fitted head (its "
                      "regularisation is chosen by cross-validation instead)")
         features, targets = self.train_loader.dataset.tensors[:2]
-        weights = self.loss_fn.weight
-        class_weight = "balanced" if self.train.balance == "sampler" else \
-            ({i: float(w) for i, w in enumerate(weights.cpu())} if weights is not None else None)
+        class_weight = sklearn_class_weight(self.train.balance, self.loss_fn.weight)
         info = fit_linear_head(linear_layer(self.model.head), features, targets, self.num_classes, class_weight,
                                self.train.seed, self.loaders.frozen_train_weights)
         self.model.head.eval()

@@ -36,6 +36,19 @@ def linear_layer(head: nn.Module) -> nn.Linear | None:
     return layers[0] if len(layers) == 1 and isinstance(layers[0], nn.Linear) else None
 
 
+def fitted_by_lbfgs(head_fit: str, last: bool) -> bool:
+    """``--head-fit``: lbfgs, or auto where the frozen phase is the last (linear-probe); before fine-tuning
+    (gradual) auto keeps SGD, where a fitted head was not measured to help."""
+    return (head_fit if head_fit != "auto" else ("lbfgs" if last else "sgd")) == "lbfgs"
+
+
+def sklearn_class_weight(balance: str | None, weights: torch.Tensor | None) -> dict[int, float] | str | None:
+    """``--balance`` as scikit-learn's ``class_weight``: sampler -> balanced, weights -> the loss's weights."""
+    if balance == "sampler":
+        return "balanced"
+    return {i: float(w) for i, w in enumerate(weights.cpu())} if weights is not None else None
+
+
 def fit_linear_head(layer: nn.Linear, features: torch.Tensor, targets: torch.Tensor, num_classes: int,
                     class_weight: dict[int, float] | str | None, seed: int,
                     sample_weight: torch.Tensor | None = None) -> dict:

@@ -218,8 +218,8 @@ def run(config: RunConfig, iterations: int = ITERATIONS, progress: bool = True) 
     resolved = resolve(replace(config, train=replace(config.train, lr=AUTO)))  # swept: a given --lr does not apply
     artifact.check_out_dir(resolved.out, resolved.overwrite)  # before any work
     setup = prepare(resolved, progress)
-    model, phases, loaders, weights, _ = materials(setup)
-    curve = _test(setup.config, model, phases, loaders, setup.device, weights, iterations)
+    m = materials(setup)
+    curve = _test(setup.config, m.model, m.phases, m.loaders, setup.device, m.weights, iterations)
     if curve is None:
         raise UsageError(f"--strategy {resolved.train.strategy} fits its linear head by L-BFGS (--head-fit "
                          f"{resolved.train.head_fit}): no learning rate is used, so there is none to find; pass "

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import artifact, balance, checkpoint, distributed, experiment_log, lr_find, runlock
+from . import artifact, balance, checkpoint, distributed, experiment_log, lr_find, never_worse, runlock, timeplan
 from .config import RunConfig, load_yaml, resolve, save_yaml, to_dict
 from .data import content
 from .data.sources import build_loaders
@@ -177,29 +177,47 @@ def _diverged(exc: TrainingDiverged, out: Path, config: RunConfig) -> TrainingDi
         "broken or mislabelled images (imgtune doctor)")
 
 
-def materials(setup: Setup) -> tuple[Classifier, list[Phase], Loaders, torch.Tensor | None, dict | None]:
-    """What training (and the learning-rate range test) starts from: the model on its device, the
-    strategy's phases, the loaders (with the pseudo-labelled images of ``--unlabeled``), the class
-    weights of the loss (``--balance weights``) and the semi-supervised report (None without it)."""
+@dataclass
+class Materials:
+    """What training (and the learning-rate range test) starts from."""
+
+    model: Classifier  # on its device
+    phases: list[Phase]  # the strategy's
+    loaders: Loaders  # with the pseudo-labelled images of --unlabeled, without the inner hold-out
+    weights: torch.Tensor | None  # class weights of the loss (--balance weights)
+    semi: dict | None  # the semi-supervised report for metrics.json (None without --unlabeled)
+    hold: never_worse.HoldOut | None  # the never-worse rule's inner hold-out of the training split
+
+
+def materials(setup: Setup) -> Materials:
+    """The model, phases and loaders: the inner hold-out of the never-worse rule is carved from the
+    labelled training images first, so that pseudo-labels (chosen without it) never enter it."""
     config, device = setup.config, setup.device
     model = distributed.sync_batchnorm(setup.built.model).to(device, memory_format=torch.channels_last)
     phases = plan(lr_find.provisional(config.train))
-    source, semi_report = with_pseudo_labels(setup.source, setup.unlabelled, config, setup.built,
-                                             setup.loader_options(), device)
+    hold = never_worse.carve(setup.source, config.train, phases, model.head)
+    never_worse.remember_body(hold, model)
+    source, semi_report = with_pseudo_labels(hold.source if hold else setup.source, setup.unlabelled, config,
+                                             setup.built, setup.loader_options(), device)
     loaders = build_loaders(source, setup.built, phases, config.data.augment, config.model.body,
                             setup.loader_options(), device)
     weights = balance.class_weights(loaders.train.dataset.targets(), len(setup.source.classes)) \
         if config.train.balance == "weights" else None
-    return model, phases, loaders, weights, semi_report
+    return Materials(model, phases, loaders, weights, semi_report, hold)
 
 
 def _train_and_save(setup: Setup, start: float, resume: dict | None = None) -> TrainResult:
     config, built, device = setup.config, setup.built, setup.device
     out, main = Path(config.out), distributed.current().is_main
-    model, phases, loaders, weights, semi_report = materials(setup)
+    m = materials(setup)
+    model, phases, loaders, weights, hold = m.model, m.phases, m.loaders, m.weights, m.hold
     if config.train.lr == lr_find.AUTO:
         config, phases = _auto_lr(setup, model, phases, loaders, weights)
     log.info("training %s with strategy %s on %s (run folder %s)", built.spec, config.train.strategy, device, out)
+    planned = timeplan.plan_run(replace(setup, config=config), model, phases, loaders, hold.images if hold else 0,
+                                start) if config.train.plan and resume is None else None
+    if planned is not None:  # --time-budget may have chosen fewer epochs or linear-probe
+        config, phases = planned.config, planned.phases
     first_epoch = len(resume["rows"]) + 1 if resume else 1
     with StopRequest() as stop, experiment_log.epoch_logger(config.train.log, out, first_epoch, main) as extra:
         def on_epoch(result, rows: list[dict]) -> None:
@@ -210,7 +228,7 @@ def _train_and_save(setup: Setup, start: float, resume: dict | None = None) -> T
         hooks = checkpoint.Checkpointer(out, config.train.checkpoint_every, stop)
         try:
             stopper = fit(model, phases, loaders, config.train, device, len(setup.source.classes), on_epoch,
-                          weights, hooks, resume).stopper
+                          weights, hooks, resume, timeplan.TimeLeft(planned.estimate) if planned else None).stopper
         except TrainingDiverged as exc:
             raise _diverged(exc, out, config) from exc
     if config.train.keep == "best" and stopper.best_state is not None:
@@ -218,17 +236,22 @@ def _train_and_save(setup: Setup, start: float, resume: dict | None = None) -> T
                     "trust the test split (--test-fraction) for an unbiased figure", stopper.best_epoch,
                     config.train.monitor)
         model.load_state_dict(stopper.best_state)
-    final_frozen = phases[-1].body_frozen and loaders.frozen_val is not None
+    selection = never_worse.finish(hold, model, phases, built, loaders, setup.loader_options(), config.model.body,
+                                   config.train, device, weights)
+    final_frozen = phases[-1].body_frozen and loaders.frozen_val is not None and selection is None
     model.freeze_body(False)
     if main:
         artifact.save_weights(model.cpu(), out / artifact.WEIGHTS)
     model.to(device)
     metrics = final_metrics(model, loaders, setup.source.classes, device, config, stopper, final_frozen)
-    if semi_report is not None:
-        metrics["semi"] = semi_report
+    if m.semi is not None:
+        metrics["semi"] = m.semi
+    if selection is not None:
+        metrics["selection"] = selection
     if main:
         if metrics["calibration"] is not None:
             artifact.write_json(out / artifact.CALIBRATION, metrics["calibration"])
         artifact.write_json(out / artifact.METRICS_JSON, metrics)
+    timeplan.record_measured(out, planned, time.perf_counter() - start)
     distributed.barrier()
     return TrainResult(out, metrics, setup.source.summary(), time.perf_counter() - start)

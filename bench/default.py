@@ -1,0 +1,146 @@
+"""The default strategy against today's, the other strategies and fastai, on four datasets, in one
+invocation (issue 13): accuracy, wall time, and the time plan's estimate against the measured time.
+
+Datasets (built in a temporary folder; hymenoptera from /work/shared/datasets):
+- ``hymenoptera``: the whole training split (245 photos), val 153;
+- ``few-shot``: hymenoptera cut to ``--per-class`` labelled training images per class (``--draws`` draws),
+  the whole val split (a CSV, as bench/few_shot.py writes it);
+- ``digits``: scikit-learn's 8x8 digits upscaled to 64 px (bench/rank.py ``digits_folder``), about 1,700;
+- ``small``: about 2,500 generated images of 28-48 px, four shapes in random colours on clutter.
+
+Runs, each a fresh ``imgtune train`` process with an empty cache (cold): ``today`` (the default strategy
+with every new behaviour switched off: :data:`TODAY_FLAGS`, the one list of them), ``default``,
+``linear-probe``, ``finetune``, ``default-lbfgs`` (the default with gradual's frozen phase fitted by
+L-BFGS: is it worth it now that the never-worse rule protects the end?); on hymenoptera also fastai's ``fine_tune(5)`` and the plain frozen PyTorch
+loop (bench/hymenoptera.py's paths), the reference of the speed target.
+
+Prints a table per dataset (val accuracy, wall time, ratio to today's ``gradual``, to the plain frozen
+loop where it ran) and, for each run with a plan, the estimated total against the measured wall time of
+the run (inside the process) and of the process. ``--quick``: small sizes, one draw, no fastai nor plain
+loop (a smoke run of the script).
+
+    python bench/default.py [--quick] [--datasets hymenoptera few-shot digits small] [--runs today default ...]
+                            [--first-draw 0] [--draws 3] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from common import HYMENOPTERA, child_env, run_measured, warm_imports
+from few_shot import write_draw
+from hymenoptera import FASTAI, PLAIN_LOOP, WEIGHTS_NAME, offline_weights, run_script
+from rank import digits_folder, shapes_folder
+
+# Today's `gradual`: the default strategy with every new behaviour of issue 13 switched off. The one list
+# of off switches: each engineer's flags go here at merge.
+TODAY_FLAGS = ["--no-never-worse", "--no-plan"]
+RUNS = {"today": ["--strategy", "gradual", *TODAY_FLAGS], "default": [],
+        "linear-probe": ["--strategy", "linear-probe"], "finetune": ["--strategy", "finetune"],
+        "default-lbfgs": ["--head-fit", "lbfgs"]}  # gradual's frozen phase fitted by L-BFGS (not the default)
+SMALL_SIZES = (28, 48)
+
+
+def datasets(work: Path, names: list[str], quick: bool, per_class: int, draws: range) -> dict[str, Path]:
+    """Each requested dataset as a folder or CSV, by name (few-shot: one per draw)."""
+    found: dict[str, Path] = {}
+    if "hymenoptera" in names and not quick:
+        found["hymenoptera"] = HYMENOPTERA
+    if "few-shot" in names:
+        for draw in draws[:1] if quick else draws:
+            found[f"few-shot {per_class}/class, draw {draw}"] = write_draw(HYMENOPTERA, work / f"few-{draw}.csv",
+                                                                           per_class, draw)
+    if "digits" in names:
+        found["digits"] = digits_folder(work / "digits", *((8, 4) if quick else (120, 50)))
+    if "small" in names:
+        found["small"] = shapes_folder(work / "small", *((20, 8) if quick else (500, 125)), sizes=SMALL_SIZES)
+    return found
+
+
+def run_imgtune(data: Path, name: str, extra: list[str], work: Path) -> dict:
+    """One cold run (its own empty cache); accuracy, wall time of the process, and the plan's record."""
+    out, cache = work / "runs" / name, work / "caches" / name
+    shutil.rmtree(cache, ignore_errors=True)
+    command = [sys.executable, "-m", "imgtune", "-q", "train", str(data), "--model", "mobilenet_v2", "--offline",
+               "--out", str(out), "--overwrite", "--allow-outside-paths", *extra]
+    seconds, _, _ = run_measured(command, child_env(IMGTUNE_CACHE=str(cache)))
+    metrics = json.loads((out / "metrics.json").read_text())
+    plan_file = out / "plan.json"
+    row = {"accuracy": metrics["accuracy"], "seconds": seconds, "selection": metrics.get("selection")}
+    if plan_file.exists():
+        row["plan"] = json.loads(plan_file.read_text())
+    shutil.rmtree(cache, ignore_errors=True)
+    return row
+
+
+def references(data: Path, work: Path) -> dict[str, dict]:
+    """The plain frozen loop and fastai's fine_tune(5) on a folder with train/ and val/ (hymenoptera)."""
+    hub = work / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True, exist_ok=True)
+    shutil.copy(offline_weights(), hub / WEIGHTS_NAME)
+    return {"plain loop, frozen": run_script(PLAIN_LOOP.format(data=data, weights=offline_weights(), frozen=True),
+                                             child_env()),
+            "fastai fine_tune(5)": run_script(FASTAI.format(data=data), child_env(TORCH_HOME=str(work / "torch")))}
+
+
+def bench_dataset(name: str, data: Path, runs: list[str], work: Path, with_references: bool,
+                  rows: dict[str, dict], save) -> None:
+    """Every run on one dataset into ``rows``; ``save()`` after each (a long benchmark keeps what ran)."""
+    for run in runs:
+        rows[run] = run_imgtune(data, f"{name}-{run}".replace(" ", "_").replace("/", "_").replace(",", ""),
+                                RUNS[run], work)
+        print(f"{name} | {run}: accuracy {rows[run]['accuracy']:.4f}, {rows[run]['seconds']:.1f} s", flush=True)
+        save()
+    if with_references:
+        for reference, row in references(data, work).items():
+            rows[reference] = row
+            print(f"{name} | {reference}: accuracy {row['accuracy']:.4f}, {row['seconds']:.1f} s", flush=True)
+        save()
+
+
+def print_table(name: str, rows: dict[str, dict]) -> None:
+    today, plain = rows.get("today"), rows.get("plain loop, frozen")
+    print(f"\n### {name}\n\n| run | val accuracy | wall time (s) | / today's gradual | / plain frozen loop | "
+          "plan estimate (s) | run's own time (s) | estimate / run time | kept |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for run, row in rows.items():
+        ratio = f"{row['seconds'] / today['seconds']:.2f}" if today else "—"
+        frozen = f"1/{plain['seconds'] / row['seconds']:.1f}" if plain and run != "plain loop, frozen" else "—"
+        plan = row.get("plan") or {}
+        estimate, measured = plan.get("estimated_total_seconds"), plan.get("measured_total_seconds")
+        plan_cols = f"{estimate} | {measured} | {plan.get('estimate_over_measured')}" if estimate else "— | — | —"
+        kept = (row.get("selection") or {}).get("kept", "—")
+        print(f"| {run} | {row['accuracy']:.4f} | {row['seconds']:.1f} | {ratio} | {frozen} | {plan_cols} | {kept} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, one draw, no references: a smoke run")
+    parser.add_argument("--datasets", nargs="+", default=["hymenoptera", "few-shot", "digits", "small"],
+                        choices=["hymenoptera", "few-shot", "digits", "small"])
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--per-class", type=int, default=10)
+    parser.add_argument("--draws", type=int, default=3)
+    parser.add_argument("--first-draw", type=int, default=0, help="few-shot: the first draw's seed")
+    parser.add_argument("--json", type=Path, help="also write every row here")
+    args = parser.parse_args()
+    warm_imports()
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for name, data in datasets(work, args.datasets, args.quick, args.per_class,
+                                   range(args.first_draw, args.first_draw + args.draws)).items():
+            results[name] = {}
+            bench_dataset(name, data, args.runs, work, name == "hymenoptera" and not args.quick, results[name],
+                          lambda: args.json and args.json.write_text(json.dumps(results, indent=2)))
+    for name, rows in results.items():
+        print_table(name, rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,335 @@
+"""A time plan: before training, a few real batches of each phase are timed through the run's own
+loaders and model (``--plan``, on by default), the plan is logged (phases, epochs, estimated minutes
+each, total) and stored in the run folder (``plan.json``, with the measured wall time at the end); the
+progress bar says how long the run has left. ``--time-budget 10m`` picks the best plan that fits:
+fewer fine-tuning epochs first, ``linear-probe`` (the head fitted on cached features) at the least.
+
+Why measured, not modelled: the cost of an epoch depends on the machine, its load, the input size, the
+loaders and what each phase runs; timing the real training step (``engine.train_one_epoch`` itself,
+on a copy of the model) stays right whatever the phases do. The random generators are restored after
+the timing, so a planned run trains exactly as an unplanned one.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import artifact, checkpoint, distributed
+from .config import RunConfig, TrainConfig, save_yaml
+from .engine import Loaders, train_one_epoch
+from .errors import TrainingDiverged, UsageError
+from .head_fit import fit_linear_head, fitted_by_lbfgs, linear_layer
+from .inference import batched_outputs
+from .optim import make_optimizer
+from .strategies import Phase, plan
+
+log = logging.getLogger(__name__)
+
+PLAN_FILE = "plan.json"
+TIMED_BATCHES = 2  # after one that also starts the loader's workers
+LBFGS_SAMPLE = 256  # the head fit is timed on this many training images and scaled to all
+UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``10m``, ``1.5h`` (a bare number is minutes) as seconds."""
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text).lower())
+    if not found or float(found[1]) <= 0:
+        raise UsageError(f"--time-budget {text!r}: give a positive duration such as 90s, 10m or 1.5h (a bare "
+                         "number is minutes)")
+    return float(found[1]) * UNITS[found[2] or "m"]
+
+
+class _Few:
+    """The first ``count`` batches of a loader, as a loader (``len`` included)."""
+
+    def __init__(self, loader, count: int):
+        self.loader, self.count = loader, min(count, len(loader))
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        for index, batch in enumerate(self.loader):
+            if index >= self.count:
+                return
+            yield batch
+
+
+def _per_batch(stamps: list[float]) -> float:
+    """Seconds a batch from timestamps taken after each (the first batch, which also starts workers and
+    warms the caches, is only counted when it is the only one)."""
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return sum(gaps) / len(gaps) if gaps else stamps[0]
+
+
+def _time_training(loader, phase: Phase, model, on_features: bool, train: TrainConfig, device, loss_fn
+                   ) -> tuple[float, float]:
+    """Seconds per batch of the real training step (``engine.train_one_epoch``) on a copy of ``model``
+    (its head alone on cached features, else the whole model on images): on the first pass over the
+    batches (images decoded, the pixel cache filled, kernels chosen) and on a second over the same ones."""
+    model = copy.deepcopy(model)
+    model.freeze_body(phase.body_frozen)
+    optimizer = make_optimizer(model, phase, train)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    def one_pass() -> float:
+        start, stamps = time.perf_counter(), []
+        try:
+            train_one_epoch(model.head if on_features else model, _Few(loader, TIMED_BATCHES + 1), optimizer,
+                            scheduler, loss_fn, device, None, f"timing {phase.name}",
+                            after_step=lambda: stamps.append(time.perf_counter() - start))
+        except TrainingDiverged:  # the copy diverged (--lr 1e30): training itself will say where, not the timing
+            stamps = stamps or [time.perf_counter() - start]
+        return _per_batch(stamps)
+
+    return one_pass(), one_pass()
+
+
+def _time_eval(net: torch.nn.Module, loader, device) -> tuple[float, float]:
+    """Seconds per validation batch, first pass and second (as :func:`_time_training`)."""
+    def one_pass() -> float:
+        start, stamps = time.perf_counter(), []
+        for _ in batched_outputs(net, _Few(loader, TIMED_BATCHES + 1), device, "timing validation"):
+            stamps.append(time.perf_counter() - start)
+        return _per_batch(stamps) if stamps else 0.0
+
+    return one_pass(), one_pass()
+
+
+def _time_lbfgs(model, loaders: Loaders, num_classes: int, seed: int) -> float:
+    """One head fit on a sample of the training features, scaled linearly to all of them (its
+    cross-validation runs on at most ``head_fit.SELECT_ON`` images, the final fit on all)."""
+    features, targets = loaders.frozen_train.dataset.tensors[:2]
+    n = len(targets)
+    pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:LBFGS_SAMPLE]
+    head = copy.deepcopy(model.head)
+    since = time.perf_counter()
+    fit_linear_head(linear_layer(head), features[pick], targets[pick], num_classes, None, seed)
+    return (time.perf_counter() - since) * max(1.0, n / len(pick))
+
+
+@dataclass
+class Costs:
+    """Seconds measured on this machine: an epoch of each kind, the head fit, an image through the model."""
+
+    body_epoch: float = 0.0  # training batches with the body training, images (pixels cached)
+    first_extra: float = 0.0  # more in the first epoch that reads the images (decoding, filling the caches)
+    head_epoch: float = 0.0  # training batches of the head on cached features (SGD)
+    val_images: float = 0.0  # a validation pass through the whole model (pixels cached)
+    val_features: float = 0.0  # a validation pass of the head on cached features
+    val_first_read: float = 0.0  # a validation pass through the whole model, images read the first time
+    test_images: float = 0.0  # a pass over the test split, first read
+    per_image: float = 0.0  # one image through the whole model, first read (the never-worse hold-out)
+    lbfgs: float = 0.0
+
+
+def measure(model, phases: list[Phase], loaders: Loaders, train: TrainConfig, device, loss_fn,
+            num_classes: int) -> Costs:
+    """Time a few batches of what each phase runs, through the real loaders; the random generators (global
+    and the loaders' own) are as before afterwards. Under torchrun, the mean over the ranks."""
+    rng = checkpoint.capture_rng()
+    generators = [(g, g.get_state()) for g in (getattr(x, "generator", None) for x in (loaders.train,
+                  loaders.frozen_train)) if g is not None]
+    costs = Costs()
+    try:
+        _measure_into(costs, model, phases, loaders, train, device, loss_fn, num_classes)
+    finally:
+        checkpoint.restore_rng(rng)
+        for generator, state in generators:
+            generator.set_state(state)
+    world = distributed.current().world  # every rank plans from the same (mean) costs, so all choose alike
+    return Costs(*(v / world for v in distributed.sum_across(list(vars(costs).values()))))
+
+
+def _measure_into(costs: Costs, model, phases, loaders: Loaders, train, device, loss_fn, num_classes) -> None:
+    body = next((p for p in phases if not p.body_frozen), None)
+    if body is not None or loaders.frozen_val is None:
+        first, again = _time_eval(model, loaders.val, device)
+        costs.val_images = again * len(loaders.val)
+        costs.first_extra = max(0.0, first - again) * len(loaders.val)
+        costs.val_first_read = first * len(loaders.val)
+        costs.per_image = first / max(1, loaders.val.batch_size or 1)
+        costs.test_images = first * len(loaders.test) if loaders.test is not None else 0.0
+    if body is not None:
+        first, again = _time_training(loaders.train, body, model, False, train, device, loss_fn)
+        costs.body_epoch = again * len(loaders.train)
+        costs.first_extra += max(0.0, first - again) * len(loaders.train)
+    if loaders.frozen_train is not None:
+        costs.val_features = _time_eval(model.head, loaders.frozen_val, device)[1] * len(loaders.frozen_val)
+        costs.head_epoch = _time_training(loaders.frozen_train, phases[0], model, True, train, device,
+                                          loss_fn)[1] * len(loaders.frozen_train)
+        if linear_layer(model.head) is not None:
+            costs.lbfgs = _time_lbfgs(model, loaders, num_classes, train.seed)
+
+
+@dataclass
+class Estimate:
+    """Seconds per line of the plan, and per epoch (for the time left)."""
+
+    lines: list[tuple[str, int, float]] = field(default_factory=list)  # (what, epochs, seconds)
+    epoch_seconds: dict[int, float] = field(default_factory=dict)
+    tail: float = 0.0  # after the last epoch: final metrics, the never-worse check
+
+    @property
+    def total(self) -> float:
+        return sum(seconds for _, _, seconds in self.lines)
+
+
+def estimate(phases: list[Phase], costs: Costs, train: TrainConfig, head_linear: bool,
+             holdout_images: int, test: bool) -> Estimate:
+    """What each phase will cost from the measured costs; the final metrics and the never-worse check."""
+    out, epoch, first_read = Estimate(), 0, False
+    for index, phase in enumerate(phases):
+        last = index == len(phases) - 1
+        if phase.body_frozen and head_linear and fitted_by_lbfgs(train.head_fit, last):
+            seconds, per_epoch = costs.lbfgs + costs.val_features, [0.0] * phase.epochs
+        elif phase.body_frozen:
+            per_epoch = [costs.head_epoch + costs.val_features] * phase.epochs
+            seconds = sum(per_epoch)
+        else:
+            per_epoch = [costs.body_epoch + costs.val_images] * phase.epochs
+            per_epoch[0] += costs.first_extra if not first_read else 0.0
+            first_read, seconds = True, sum(per_epoch)
+        for offset, value in enumerate(per_epoch):
+            out.epoch_seconds[epoch + offset + 1] = value
+        epoch += phase.epochs
+        out.lines.append((f"{phase.name} ({'head fitted by L-BFGS' if not any(per_epoch) else 'epochs'})",
+                          phase.epochs, seconds))
+    images = not phases[-1].body_frozen or holdout_images  # the final model runs on images
+    final = (costs.val_images if first_read else costs.val_first_read) if images else costs.val_features
+    final += costs.test_images if test and images else 0.0
+    out.lines.append(("final metrics", 0, final))
+    out.tail = final
+    if holdout_images:
+        check = holdout_images * costs.per_image + costs.lbfgs  # hold-out features, the refit on all
+        check += holdout_images * costs.per_image + costs.lbfgs if first_read else 0.0  # fine-tuned, probe scored
+        out.lines.append((f"never-worse check ({holdout_images} held-out images)", 0, check))
+        out.tail += check
+    return out
+
+
+def candidates(train: TrainConfig) -> list[tuple[str, TrainConfig]]:
+    """Plans from the best to the cheapest, each a config that runs it: the one asked for, then fewer
+    epochs with the body training, then (for a strategy with a frozen phase) linear-probe as the floor.
+    (Other ways to save time, e.g. fewer unfrozen blocks or a smaller input size, go in here.)"""
+    found = [("as configured", train)]
+    if train.strategy == "gradual":
+        for unfrozen in range(train.epochs - train.freeze_epochs - 1, 0, -1):
+            found.append((f"{unfrozen} fine-tuning epoch{'s' * (unfrozen > 1)} instead of "
+                          f"{train.epochs - train.freeze_epochs}", replace(train, epochs=train.freeze_epochs + unfrozen)))
+        found.append(("linear-probe only (no fine-tuning)", replace(train, strategy="linear-probe",
+                                                                   epochs=train.freeze_epochs)))
+    elif train.strategy in ("finetune", "scratch"):
+        found += [(f"{e} epoch{'s' * (e > 1)} instead of {train.epochs}", replace(train, epochs=e))
+                  for e in range(train.epochs - 1, 0, -1)]
+    return found
+
+
+@dataclass
+class Plan:
+    """The plan that runs: its config, phases and estimate, and the record for plan.json."""
+
+    config: RunConfig
+    phases: list[Phase]
+    estimate: Estimate
+    record: dict
+
+
+def make(config: RunConfig, costs: Costs, spent: float, head_linear: bool, holdout_images: int,
+         test: bool) -> Plan:
+    """The plan asked for, or under ``--time-budget`` the best candidate whose estimated total (with the
+    ``spent`` seconds so far) fits; the cheapest when none does."""
+    budget = parse_duration(config.train.time_budget) if config.train.time_budget else None
+    tried = []
+    for reason, train in candidates(config.train):
+        phases = plan(train)
+        found = estimate(phases, costs, train, head_linear, holdout_images, test)
+        tried.append({"plan": reason, "estimated_seconds": round(spent + found.total, 1)})
+        if budget is None or spent + found.total <= budget:
+            break
+    else:
+        log.warning("time budget %s: even the cheapest plan (%s) is estimated at %.1f min; it runs anyway",
+                    config.train.time_budget, reason, (spent + found.total) / 60)
+    if budget is not None:
+        log.info("time budget %s: chose %s", config.train.time_budget, reason)
+    chosen = replace(config, train=replace(train, time_budget=None) if budget is not None else train)
+    record = {"budget_seconds": budget, "chosen": reason, "tried": tried if budget is not None else [],
+              "seconds_before_plan": round(spent, 1), "costs": {k: round(v, 3) for k, v in vars(costs).items()},
+              "lines": [{"what": w, "epochs": e, "seconds": round(s, 1)} for w, e, s in found.lines],
+              "estimated_total_seconds": round(spent + found.total, 1)}
+    return Plan(chosen, phases, found, record)
+
+
+def describe(chosen: Plan) -> str:
+    """The plan as the log shows it: one line per phase and the total, in minutes."""
+    lines = [f"  {'so far (checks, model, features)':44s} {chosen.record['seconds_before_plan'] / 60:6.1f} min"]
+    for what, epochs, seconds in chosen.estimate.lines:
+        label = f"{what}, {epochs} epoch{'s' * (epochs != 1)}" if epochs else what
+        lines.append(f"  {label:44s} {seconds / 60:6.1f} min")
+    lines.append(f"  {'total (estimated)':44s} {chosen.record['estimated_total_seconds'] / 60:6.1f} min")
+    return "time plan (a few batches of each phase timed on this machine):\n" + "\n".join(lines)
+
+
+class TimeLeft:
+    """The time left, for the progress bar: the estimate of the epochs still to come, scaled by how the
+    epochs so far compared with their estimate."""
+
+    def __init__(self, estimate: Estimate):
+        self.estimate, self.started = estimate, time.perf_counter()
+        self.done_estimate = 0.0
+        self.first_epoch: int | None = None
+
+    def __call__(self, epoch: int) -> str:
+        if self.first_epoch is None:
+            self.first_epoch, self.started = epoch, time.perf_counter()
+        passed = sum(self.estimate.epoch_seconds.get(e, 0.0) for e in range(self.first_epoch, epoch))
+        elapsed = time.perf_counter() - self.started
+        pace = elapsed / passed if passed > 0 and elapsed > 0 else 1.0
+        left = sum(s for e, s in self.estimate.epoch_seconds.items() if e >= epoch) + self.estimate.tail
+        return f", about {_clock(left * pace)} left in the run"
+
+
+def _clock(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def finish(record: dict, measured: float) -> dict:
+    """The plan's record with the measured wall time and its ratio to the estimate."""
+    estimated = record["estimated_total_seconds"]
+    return record | {"measured_total_seconds": round(measured, 1),
+                     "estimate_over_measured": round(estimated / measured, 3) if measured > 0 else None}
+
+
+def plan_run(setup, model, phases: list[Phase], loaders: Loaders, holdout_images: int, start: float) -> Plan:
+    """Measure, choose (under ``--time-budget``), log the plan and store it (plan.json; config.yaml again
+    when the budget changed what runs, so that it still repeats the run)."""
+    config = setup.config
+    costs = measure(model, phases, loaders, config.train, setup.device, nn.CrossEntropyLoss(),
+                    len(setup.source.classes))
+    chosen = make(config, costs, time.perf_counter() - start, linear_layer(model.head) is not None, holdout_images,
+                  loaders.test is not None)
+    log.info(describe(chosen))
+    if distributed.current().is_main:
+        out = Path(config.out)
+        if chosen.config != config:
+            save_yaml(chosen.config, out / artifact.CONFIG)
+        artifact.write_json(out / PLAN_FILE, chosen.record)
+    return chosen
+
+
+def record_measured(out: Path, chosen: Plan | None, measured: float) -> None:
+    """plan.json again, with the run's measured wall time beside the estimate."""
+    if chosen is not None and distributed.current().is_main:
+        done = finish(chosen.record, measured)
+        artifact.write_json(out / PLAN_FILE, done)
+        log.info("time plan: estimated %.1f min, took %.1f min", done["estimated_total_seconds"] / 60,
+                 done["measured_total_seconds"] / 60)

@@ -1,0 +1,124 @@
+"""The time plan (imgtune.timeplan: --plan, --time-budget) and the never-worse rule (imgtune.never_worse)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from dataclasses import replace
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+from torch import nn
+
+from datagen import PRETRAINED_ARGS, make_split_dataset
+from imgtune import never_worse, timeplan
+from imgtune.cli import main
+from imgtune.config import RunConfig, TrainConfig, resolve
+from imgtune.data.sources import open_source
+from imgtune.errors import UsageError
+from imgtune.strategies import plan
+
+FAST = (*PRETRAINED_ARGS, "--workers", "0", "--epochs", "2", "--freeze-epochs", "1")
+BROKEN = ("--backbone-lr-factor", "500")  # the body at lr 1: fine-tuning wrecks it (finite, far from useful)
+
+
+def test_the_holdout_is_stratified_from_the_training_split_only(tmp_path):
+    data = make_split_dataset(tmp_path / "data", train=9, val=3, test=2)
+    source = open_source(str(data), 0.2, 0.0, seed=0, progress=False)
+    train = resolve(RunConfig(train=TrainConfig())).train
+    phases = plan(train)
+    head = nn.Linear(8, 3)
+    hold = never_worse.carve(source, train, phases, head)
+    samples = hold.source.splits.samples
+    inner = [s for s in samples if s.split == never_worse.INNER]
+    assert Counter(s.label for s in inner) == Counter({c: 3 for c in source.classes})  # max(15%, 3), <= 9 // 3
+    before = {s.path: s.split for s in source.splits.samples}
+    assert all(before[s.path] == "train" for s in inner)
+    assert all(s.split == before[s.path] for s in samples if s.split != never_worse.INNER)  # val, test untouched
+    again = never_worse.carve(source, train, phases, head)
+    assert [s.split for s in again.source.splits.samples] == [s.split for s in samples]
+    assert never_worse.carve(source, replace(train, never_worse=False), phases, head) is None
+    assert [never_worse.holdout_size(n) for n in (2, 5, 10, 120, 1000)] == [0, 1, 3, 18, 150]
+
+
+def _run(tmp_path, name: str, data, *extra: str, quiet: bool = True) -> tuple:
+    out = tmp_path / name
+    assert main([*["-q"] * quiet, "train", str(data), "--cache-dir", str(tmp_path / "cache"), *FAST, *extra, "--out",
+                 str(out)]) == 0
+    return out, json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_failed_fine_tuning_keeps_the_probe_refitted_on_the_whole_training_split(tmp_path):
+    data = make_split_dataset(tmp_path / "data", train=12, val=4)
+    guarded, metrics = _run(tmp_path, "guarded", data, *BROKEN)
+    selection = metrics["selection"]
+    assert selection["kept"] == "probe" and selection["refitted_on_whole_training_split"]
+    assert selection["holdout_images"] == 9 and selection["fine_tuned"]["accuracy"] < selection["probe"]["accuracy"]
+    probe, probe_metrics = _run(tmp_path, "probe", data, "--strategy", "linear-probe")
+    assert metrics["accuracy"] == probe_metrics["accuracy"]  # the same probe: same images, features and fit
+    assert metrics["loss"] == pytest.approx(probe_metrics["loss"], rel=1e-4, abs=1e-6)
+    kept, fitted = load_file(guarded / "model.safetensors"), load_file(probe / "model.safetensors")
+    assert all(kept[k].equal(fitted[k]) for k in kept if k.startswith("body."))  # the pretrained body
+    unguarded, plain = _run(tmp_path, "unguarded", data, *BROKEN, "--no-never-worse")
+    assert "selection" not in plain and plain["accuracy"] < metrics["accuracy"]
+    unplanned, _ = _run(tmp_path, "unplanned", data, *BROKEN, "--no-never-worse", "--no-plan")
+    assert not (unplanned / timeplan.PLAN_FILE).exists()
+    a, b = load_file(unguarded / "model.safetensors"), load_file(unplanned / "model.safetensors")
+    assert all(a[k].equal(b[k]) for k in a)  # timing batches changes nothing in what trains
+
+
+def _costs() -> timeplan.Costs:
+    return timeplan.Costs(body_epoch=30.0, head_epoch=0.1, val_images=5.0, val_features=0.05, val_first_read=6.0,
+                          per_image=0.01, lbfgs=1.0)
+
+
+def test_the_plan_fits_the_budget_fewer_epochs_first_then_linear_probe():
+    config = resolve(RunConfig(train=TrainConfig(epochs=8)))  # gradual: 4 frozen, 4 unfrozen epochs
+    full = timeplan.make(config, _costs(), 10.0, True, 20, False)
+    assert full.config == config and full.record["chosen"] == "as configured"
+    assert full.record["estimated_total_seconds"] == pytest.approx(10 + 4 * 0.15 + 4 * 35 + 5 + 2 * 20 * 0.01 + 2, abs=0.06)
+    budget = 10 + 4 * 0.15 + 2 * 35 + 5 + 2.4 + 1  # two fine-tuning epochs fit, three do not
+    fitted = timeplan.make(replace(config, train=replace(config.train, time_budget=f"{budget}s")), _costs(), 10.0,
+                           True, 20, False)
+    assert [p.epochs for p in fitted.phases] == [4, 2] and fitted.config.train.epochs == 6
+    assert fitted.record["estimated_total_seconds"] <= budget < fitted.record["tried"][-2]["estimated_seconds"]
+    assert fitted.config.train.time_budget is None  # config.yaml repeats what ran
+    floor = timeplan.make(replace(config, train=replace(config.train, time_budget="20s")), _costs(), 10.0, True, 20,
+                          False)
+    assert floor.config.train.strategy == "linear-probe" and [p.body_frozen for p in floor.phases] == [True]
+    # the frozen phase (L-BFGS, val on features), val on images read the first time, the refit with the hold-out
+    assert floor.record["estimated_total_seconds"] == pytest.approx(10 + 1.05 + 6 + 20 * 0.01 + 1, abs=0.06)
+
+
+def test_durations_and_the_time_left():
+    assert [timeplan.parse_duration(t) for t in ("90s", "10m", "1.5h", "2")] == [90, 600, 5400, 120]
+    for bad in ("", "-1m", "0", "ten minutes", "5d"):
+        with pytest.raises(UsageError, match="--time-budget"):
+            timeplan.parse_duration(bad)
+    estimate = timeplan.Estimate(epoch_seconds={1: 0.0, 2: 60.0, 3: 60.0}, tail=30.0)
+    assert timeplan.TimeLeft(estimate)(2) == ", about 2.5 min left in the run"
+
+
+def test_a_bad_budget_stops_before_anything_is_written(tmp_path, capsys):
+    data = make_split_dataset(tmp_path / "data", train=3, val=2)
+    assert main(["train", str(data), *FAST, "--time-budget", "soon", "--out", str(tmp_path / "run")]) == 2
+    assert "--time-budget 'soon'" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_tight_budget_trains_linear_probe_and_says_so(tmp_path, capsys):
+    data = make_split_dataset(tmp_path / "data", train=8, val=3)
+    out, metrics = _run(tmp_path, "run", data, "--time-budget", "1s", quiet=False)
+    told = capsys.readouterr().err
+    assert "time budget 1s: chose linear-probe only" in told and "total (estimated)" in told
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["train"]["strategy"] == "linear-probe" and config["train"]["time_budget"] is None
+    with open(out / "metrics.csv") as handle:
+        assert {row["phase"] for row in csv.DictReader(handle)} == {"frozen"}
+    record = json.loads((out / timeplan.PLAN_FILE).read_text())
+    assert record["budget_seconds"] == 1 and record["chosen"].startswith("linear-probe")
+    assert record["measured_total_seconds"] > 0 and record["estimate_over_measured"] > 0
+    assert metrics["selection"]["kept"] == "probe" and metrics["selection"]["refitted_on_whole_training_split"]
