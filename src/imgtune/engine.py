@@ -133,8 +133,7 @@ class Loaders:
 def head_fit_asked(train: TrainConfig, phase: Phase, last: bool, loaders: Loaders) -> bool:
     """Whether ``--head-fit`` asks for the (frozen) ``phase`` to be fitted by L-BFGS on cached features
     rather than trained by SGD (``last``: it is the strategy's last phase); the head must also be linear."""
-    fit = train.head_fit if train.head_fit != "auto" else ("lbfgs" if last else "sgd")
-    return phase.body_frozen and loaders.frozen_train is not None and fit == "lbfgs"
+    return phase.body_frozen and loaders.frozen_train is not None and fitted_by_lbfgs(train.head_fit, last)
 
 
 def fit(model: Classifier, phases: list[Phase], loaders: Loaders, train: TrainConfig, device: torch.device,
