@@ -11,9 +11,11 @@ import sys
 
 from .. import __version__
 from ..errors import EXIT_CODES, EXIT_UNEXPECTED, ImgtuneError
-from . import cache, doctor, evaluate, explain, export, predict, rank, report, sample, serve, shard, suggest, train
+from . import (cache, doctor, evaluate, explain, export, federate, predict, rank, report, sample, serve, shard, suggest,
+               train)
 
-COMMANDS = (train, rank, evaluate, predict, explain, export, report, serve, doctor, suggest, shard, sample, cache)
+COMMANDS = (train, rank, evaluate, predict, explain, export, report, serve, doctor, suggest, shard, sample, cache,
+            federate)
 log = logging.getLogger("imgtune")
 
 
