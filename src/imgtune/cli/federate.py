@@ -38,6 +38,13 @@ def register(commands) -> None:
     site.add_argument("--server", required=True, metavar="HOST:PORT", help="the coordinator's SuperLink")
     _site_flags(site)
     site.set_defaults(handler=run_site)
+    certs = sub.add_parser("certs", help="test TLS certificates for a federation (a CA and the SuperLink's)")
+    certs.add_argument("folder", metavar="DIR", help="where ca.crt, ca.key, server.crt and server.key are written")
+    certs.add_argument("--host", action="append", default=[], metavar="NAME",
+                       help="a name or address the sites reach the SuperLink by (repeatable; localhost and "
+                            "127.0.0.1 are always included)")
+    certs.add_argument("--days", type=int, default=30, help="validity in days (default: 30)")
+    certs.set_defaults(handler=run_certs)
 
 
 def _coordinator_flags(p) -> None:
@@ -60,6 +67,16 @@ def _coordinator_flags(p) -> None:
                                                                           "in a round (default: 600)")
     group.add_argument("--logs", metavar="DIR", help="folder for the Flower processes' logs (default: a new "
                                                      "temporary folder)")
+    group.add_argument("--dp-noise", type=float, default=0.0, metavar="Z",
+                       help="central differential privacy: Gaussian noise multiplier on the aggregate, each site's "
+                            "update clipped to --dp-clip; the (epsilon, delta) spent goes into metrics.json "
+                            "(default: 0, off)")
+    group.add_argument("--dp-clip", type=float, default=1.0, help="L2 norm each site's update is clipped to with "
+                                                                  "--dp-noise (default: 1)")
+    group.add_argument("--dp-delta", type=float, default=1e-5, help="the delta epsilon is reported at (default: "
+                                                                    "1e-5)")
+    group.add_argument("--tls", metavar="DIR", help="TLS between all parties with DIR's ca.crt, server.crt and "
+                                                    "server.key (imgtune federate certs DIR; default: no TLS)")
     groups = {title: p.add_argument_group(title) for title in GROUPS.values()}
     for option in cfg.OPTIONS.values():
         if option.name not in NOT_FEDERATED:
@@ -73,6 +90,8 @@ def _site_flags(p) -> None:
     p.add_argument("--cache-dir", help="this site's feature cache (default: $IMGTUNE_CACHE, else ~/.cache/imgtune)")
     p.add_argument("--device", choices=cfg.DEVICES, help="this site's device (default: auto)")
     p.add_argument("--logs", metavar="DIR", help="folder for the SuperNode's log (default: a new temporary folder)")
+    p.add_argument("--tls-ca", metavar="FILE", help="the federation's ca.crt: connect with TLS and verify the "
+                                                    "SuperLink against it (default: no TLS)")
 
 
 def settings_from(args, sites: int | None):
@@ -86,14 +105,15 @@ def settings_from(args, sites: int | None):
                     freeze_rounds=args.freeze_rounds, local_epochs=args.local_epochs, strategy=args.fl_strategy,
                     proximal_mu=args.proximal_mu, server_lr=args.server_lr,
                     min_sites=args.min_sites or sites or 2, classes=classes, round_timeout=args.round_timeout,
-                    overwrite=bool(overwrite))
+                    overwrite=bool(overwrite), dp_noise=args.dp_noise, dp_clip=args.dp_clip,
+                    dp_delta=args.dp_delta)
 
 
 def run_simulate(args) -> int:
     from ..federated import launch
 
     settings = settings_from(args, len(args.sites))
-    metrics = launch.simulate(args.sites, settings, args.logs)
+    metrics = launch.simulate(args.sites, settings, args.logs, launch.Security.from_folder(args.tls))
     _report(metrics, settings.out)
     return 0
 
@@ -102,7 +122,7 @@ def run_server(args) -> int:
     from ..federated import launch
 
     settings = settings_from(args, None)
-    metrics = launch.serve(settings, args.host, args.port, args.logs)
+    metrics = launch.serve(settings, args.host, args.port, args.logs, launch.Security.from_folder(args.tls))
     _report(metrics, settings.out)
     return 0
 
@@ -111,7 +131,17 @@ def run_site(args) -> int:
     from ..federated import launch
 
     options = {k: v for k, v in (("cache-dir", args.cache_dir), ("device", args.device)) if v}
-    return launch.join(args.data, args.server, args.name, args.audit, args.logs, node_options=options)
+    security = launch.Security(Path(args.tls_ca).resolve()) if args.tls_ca else launch.Security()
+    return launch.join(args.data, args.server, args.name, args.audit, args.logs, security, options)
+
+
+def run_certs(args) -> int:
+    from ..federated.certs import make_certificates
+
+    files = make_certificates(args.folder, args.host, args.days)
+    console.print(f"wrote {', '.join(str(p) for p in files.values())}: the SuperLink uses --tls {args.folder}; "
+                  f"each site --tls-ca {files['ca.crt']}")
+    return 0
 
 
 def _report(metrics: dict, out: str) -> None:

@@ -100,7 +100,7 @@ def train(msg: Message, context: Context) -> Message:
     plan = site.RoundPlan(str(config["phase"]), int(config["local-epochs"]), float(config.get("proximal-mu", 0.0)))
     arrays, scalars = site.train_round(setup, _arrays(msg), plan)
     record = ArrayRecord({k: Array(v) for k, v in arrays.items()})
-    metrics = MetricRecord(scalars | {"round": int(config["server-round"])})
+    metrics = MetricRecord(scalars | {"round": int(config["server-round"])} | _unit_weight(config))
     return Message(RecordDict({"arrays": record, "metrics": metrics, "site": _site_name(context)}), reply_to=msg)
 
 
@@ -110,8 +110,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     found = site.evaluate_round(setup, _arrays(msg), str(config["phase"]))
     metrics = MetricRecord({"num-examples": found["num-examples"], "loss-sum": found["loss-sum"],
                             "confusion": [int(v) for v in found["matrix"].ravel()],
-                            "round": int(config["server-round"])})
+                            "round": int(config["server-round"])} | _unit_weight(config))
     return Message(RecordDict({"metrics": metrics, "site": _site_name(context)}), reply_to=msg)
+
+
+def _unit_weight(config) -> dict:
+    """With --dp-noise every site weighs the same (``unit-weight``: 1), as Flower's accounting requires."""
+    return {"unit-weight": 1} if bool(config.get("unit-weight", False)) else {}
 
 
 @server.main()
@@ -133,12 +138,15 @@ def run(grid: Grid, settings: Settings) -> dict:
     with contextlib.ExitStack() as lock:
         final = coordinator.start_run_folder(settings, config, built, data, lock)
         recorder = Recorder(classes, settings.out, settings.min_sites)
+        accountant = coordinator.make_accountant(settings)
         shared = {"classes": classes, "options": json.dumps(_site_options(final)),
-                  "body-sha256": site.body_digest(built.model), "local-epochs": settings.local_epochs}
+                  "body-sha256": site.body_digest(built.model), "local-epochs": settings.local_epochs,
+                  "unit-weight": accountant is not None}
         for phase, rounds in settings.phases(config.train.strategy):
             if rounds:
-                _run_phase(grid, settings, built, recorder, phase, rounds, shared)
-        return coordinator.finish_run_folder(settings.out, built, recorder)
+                _run_phase(grid, settings, built, recorder, phase, rounds, shared, accountant)
+        privacy = coordinator.privacy_report(settings, accountant)
+        return coordinator.finish_run_folder(settings.out, built, recorder, privacy)
 
 
 def _site_options(config) -> dict:
@@ -153,9 +161,9 @@ def _site_options(config) -> dict:
 
 
 def _run_phase(grid: Grid, settings: Settings, built, recorder: Recorder, phase: str, rounds: int,
-               shared: dict) -> None:
+               shared: dict, accountant=None) -> None:
     recorder.phase, recorder.offset = phase, len(recorder.rounds)
-    strategy = make_strategy(settings, recorder)
+    strategy = make_strategy(settings, recorder, accountant)
     initial = ArrayRecord({k: Array(v) for k, v in site.to_arrays(built.model, phase).items()})
     config = ConfigRecord(shared | {"phase": phase})
     log.info("federation: %d %s round(s) with %s", rounds, phase, type(strategy).__name__)
@@ -164,18 +172,27 @@ def _run_phase(grid: Grid, settings: Settings, built, recorder: Recorder, phase:
     site.load_arrays(built.model, {k: a.numpy() for k, a in result.arrays.items()}, phase)
 
 
-def make_strategy(settings: Settings, recorder: Recorder):
-    """Flower's strategy by name; every reply goes through the recorder (pooled and per-site figures)."""
-    from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+def make_strategy(settings: Settings, recorder: Recorder, accountant=None):
+    """Flower's strategy by name; every reply goes through the recorder (pooled and per-site figures).
+    With ``accountant`` (--dp-noise) it is wrapped in Flower's central DP with server-side fixed clipping,
+    whose accounting needs an unweighted average: the sites then weigh by ``unit-weight`` (1 each)."""
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedProx
 
     common = {"min_train_nodes": settings.min_sites, "min_evaluate_nodes": settings.min_sites,
               "min_available_nodes": settings.min_sites, "train_metrics_aggr_fn": recorder.on_train,
               "evaluate_metrics_aggr_fn": recorder.on_evaluate}
+    if accountant is not None:
+        common["weighted_by_key"] = "unit-weight"
     if settings.strategy == "fedprox":
-        return FedProx(proximal_mu=settings.proximal_mu, **common)
-    if settings.strategy == "fedadam":
-        return FedAdam(eta=settings.server_lr, **common)
-    return FedAvg(**common)
+        strategy = FedProx(proximal_mu=settings.proximal_mu, **common)
+    elif settings.strategy == "fedadam":
+        strategy = FedAdam(eta=settings.server_lr, **common)
+    else:
+        strategy = FedAvg(**common)
+    if accountant is None:
+        return strategy
+    return DifferentialPrivacyServerSideFixedClipping(strategy, settings.dp_noise, settings.dp_clip,
+                                                      settings.min_sites, accountant=accountant)
 
 
 def gather_classes(grid: Grid, settings: Settings) -> tuple[list[str], dict]:

@@ -49,6 +49,9 @@ class Settings:
     classes: list[str] = field(default_factory=list)  # empty: the union of the sites' class names
     round_timeout: float = 600.0
     overwrite: bool = False
+    dp_noise: float = 0.0  # central DP (Flower's server-side fixed clipping): noise multiplier; 0: off
+    dp_clip: float = 1.0  # the L2 norm each site's update is clipped to
+    dp_delta: float = 1e-5
 
     def to_run_config(self) -> dict:
         return {"imgtune-settings": json.dumps(asdict(self))}
@@ -82,6 +85,11 @@ def check_settings(settings: Settings) -> RunConfig:
     if config.train.strategy == "gradual" and not 1 <= frozen < settings.rounds:
         raise UsageError(f"--freeze-rounds {frozen} with --rounds {settings.rounds}: gradual needs at least one "
                          "frozen and one unfrozen round")
+    if settings.dp_noise < 0 or settings.dp_clip <= 0 or not 0 < settings.dp_delta < 1:
+        raise UsageError("--dp-noise must be >= 0, --dp-clip > 0 and --dp-delta between 0 and 1")
+    if settings.dp_noise > 0 and settings.strategy == "fedadam":
+        raise UsageError("--dp-noise: Flower accounts the privacy of FedAvg's aggregation (fedavg, fedprox), not "
+                         "fedadam's")
     if settings.classes and len(set(settings.classes)) < 2:
         raise UsageError("--classes: a classifier needs at least two distinct classes")
     return config
@@ -205,7 +213,31 @@ def _flower_version() -> str:
     return f"flwr {version('flwr')}"
 
 
-def finish_run_folder(out: str, built: models.BuiltModel, recorder: Recorder) -> dict:
+def privacy_report(settings: Settings, accountant) -> dict | None:
+    """(epsilon, delta) spent, as Flower's RDP accountant composed it over every noised round."""
+    if accountant is None:
+        return None
+    spent = accountant.get_privacy_spent(settings.dp_delta)
+    return {"mechanism": "central differential privacy: each site's update clipped to an L2 norm of dp_clip, "
+                         "Gaussian noise added to the aggregate (Flower's server-side fixed clipping)",
+            "unit": "a site (client-level privacy)", "epsilon": float(spent.epsilon), "delta": float(spent.delta),
+            "noise_multiplier": settings.dp_noise, "clipping_norm": settings.dp_clip,
+            "noised_rounds": accountant.num_releases, "accountant": "RDP (dp-accounting)"}
+
+
+def make_accountant(settings: Settings):
+    """Flower's RDP accountant, one for the whole federation (every phase composes into it)."""
+    if settings.dp_noise <= 0:
+        return None
+    from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
+    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+    return RdpAccountant(PrivacyConfig(target_delta=settings.dp_delta, population_size=settings.min_sites,
+                                       neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                                       sampling_method=SamplingMethod.NO_AMPLIFICATION))
+
+
+def finish_run_folder(out: str, built: models.BuiltModel, recorder: Recorder, privacy: dict | None = None) -> dict:
     """model.safetensors, then metrics.json: the last round's pooled val figures at the top level."""
     built.model.freeze_body(False)
     artifact.save_weights(built.model.cpu(), artifact.Path(out) / artifact.WEIGHTS)
@@ -214,6 +246,7 @@ def finish_run_folder(out: str, built: models.BuiltModel, recorder: Recorder) ->
     metrics["kept"] = "final"
     metrics["federated"] = {"pooled_over": "the sites' val splits (summed confusion matrices)",
                             "sites": last.get("sites", {}), "rounds": recorder.rounds}
+    metrics["privacy"] = privacy
     artifact.write_json(artifact.Path(out) / artifact.METRICS_JSON, metrics)
     return metrics
 

@@ -151,6 +151,20 @@ class Security:
     cert: Path | None = None
     key: Path | None = None
 
+    @classmethod
+    def from_folder(cls, folder: str | None, server: bool = True) -> "Security":
+        """The files ``imgtune federate certs`` writes (a site needs only ca.crt)."""
+        from .certs import CA, SERVER, SERVER_KEY
+
+        if folder is None:
+            return cls()
+        paths = [Path(folder) / name for name in ((CA, SERVER, SERVER_KEY) if server else (CA,))]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise UsageError(f"--tls {folder}: missing {', '.join(missing)}; make test certificates with "
+                             f"imgtune federate certs {folder} (docs/federated.md)")
+        return cls(*(p.resolve() for p in paths)) if server else cls(paths[0].resolve())
+
     def superlink_flags(self) -> list[str]:
         if self.ca is None:
             return ["--insecure"]
