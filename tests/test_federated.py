@@ -226,3 +226,40 @@ def test_bad_settings_fail_before_any_process(tmp_path, capsys):
     assert main(["federate", "simulate", str(data), "--strategy", "finetune", "--out", str(tmp_path / "r"),
                  *PRETRAINED_ARGS]) == 2
     assert not (tmp_path / "r").exists()
+
+
+def test_certificates_chain_to_their_authority(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from imgtune.federated.certs import make_certificates
+
+    files = make_certificates(tmp_path / "tls", ["coordinator.example.org"])
+    ca = x509.load_pem_x509_certificate(files["ca.crt"].read_bytes())
+    server = x509.load_pem_x509_certificate(files["server.crt"].read_bytes())
+    ca.public_key().verify(server.signature, server.tbs_certificate_bytes, ec.ECDSA(server.signature_hash_algorithm))
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "coordinator.example.org" in names.get_values_for_type(x509.DNSName)
+    assert "127.0.0.1" in [str(a) for a in names.get_values_for_type(x509.IPAddress)]
+    assert oct(files["server.key"].stat().st_mode & 0o777) == "0o600"
+
+
+def test_privacy_spent_is_flowers_rdp_account_of_the_noised_rounds():
+    """(epsilon, delta) reported for Z = 1 over 1 and 4 rounds: positive, growing with the rounds, and
+    below the classic RDP bound of the Gaussian mechanism (min over orders a of T a / (2 Z^2) +
+    log(1/delta) / (a - 1))."""
+    from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
+
+    settings = coordinator.Settings(options={}, out="x", min_sites=3, dp_noise=1.0, dp_delta=1e-5)
+    spent = []
+    for rounds in (1, 4):
+        accountant = coordinator.make_accountant(settings)
+        accountant.compose(GaussianPrivacyEvent(noise_multiplier=1.0, sample_size=3, population_size=3), rounds)
+        report = coordinator.privacy_report(settings, accountant)
+        assert report["delta"] == 1e-5 and report["noised_rounds"] == rounds
+        orders = np.linspace(1.01, 200, 20000)
+        bound = np.min(rounds * orders / 2 + np.log(1e5) / (orders - 1))
+        assert 0 < report["epsilon"] <= bound + 1e-6
+        spent.append(report["epsilon"])
+    assert spent[1] > spent[0]
+    assert coordinator.make_accountant(coordinator.Settings(options={}, out="x")) is None
