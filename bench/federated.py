@@ -67,7 +67,8 @@ def _link(folder: Path, files: list[Path]) -> None:
 
 
 def counts(site: Path) -> str:
-    return ", ".join(f"{s} {l} {len(list((site / s / l).iterdir()))}" for s in ("train", "val") for l in ("ants", "bees"))
+    return ", ".join(f"{split} {label} {len(list((site / split / label).iterdir()))}"
+                     for split in ("train", "val") for label in ("ants", "bees"))
 
 
 def imgtune(*args: str) -> tuple[float, dict]:

@@ -25,6 +25,7 @@ from imgtune import metrics  # noqa: E402
 from imgtune.cli import main  # noqa: E402
 from imgtune.errors import DataError  # noqa: E402
 from imgtune.federated import coordinator, site  # noqa: E402
+from imgtune.federated.certs import make_certificates  # noqa: E402
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 A, B, C = sorted(CLASSES)[:3]
@@ -65,14 +66,16 @@ def _wait_rows(csv: Path, rows: int, procs: list, deadline: float) -> None:
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
-    """Three sites (site c lacks class B), gradual: round 1 frozen (the head travels), round 2 unfrozen
+    """Three sites (site c lacks class B), every party over TLS, gradual: round 1 frozen (the head travels), round 2 unfrozen
     (the whole model travels); site c's SuperNode is killed (SIGKILL) once round 1 is written, and the
     run must finish with the two others (--min-sites 2)."""
     root = tmp_path_factory.mktemp("federation")
     sites = {name: make_split_dataset(root / name, classes=classes, train=6, val=3, seed=i)
              for i, (name, classes) in enumerate((("a", (A, B)), ("b", (A, B)), ("c", (A,))))}
     port, run = _free_port(), root / "run"
-    server = subprocess.Popen(_cli("federate", "server", "--host", "127.0.0.1", "--port", str(port), "--min-sites",
+    tls = make_certificates(root / "tls")  # every party over TLS, verified against the test CA
+    server = subprocess.Popen(_cli("federate", "server", "--tls", str(root / "tls"), "--host", "127.0.0.1",
+                                   "--port", str(port), "--min-sites",
                                    "2", "--rounds", "2", "--freeze-rounds", "1", "--strategy", "gradual",
                                    "--round-timeout", "150", "--out", str(run), "--logs", str(root / "server-logs"),
                                    "--batch-size", "8", "--augment", "none", *PRETRAINED_ARGS),
@@ -83,6 +86,7 @@ def federation(tmp_path_factory):
         errs[name] = root / f"{name}.err"
         with open(errs[name], "w") as err:
             procs.append(subprocess.Popen(_cli("federate", "site", str(data), "--server", f"127.0.0.1:{port}",
+                                               "--tls-ca", str(tls["ca.crt"]),
                                                "--audit", str(root / f"{name}.audit.jsonl"), "--logs",
                                                str(root / f"{name}-logs")), env=_env(), stderr=err))
     deadline = time.monotonic() + TIMEOUT
@@ -104,6 +108,8 @@ def federation(tmp_path_factory):
 @pytest.mark.slow
 def test_federation_finishes_without_the_killed_site(federation):
     assert federation["code"] == 0, federation["output"][-3000:]
+    superlink = (federation["root"] / "server-logs" / "superlink.log").read_text()
+    assert "Uvicorn running on https://127.0.0.1" in superlink  # TLS: the SuperLink served HTTPS
     rounds = json.loads((federation["run"] / "metrics.json").read_text())["federated"]["rounds"]
     assert [(r["round"], r["phase"]) for r in rounds] == [(1, "frozen"), (2, "unfrozen")]
     assert sorted(rounds[0]["val"]["sites"]) == ["a", "b", "c"]
@@ -231,8 +237,6 @@ def test_bad_settings_fail_before_any_process(tmp_path, capsys):
 def test_certificates_chain_to_their_authority(tmp_path):
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric import ec
-
-    from imgtune.federated.certs import make_certificates
 
     files = make_certificates(tmp_path / "tls", ["coordinator.example.org"])
     ca = x509.load_pem_x509_certificate(files["ca.crt"].read_bytes())

@@ -101,7 +101,8 @@ def settings_from(args, sites: int | None):
     out, overwrite = options.pop("out"), options.pop("overwrite")
     config = cfg.build("(held by the sites)", **options)
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else []
-    return Settings(options=cfg.to_dict(config), out=str(Path(out).resolve() if out else default_out_dir().resolve()), rounds=args.rounds,
+    out = Path(out).resolve() if out else default_out_dir().resolve()
+    return Settings(options=cfg.to_dict(config), out=str(out), rounds=args.rounds,
                     freeze_rounds=args.freeze_rounds, local_epochs=args.local_epochs, strategy=args.fl_strategy,
                     proximal_mu=args.proximal_mu, server_lr=args.server_lr,
                     min_sites=args.min_sites or sites or 2, classes=classes, round_timeout=args.round_timeout,
@@ -148,4 +149,9 @@ def _report(metrics: dict, out: str) -> None:
     print_metrics(metrics, "pooled validation (all sites)")
     for name, site in metrics["federated"]["sites"].items():
         console.print(f"  site {name}: accuracy {site['accuracy']:.3f} on {site['n']} val images")
+    privacy = metrics.get("privacy")
+    if privacy:
+        console.print(f"differential privacy: epsilon {privacy['epsilon']:.3g} at delta {privacy['delta']:g} over "
+                      f"{privacy['noised_rounds']} noised round(s) (noise {privacy['noise_multiplier']:g}, clip "
+                      f"{privacy['clipping_norm']:g}; per site)")
     console.print(f"run folder: {out}")

@@ -122,7 +122,8 @@ def train_round(setup: Setup, arrays: dict[str, np.ndarray], plan: RoundPlan) ->
     model, train = setup.built.model, setup.config.train
     load_arrays(model, arrays, plan.phase)
     frozen = plan.phase == FROZEN
-    phase = Phase(plan.phase, plan.local_epochs, frozen, train.lr, 0.0 if frozen else train.lr * train.backbone_lr_factor)
+    body_lr = 0.0 if frozen else train.lr * train.backbone_lr_factor
+    phase = Phase(plan.phase, plan.local_epochs, frozen, train.lr, body_lr)
     loaders = build_loaders(setup.source, setup.built, [phase], setup.config.data.augment, setup.config.model.body,
                             setup.loader_options(), setup.device)
     weights = balance.class_weights(loaders.train.dataset.targets(), len(setup.source.classes)) \
