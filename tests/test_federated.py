@@ -134,6 +134,9 @@ def test_run_folder_is_a_normal_one(federation, capsys):
     image = next((federation["sites"]["a"] / "val" / A).iterdir())
     assert main(["predict", str(run), str(image), "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["label"] in (A, B)
+    assert main(["evaluate", str(run)]) == 3  # the coordinator holds no images: DATA must be named
+    assert "trained by a federation" in capsys.readouterr().err
+    assert main(["evaluate", str(run), str(federation["sites"]["a"])]) == 0
     check = federation["sites"]["a"] / "val"
     assert main(["export", str(run), "--check-images", str(check)]) == 0
     assert (run / "export" / "model.onnx").is_file()

@@ -196,10 +196,12 @@ def make_strategy(settings: Settings, recorder: Recorder, accountant=None):
 
 
 def gather_classes(grid: Grid, settings: Settings) -> tuple[list[str], dict]:
-    """The union of the sites' class folder names (each site sends its names, nothing else)."""
+    """The union of the class folder names of every site connected once --min-sites are (each site sends
+    its names, nothing else); a site joining later must have no class outside it."""
     from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-    nodes, _ = sample_nodes(grid, settings.min_sites, settings.min_sites)
+    sample_nodes(grid, settings.min_sites, settings.min_sites)  # waits until --min-sites sites are connected
+    nodes = sorted(grid.get_node_ids())  # then asks every connected site, not a sample of them
     asks = [Message(RecordDict({"config": ConfigRecord({"ask": QUERY_CLASSES})}), message_type="query",
                     dst_node_id=node) for node in nodes]
     replies = [r for r in grid.send_and_receive(asks, timeout=settings.round_timeout) if not r.has_error()]

@@ -198,6 +198,7 @@ def start_run_folder(settings: Settings, config: RunConfig, built: models.BuiltM
     device = select_device("cpu")
     held = replace(config.data, source="", num_workers=0)  # no images here: no loader workers to size
     final = finalize(replace(config, out=settings.out, data=held), data, built, device)
+    final = replace(final, data=replace(final.data, source=""))  # no data here (finalize made it absolute)
     out = artifact.prepare_out_dir(settings.out, settings.overwrite, lock)
     save_yaml(final, out / artifact.CONFIG)
     meta = run_meta(Setup(final, data, built, device))
