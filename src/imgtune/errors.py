@@ -38,6 +38,13 @@ class TrainingDiverged(ImgtuneError):
     exit_code = 5
 
 
+class FederationError(ImgtuneError):
+    """A federation did not finish: a Flower party stopped, too few sites answered, or the run failed;
+    the message names the party and the log that says why."""
+
+    exit_code = 6
+
+
 class Interrupted(ImgtuneError):
     """Training stopped by SIGINT or SIGTERM after writing a checkpoint; the exit code is the shell's
     convention for a signal: 128 + its number (130 for SIGINT, 143 for SIGTERM)."""
@@ -58,6 +65,7 @@ EXIT_CODES = {
     "model or weights error": ModelError.exit_code,
     "training diverged (a loss or the weights became NaN or infinite; the checkpoints before it are kept)":
         TrainingDiverged.exit_code,
+    "federation did not finish (imgtune federate; the message names the party and its log)": FederationError.exit_code,
     "training stopped by SIGINT (after a checkpoint)": 130,
     "training stopped by SIGTERM (after a checkpoint)": 143,
 }

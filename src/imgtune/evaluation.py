@@ -80,6 +80,9 @@ def select_images(run: artifact.RunInfo, data: str | None, split: str | None) ->
         raise UsageError(f"--split must be one of {', '.join(SPLITS)}; got {split!r}")
     if data is None and is_shards(run.config.data.source):
         return _from_shards(run.config.data.source, split or "val")
+    if data is None and not run.config.data.source:
+        raise DataError(f"{run.path} was trained by a federation (imgtune federate): its images stayed at the sites, "
+                        "so name some: imgtune evaluate RUN DATA (or imgtune export RUN --check-images DIR)")
     if data is None:
         cfg = run.config
         splits = load_splits(cfg.data.source, cfg.data.val_fraction, cfg.data.test_fraction, cfg.train.seed,

@@ -37,10 +37,22 @@ def classification_report(y_true: np.ndarray, probs: np.ndarray, classes: list[s
     averages, and the confusion matrix (rows: true class, columns: predicted)."""
     y_true = np.asarray(y_true)
     matrix = confusion_matrix(y_true, probs.argmax(axis=1), len(classes))
+    report = matrix_report(matrix, classes)
+    report["loss"] = log_loss(y_true, probs)
+    for k in top_k_values(len(classes)):
+        report[f"top{k}_accuracy"] = top_k_accuracy(y_true, probs, k)
+    report["per_class"] = report.pop("per_class")  # after the summary figures, as before
+    report["confusion_matrix"] = report.pop("confusion_matrix")
+    return report
+
+
+def matrix_report(matrix: np.ndarray, classes: list[str]) -> dict:
+    """Every figure of :func:`classification_report` that a confusion matrix alone gives (no loss, no
+    top-k): what a federation pools from its sites' summed matrices."""
     precision, recall, f1, support = per_class_scores(matrix)
     present = support > 0
     report = {
-        "n": int(len(y_true)),
+        "n": int(matrix.sum()),
         "accuracy": float(np.trace(matrix) / max(1, matrix.sum())),
         "balanced_accuracy": float(recall[present].mean()) if present.any() else 0.0,
         "macro_f1": float(f1.mean()),
@@ -49,10 +61,7 @@ def classification_report(y_true: np.ndarray, probs: np.ndarray, classes: list[s
         "weighted_recall": _weighted(recall, support),
         "macro_precision": float(precision.mean()),
         "macro_recall": float(recall.mean()),
-        "loss": log_loss(y_true, probs),
     }
-    for k in top_k_values(len(classes)):
-        report[f"top{k}_accuracy"] = top_k_accuracy(y_true, probs, k)
     report["per_class"] = {
         c: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
         for c, p, r, f, s in zip(classes, precision, recall, f1, support)}

@@ -11,11 +11,11 @@ import sys
 
 from .. import __version__
 from ..errors import EXIT_CODES, EXIT_UNEXPECTED, ImgtuneError
-from . import (anonymize, cache, doctor, evaluate, explain, export, lr_find, predict, rank, report, sample, serve,
-               shard, suggest, train)
+from . import (anonymize, cache, doctor, evaluate, explain, export, federate, lr_find, predict, rank, report, sample,
+               serve, shard, suggest, train)
 
 COMMANDS = (train, lr_find, rank, evaluate, predict, explain, export, report, serve, doctor, suggest, shard, sample,
-            cache, anonymize)
+            cache, federate, anonymize)
 log = logging.getLogger("imgtune")
 
 
