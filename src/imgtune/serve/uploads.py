@@ -57,6 +57,8 @@ async def _multipart(request: Request, limits: Limits) -> list[Upload]:
         if "Too many files" in str(exc.detail):
             raise _too_many(f"more than {limits.max_images}", limits) from exc
         raise ApiError(400, "bad-multipart", f"malformed multipart body: {exc.detail}") from exc
+    except ValueError as exc:  # python-multipart's own parse errors, which starlette >= 1.0 lets through
+        raise ApiError(400, "bad-multipart", f"malformed multipart body: {exc}") from exc
     try:
         uploads = []
         for index, value in enumerate(form.getlist(FIELD)):
