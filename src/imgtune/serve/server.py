@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import ipaddress
 import json
 import logging
@@ -92,7 +93,11 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, engine: st
         config = uvicorn.Config("imgtune.serve.server:app_from_env", factory=True, workers=workers, **common)
         from uvicorn.supervisors import Multiprocess
 
-        Multiprocess(config, sockets=[listening]).run()  # as uvicorn.run does, on the socket bound here
+        # as uvicorn.run does, on the socket bound here; uvicorn before 0.50 (which Flower's pins keep) also
+        # wants the function each worker runs
+        target = {"target": uvicorn.Server(config).run} \
+            if "target" in inspect.signature(Multiprocess).parameters else {}
+        Multiprocess(config, sockets=[listening], **target).run()
         return
     log.info("serving %s on http://%s:%d (engine %s)", run, host, port, engine)
     uvicorn.Server(uvicorn.Config(app, **common)).run(sockets=[listening])
