@@ -136,7 +136,7 @@ def test_repeated_csv_rows_count_once_with_a_warning(data, caplog):
 
 
 @pytest.mark.parametrize("text, fragment", [
-    ("train:\n  lr: fast\n", "train.lr (--lr) must be a number; got 'fast'"),
+    ("train:\n  lr: fast\n", "train.lr (--lr) must be a number or auto; got 'fast'"),
     ("train:\n  seed: abc\n", "train.seed (--seed) must be a whole number; got 'abc'"),
     ("train:\n  epochs: 2.5\n", "train.epochs (--epochs) must be a whole number"),
     ("data:\n  cache: maybe\n", "data.cache (--cache) must be true or false"),
