@@ -127,7 +127,7 @@ def test_cache_is_reused_and_its_size_bounded(data, tmp_path, monkeypatch, caplo
 def test_gradual_top_k_trains_only_the_top_blocks(data, tmp_path):
     out = tmp_path / "run"
     assert main(["-q", "train", str(data), "--workers", "0", "--out", str(out), *PRETRAINED_ARGS, "--strategy",
-                 "gradual", "--epochs", "2", "--freeze-epochs", "1", "--unfreeze", "top:2"]) == 0
+                 "gradual", "--epochs", "2", "--freeze-epochs", "1", "--unfreeze", "top:2", "--no-never-worse"]) == 0
     trained, start = load_file(out / artifact.WEIGHTS), built_model().model.state_dict()
     lower = [k for k in start if k.startswith("body.features.") and int(k.split(".")[2]) < 17]
     top = [k for k in start if k.startswith(("body.features.17.", "body.features.18.")) and k.endswith("weight")]
