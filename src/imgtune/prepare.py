@@ -21,7 +21,8 @@ import torch
 from . import artifact, balance, distributed, experiment_log, models, partial, semi_train, sizing
 from .artifact import check_writable_folder, default_out_dir
 from .cache import check_store, default_cache_dir
-from .config import RunConfig, to_dict, validate
+from .config import RunConfig, to_dict
+from .config_checks import validate
 from .data import content
 from .data.sources import DataSource, LoaderOptions, open_source, total_images
 from .data.unlabelled import Unlabelled
