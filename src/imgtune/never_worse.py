@@ -100,7 +100,7 @@ def finish(hold: HoldOut | None, model: Classifier, phases: list[Phase], built: 
     inner = hold.source.features(INNER, built, body, options, device)
     weight = sklearn_class_weight(train.balance, class_weights)
     fit_x, fit_y = loaders.frozen_train.dataset.tensors[:2]
-    fit = (fit_x, fit_y, getattr(loaders, "frozen_train_weights", None))  # pseudo-labels weigh less (semi.py)
+    fit = (fit_x, fit_y, loaders.frozen_train_weights)  # pseudo-labels weigh less (semi.py)
     record = {"rule": "keep the fine-tuned model only if it beats the linear probe on an inner hold-out of the "
                       "training split (accuracy, then log loss)",
               "holdout_images": hold.images, "holdout_per_class": hold.per_class}
