@@ -15,10 +15,10 @@ import pytest
 import yaml
 
 from datagen import make_split_dataset
-from imgtune import costs, weights
+from imgtune import cache, costs, probe, weights
 from imgtune.cli import main
 from imgtune.figures import pareto_front
-from imgtune.probe import cross_validated_probe, logme
+from imgtune.probe import cross_validated_probe, logme, scored
 from imgtune.rank import DEFAULT_CANDIDATES, parse_models
 
 REAL = "torchvision:mobilenet_v2,timm:tf_efficientnet_lite0"
@@ -59,7 +59,7 @@ def run_cli(*args: str) -> tuple[int, str, str]:
 
 @pytest.mark.slow
 @needs_weights
-def test_rank_writes_ranking_reports_skipped_and_is_stable(data, tmp_path):
+def test_rank_writes_ranking_reports_skipped_and_is_stable(data, tmp_path, monkeypatch):
     models = f"{REAL},no_such_model_xyz,torchvision:resnet18"
     code, out, err = run_cli("rank", str(data), "--models", models, "--offline", "--folds", "4", *SMALL, "--out",
                              str(tmp_path / "a"))
@@ -79,7 +79,9 @@ def test_rank_writes_ranking_reports_skipped_and_is_stable(data, tmp_path):
     assert (tmp_path / "a" / "rank_pareto.png").read_bytes().startswith(b"\x89PNG")
     assert "Which pretrained model" in (tmp_path / "a" / "rank.html").read_text()
 
-    # the same seed, the candidates in another order, the features now cached: the same ranking
+    # the same seed, the candidates in another order, the features and probes now cached: the same ranking,
+    # no probe fitted again
+    monkeypatch.setattr(probe, "cross_validated_probe", lambda *a, **k: pytest.fail("probe fitted again"))
     reordered = ",".join(reversed(REAL.split(",")))
     code, _, err = run_cli("rank", str(data), "--models", reordered, "--offline", "--folds", "4", *SMALL, "--out",
                            str(tmp_path / "b"))
@@ -173,6 +175,22 @@ def test_probe_is_not_optimistic_on_noise_and_finds_signal():
     assert logme(signal, y, 2) > logme(noise, y, 2)
     again = cross_validated_probe(signal, y, 2, 5, seed=0)
     assert again.accuracy == on_signal.accuracy and again.chosen_c == on_signal.chosen_c
+
+
+def test_probe_results_are_remembered_by_everything_they_read(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 10)
+    x = (rng.normal(size=(30, 8)) + y[:, None]).astype(np.float32)
+    store = cache.probe_store(tmp_path)
+    first = scored(x, y, 3, 3, 0, store=store)
+    calls = []
+    real = probe.cross_validated_probe
+    monkeypatch.setattr(probe, "cross_validated_probe", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert scored(x, y, 3, 3, 0, store=store) == first and calls == []  # remembered: nothing refitted
+    for changed in ((x, y[::-1].copy(), 3, 3, 0), (x + 1e-3, y, 3, 3, 0), (x, y, 3, 5, 0), (x, y, 3, 3, 1)):
+        again = scored(*changed, store=store)  # other labels, features, folds or seed: fitted again
+    assert len(calls) == 4 and again[0].folds == 3
+    assert cache.cache_size(tmp_path)[0] == 5 and cache.clear(tmp_path).entries == 5  # `imgtune cache` sees them
 
 
 def test_pareto_front_and_model_lists():

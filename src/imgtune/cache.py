@@ -188,9 +188,9 @@ def open_cache(root: Path) -> None:
         atomic_write_bytes(root / TAG, TAG_TEXT.encode(), fsync=False)
     if not (root / MARKER).exists():
         about = {"imgtune_cache": FORMAT_VERSION,
-                 "about": "imgtune's feature, decoded-pixel and file-check caches; `imgtune cache clear` removes "
-                          "only the files imgtune wrote here (features/<key>/..., pixels/<size>-<interpolation>/..., "
-                          "checks/<key>/...)"}
+                 "about": "imgtune's feature, decoded-pixel, file-check and probe caches; `imgtune cache clear` "
+                          "removes only the files imgtune wrote here (features/<key>/..., "
+                          "pixels/<size>-<interpolation>/..., checks/<key>/..., probes/<key>/...)"}
         atomic_write_bytes(root / MARKER, json.dumps(about, indent=2).encode(), fsync=False)
 
 
@@ -220,6 +220,20 @@ def check_store(root: Path) -> ArrayStore:
     return ArrayStore(root / "checks" / key_of(description), description, Expect("uint8", (None,)))
 
 
+def probe_store(root: Path) -> ArrayStore:
+    """What ``imgtune rank``'s probe found for a set of features (:mod:`imgtune.probe`): a deterministic
+    function of the features, labels and settings, which are in each entry's digest; scikit-learn's and
+    imgtune's versions are in the store's key, so an upgrade scores again."""
+    import sklearn
+
+    from . import __version__
+
+    description = {"kind": "probes", "version": FORMAT_VERSION, "imgtune": __version__,
+                   "sklearn": sklearn.__version__}
+    open_cache(root)
+    return ArrayStore(root / "probes" / key_of(description), description, Expect("uint8", (None,)))
+
+
 def pixel_store(root: Path, resize_size: int, interpolation: str) -> ArrayStore:
     description = {"kind": "pixels", "version": FORMAT_VERSION, "resize_size": resize_size,
                    "interpolation": interpolation}
@@ -230,8 +244,9 @@ def pixel_store(root: Path, resize_size: int, interpolation: str) -> ArrayStore:
 
 # What imgtune writes under a cache folder, relative to it; anything else there is not imgtune's.
 _ENTRY = r"(?P<ab>[0-9a-f]{2})/(?P=ab)[0-9a-f]+\.(?:arr|npy)"  # .npy: format 1
-_STORES = r"(?:features/[0-9a-f]{24}|activations/[0-9a-f]{24}|checks/[0-9a-f]{24}|pixels/[0-9]+-[a-z][a-z-]*)"
-KINDS = ("features", "activations", "pixels", "checks")  # the folders of a cache
+_STORES = (r"(?:features/[0-9a-f]{24}|activations/[0-9a-f]{24}|checks/[0-9a-f]{24}|probes/[0-9a-f]{24}"
+           r"|pixels/[0-9]+-[a-z][a-z-]*)")
+KINDS = ("features", "activations", "pixels", "checks", "probes")  # the folders of a cache
 _WRITING = r"\.[^/]+\.[A-Za-z0-9_]+\.tmp"  # a write that a killed process left (see imgtune.atomic)
 _BODY = r"features/[0-9a-f]{24}/body-[0-9a-f]{16}\.onnx"  # the exported body (imgtune.body_runtime)
 _OWN = re.compile(rf"{_BODY}|{_STORES}/(?:{_ENTRY}|key\.json|(?:[0-9a-f]{{2}}/)?{_WRITING})")

@@ -16,12 +16,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .cache import ArrayStore
 from .errors import DataError
 from .metrics import bootstrap_ci, confusion_matrix, per_class_scores
 
@@ -69,6 +72,41 @@ def cross_validated_probe(features: np.ndarray, targets: np.ndarray, num_classes
         model = _fit(features, targets, seed)
         result.val_accuracy, result.val_macro_f1 = _scores(val[1], model.predict(val[0]), num_classes)
     return result
+
+
+def scored(features: np.ndarray, targets: np.ndarray, num_classes: int, folds: int, seed: int,
+           val: tuple[np.ndarray, np.ndarray] | None = None, store: ArrayStore | None = None
+           ) -> tuple[ProbeResult, float]:
+    """:func:`cross_validated_probe` and :func:`logme`, remembered in ``store`` (``cache.probe_store``) under a
+    digest of everything they read. Both are deterministic functions of the features, labels and settings, and
+    the nested cross-validation is most of a warm ranking's time: ranking the same data again (``imgtune rank``
+    twice, ``train --model auto`` after ``rank``) refits nothing."""
+    digest = _digest(features, targets, num_classes, folds, seed, val)
+    entry = store.get(digest) if store is not None else None
+    if entry is not None:
+        try:
+            fields = json.loads(entry.tobytes().decode())
+            return ProbeResult(**fields["probe"]), float(fields["logme"])
+        except (ValueError, TypeError, KeyError):  # a valid entry of another layout: score again
+            log.debug("probe cache entry %s unreadable: scoring again", digest)
+    result = cross_validated_probe(features, targets, num_classes, folds, seed, val)
+    score = logme(features, targets, num_classes)
+    if store is not None:
+        text = json.dumps({"probe": asdict(result), "logme": score})
+        store.put(digest, np.frombuffer(text.encode(), dtype=np.uint8).copy())
+    return result, score
+
+
+def _digest(features: np.ndarray, targets: np.ndarray, num_classes: int, folds: int, seed: int,
+            val: tuple[np.ndarray, np.ndarray] | None) -> str:
+    """sha256 of the arrays (dtype, shape, bytes) and of every setting the probe and LogME depend on."""
+    h = hashlib.sha256(json.dumps({"classes": num_classes, "folds": folds, "seed": seed, "c_grid": C_GRID.tolist(),
+                                   "inner": INNER_FOLDS, "max_iter": MAX_ITER, "tol": TOLERANCE}).encode())
+    for array in (features, targets, *(val if val is not None else ())):
+        array = np.ascontiguousarray(array)
+        h.update(f"{array.dtype.str}{array.shape}".encode())
+        h.update(array.tobytes())
+    return h.hexdigest()
 
 
 def _usable_folds(targets: np.ndarray, num_classes: int, folds: int) -> int:

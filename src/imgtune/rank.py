@@ -22,11 +22,12 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from . import costs, distributed, models
+from .cache import check_store, probe_store
 from .config import RunConfig
 from .data.sources import DataSource, LoaderOptions, open_source
 from .errors import DataError, ModelError, UsageError
 from .inference import select_device
-from .probe import cross_validated_probe, logme
+from .probe import scored
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +113,11 @@ def rank(config: RunConfig, settings: RankSettings, source: DataSource | None = 
     started = time.perf_counter()
     if source is None:
         data = config.data
+        from .prepare import cache_folder  # prepare imports this module (--model auto)
+
+        checks = check_store(cache_folder(config)) if data.cache else None
         source = open_source(data.source, data.val_fraction, data.test_fraction, config.train.seed, progress,
-                             data.allow_outside_paths)
+                             data.allow_outside_paths, checks=checks)
         source.check(config)
     _check_data(config, source, settings)
     device = select_device(config.train.device)
@@ -212,8 +216,9 @@ def _probe(built: models.BuiltModel, spent: costs.Costs, config: RunConfig, sett
     if len(y) < len(source.classes) * 2:
         raise DataError(f"only {len(y)} training image(s) could be read; a probe needs at least 2 per class")
     held_out = (val.features.numpy(), val.targets.numpy()) if val is not None and len(val.targets) else None
-    found = cross_validated_probe(x, y, len(source.classes), settings.folds, config.train.seed, held_out)
-    return Ranked(str(built.spec), found.accuracy, found.macro_f1, logme(x, y, len(source.classes)), spent.params,
+    store = probe_store(options.cache_dir) if options.cache_dir is not None else None
+    found, score = scored(x, y, len(source.classes), settings.folds, config.train.seed, held_out, store)
+    return Ranked(str(built.spec), found.accuracy, found.macro_f1, score, spent.params,
                   spent.flops, spent.latency_ms_b1, spent.images_per_s_b32, found.ci95["accuracy"],
                   found.ci95["macro_f1"], found.fold_accuracy, found.val_accuracy, found.val_macro_f1,
                   built.preprocessing.img_size, built.model.num_features,
