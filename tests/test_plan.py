@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from datagen import PRETRAINED_ARGS, make_split_dataset
-from imgtune import never_worse, timeplan
+from imgtune import finite, never_worse, timeplan
 from imgtune.cli import main
 from imgtune.config import RunConfig, TrainConfig, resolve
 from imgtune.data.sources import open_source
@@ -68,6 +68,22 @@ def test_failed_fine_tuning_keeps_the_probe_refitted_on_the_whole_training_split
     assert not (unplanned / timeplan.PLAN_FILE).exists()
     a, b = load_file(unguarded / "model.safetensors"), load_file(unplanned / "model.safetensors")
     assert all(a[k].equal(b[k]) for k in a)  # timing batches changes nothing in what trains
+
+
+@pytest.mark.slow
+def test_diverged_fine_tuning_keeps_the_probe_and_without_the_rule_exits_5(tmp_path):
+    data = make_split_dataset(tmp_path / "data", train=12, val=4)
+    guarded, metrics = _run(tmp_path, "guarded", data, "--lr", "1e30")  # the frozen phase is fitted by L-BFGS
+    selection = metrics["selection"]
+    assert selection["kept"] == "probe" and selection["refitted_on_whole_training_split"]
+    assert selection["reason"].startswith("training diverged in epoch 2 (unfrozen), batch 1 of")
+    assert finite.nonfinite_tensors(load_file(guarded / "model.safetensors")) == []
+    _, probe_metrics = _run(tmp_path, "probe", data, "--strategy", "linear-probe")
+    assert metrics["accuracy"] == probe_metrics["accuracy"]
+    unguarded = tmp_path / "unguarded"
+    assert main(["-q", "train", str(data), "--cache-dir", str(tmp_path / "cache"), *FAST, "--lr", "1e30",
+                 "--no-never-worse", "--out", str(unguarded)]) == 5
+    assert not (unguarded / "model.safetensors").exists()
 
 
 def _costs() -> timeplan.Costs:

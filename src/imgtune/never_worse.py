@@ -91,10 +91,12 @@ def remember_body(hold: HoldOut | None, model: Classifier) -> None:
 
 
 def finish(hold: HoldOut | None, model: Classifier, phases: list[Phase], built: BuiltModel, loaders, options,
-           body: str, train: TrainConfig, device: torch.device, class_weights: torch.Tensor | None) -> dict | None:
+           body: str, train: TrainConfig, device: torch.device, class_weights: torch.Tensor | None,
+           diverged: str | None = None) -> dict | None:
     """At the end of training: the rule's decision (``model`` changed in place when the probe wins), or
-    None where the rule is off. Where no phase trained the body (``--time-budget`` chose linear-probe),
-    the probe is refitted on the whole training split, hold-out included."""
+    None where the rule is off. Where no phase trained the body (``--time-budget`` chose linear-probe) or
+    training diverged (``diverged``: where and what), the probe is refitted on the whole training split,
+    hold-out included."""
     if hold is None:
         return None
     inner = hold.source.features(INNER, built, body, options, device)
@@ -104,6 +106,14 @@ def finish(hold: HoldOut | None, model: Classifier, phases: list[Phase], built: 
     record = {"rule": "keep the fine-tuned model only if it beats the linear probe on an inner hold-out of the "
                       "training split (accuracy, then log loss)",
               "holdout_images": hold.images, "holdout_per_class": hold.per_class}
+    if diverged is not None:
+        _restore_probe(model, hold.body_state, *fit, inner, train.seed, weight)
+        log.warning("training diverged in %s. The never-worse rule keeps the linear probe (the pretrained body and a "
+                    "head fitted on the whole training split), which does not depend on the diverged training. To "
+                    "fine-tune, try a lower --lr (%g now) or --warmup-epochs 1, and check the data (imgtune doctor)",
+                    diverged, train.lr)
+        return record | {"kept": "probe", "reason": f"training diverged in {diverged}",
+                         "refitted_on_whole_training_split": True}
     if phases[-1].body_frozen:
         _restore_probe(model, hold.body_state, *fit, inner, train.seed, weight)
         log.info("never-worse rule: no phase fine-tuned the body; the probe is refitted on the whole training split")

@@ -36,7 +36,7 @@ def final_metrics(model, loaders: Loaders, classes: list[str], device, config: R
     metrics["calibration"] = _calibrate(predictions, config.train.seed)
     metrics["kept"] = config.train.keep
     if config.train.keep == "best":
-        metrics["best_epoch"] = stopper.best_epoch
+        metrics["best_epoch"] = stopper.best_epoch if stopper is not None else None  # None: training diverged
         metrics["note"] = "weights chosen on val: val metrics are optimistic"
     return metrics
 

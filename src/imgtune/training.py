@@ -226,18 +226,21 @@ def _train_and_save(setup: Setup, start: float, resume: dict | None = None) -> T
                 extra(result.epoch, result.row())
 
         hooks = checkpoint.Checkpointer(out, config.train.checkpoint_every, stop)
+        stopper, diverged = None, None
         try:
             stopper = fit(model, phases, loaders, config.train, device, len(setup.source.classes), on_epoch,
                           weights, hooks, resume, timeplan.TimeLeft(planned.estimate) if planned else None).stopper
         except TrainingDiverged as exc:
-            raise _diverged(exc, out, config) from exc
-    if config.train.keep == "best" and stopper.best_state is not None:
+            if hold is None:  # nothing to fall back on
+                raise _diverged(exc, out, config) from exc
+            diverged = str(exc)  # the never-worse rule keeps the probe, which does not depend on this training
+    if stopper is not None and config.train.keep == "best" and stopper.best_state is not None:
         log.warning("keeping the weights of epoch %d, chosen on val %s: the val metrics below are optimistic; "
                     "trust the test split (--test-fraction) for an unbiased figure", stopper.best_epoch,
                     config.train.monitor)
         model.load_state_dict(stopper.best_state)
     selection = never_worse.finish(hold, model, phases, built, loaders, setup.loader_options(), config.model.body,
-                                   config.train, device, weights)
+                                   config.train, device, weights, diverged)
     final_frozen = phases[-1].body_frozen and loaders.frozen_val is not None and selection is None
     model.freeze_body(False)
     if main:
