@@ -26,7 +26,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from . import coordinator, site
+from . import coordinator, secagg, site
 from .coordinator import Recorder, Settings
 
 log = logging.getLogger(__name__)
@@ -53,12 +53,19 @@ def describe(reply: Message) -> dict:
         if isinstance(record, ArrayRecord):
             value = {k: {"shape": list(a.shape), "dtype": a.dtype} for k, a in record.items()}
         else:
-            value = {k: v for k, v in record.items()}
+            value = {k: _plain(v) for k, v in record.items()}
         entry["records"][name] = {"kind": type(record).__name__, "items": value}
     return entry
 
 
-client = ClientApp(mods=[audit])
+def _plain(value):
+    """Bytes (SecAgg+'s keys, shares and masked vectors) as their length: the audit stays JSON."""
+    if isinstance(value, bytes):
+        return f"<{len(value)} bytes>"
+    return [_plain(v) for v in value] if isinstance(value, list) else value
+
+
+client = ClientApp(mods=[audit, secagg.client_mod])
 server = ServerApp()
 
 
@@ -124,10 +131,10 @@ def main(grid: Grid, context: Context) -> None:
     logging.getLogger("imgtune").setLevel(logging.INFO)  # Flower's log stream carries it to flwr run
     logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = Settings.from_run_config(dict(context.run_config))
-    run(grid, settings)
+    run(grid, settings, context)
 
 
-def run(grid: Grid, settings: Settings) -> dict:
+def run(grid: Grid, settings: Settings, context: Context | None = None) -> dict:
     """The whole federation: classes, the run folder, each phase's rounds, the final files."""
     config = coordinator.check_settings(settings)
     classes, sites = settings.classes or None, {}
@@ -144,7 +151,7 @@ def run(grid: Grid, settings: Settings) -> dict:
                   "unit-weight": accountant is not None}
         for phase, rounds in settings.phases(config.train.strategy):
             if rounds:
-                _run_phase(grid, settings, built, recorder, phase, rounds, shared, accountant)
+                _run_phase(grid, settings, built, recorder, phase, rounds, shared, accountant, context)
         privacy = coordinator.privacy_report(settings, accountant)
         return coordinator.finish_run_folder(settings.out, built, recorder, privacy)
 
@@ -161,8 +168,13 @@ def _site_options(config) -> dict:
 
 
 def _run_phase(grid: Grid, settings: Settings, built, recorder: Recorder, phase: str, rounds: int,
-               shared: dict, accountant=None) -> None:
+               shared: dict, accountant=None, context: Context | None = None) -> None:
     recorder.phase, recorder.offset = phase, len(recorder.rounds)
+    if settings.secure_aggregation:
+        config = shared | {"phase": phase} | _proximal(settings)
+        found = secagg.run_phase(grid, context, settings, recorder, site.to_arrays(built.model, phase), rounds, config)
+        site.load_arrays(built.model, found, phase)
+        return
     strategy = make_strategy(settings, recorder, accountant)
     initial = ArrayRecord({k: Array(v) for k, v in site.to_arrays(built.model, phase).items()})
     config = ConfigRecord(shared | {"phase": phase})
@@ -170,6 +182,11 @@ def _run_phase(grid: Grid, settings: Settings, built, recorder: Recorder, phase:
     result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds, timeout=settings.round_timeout,
                             train_config=config, evaluate_config=ConfigRecord(dict(config)))
     site.load_arrays(built.model, {k: a.numpy() for k, a in result.arrays.items()}, phase)
+
+
+def _proximal(settings: Settings) -> dict:
+    """FedProx's mu, as Flower's FedProx puts it into the train config (the secure path sets it itself)."""
+    return {"proximal-mu": settings.proximal_mu} if settings.strategy == "fedprox" else {}
 
 
 def make_strategy(settings: Settings, recorder: Recorder, accountant=None):
