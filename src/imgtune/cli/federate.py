@@ -26,6 +26,8 @@ def register(commands) -> None:
     simulate = sub.add_parser("simulate", help="a whole federation on this machine: one site per folder")
     simulate.add_argument("sites", nargs="+", metavar="SITE_DIR", help="one folder per site, each with train/ "
                                                                        "and val/")
+    simulate.add_argument("--audit", metavar="DIR", help="each site appends one JSON line per message it sends "
+                                                         "to DIR/NAME.jsonl (what federate site --audit writes)")
     _coordinator_flags(simulate)
     simulate.set_defaults(handler=run_simulate)
     server = sub.add_parser("server", help="the coordinator of a federation across machines (a SuperLink)")
@@ -142,7 +144,8 @@ def run_simulate(args) -> int:
     from ..federated import launch
 
     settings = settings_from(args, len(args.sites))
-    metrics = launch.simulate(args.sites, settings, args.logs, launch.Security.from_folder(args.tls))
+    metrics = launch.simulate(args.sites, settings, args.logs, launch.Security.from_folder(args.tls),
+                              audit=args.audit)
     _report(metrics, settings.out)
     return 0
 

@@ -104,7 +104,8 @@ def query(msg: Message, context: Context) -> Message:
 @client.train()
 def train(msg: Message, context: Context) -> Message:
     setup, config = _setup(msg, context)
-    plan = site.RoundPlan(str(config["phase"]), int(config["local-epochs"]), float(config.get("proximal-mu", 0.0)))
+    plan = site.RoundPlan(str(config["phase"]), int(config["local-epochs"]), float(config.get("proximal-mu", 0.0)),
+                          int(config["server-round"]), int(config.get("phase-rounds", 0)))
     arrays, scalars = site.train_round(setup, _arrays(msg), plan)
     record = ArrayRecord({k: Array(v) for k, v in arrays.items()})
     metrics = MetricRecord(scalars | {"round": int(config["server-round"])} | _unit_weight(config))
@@ -170,14 +171,14 @@ def _site_options(config) -> dict:
 def _run_phase(grid: Grid, settings: Settings, built, recorder: Recorder, phase: str, rounds: int,
                shared: dict, accountant=None, context: Context | None = None) -> None:
     recorder.phase, recorder.offset = phase, len(recorder.rounds)
+    config = ConfigRecord(shared | {"phase": phase, "phase-rounds": rounds})
     if settings.secure_aggregation:
-        config = shared | {"phase": phase} | _proximal(settings)
-        found = secagg.run_phase(grid, context, settings, recorder, site.to_arrays(built.model, phase), rounds, config)
+        found = secagg.run_phase(grid, context, settings, recorder, site.to_arrays(built.model, phase), rounds,
+                                 dict(config) | _proximal(settings))
         site.load_arrays(built.model, found, phase)
         return
     strategy = make_strategy(settings, recorder, accountant)
     initial = ArrayRecord({k: Array(v) for k, v in site.to_arrays(built.model, phase).items()})
-    config = ConfigRecord(shared | {"phase": phase})
     log.info("federation: %d %s round(s) with %s", rounds, phase, type(strategy).__name__)
     result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds, timeout=settings.round_timeout,
                             train_config=config, evaluate_config=ConfigRecord(dict(config)))

@@ -245,9 +245,10 @@ def _logs_folder(logs: str | None) -> Path:
 
 
 def simulate(sites: list[str], settings: Settings, logs: str | None = None, security: Security = Security(),
-             node_options: dict | None = None) -> dict:
-    """A SuperLink and one SuperNode per site folder on loopback, the run, then every process stopped.
-    Returns the run's metrics.json."""
+             node_options: dict | None = None, audit: str | None = None) -> dict:
+    """A SuperLink and one SuperNode per site folder on loopback, the run, then every process stopped;
+    with ``audit`` (a folder) each site appends what it sends to ``audit/NAME.jsonl``. Returns the run's
+    metrics.json."""
     check_before_start(settings)
     names = site_names(sites)
     with _sigterm_as_interrupt(), Processes(_logs_folder(logs)) as procs:
@@ -256,6 +257,9 @@ def simulate(sites: list[str], settings: Settings, logs: str | None = None, secu
         wait_for_port("127.0.0.1", port, procs)
         for name, data in zip(names, sites):
             config = {"data": str(Path(data).resolve()), "name": name, **(node_options or {})}
+            if audit:
+                Path(audit).mkdir(parents=True, exist_ok=True)
+                config["audit"] = str(Path(audit).resolve() / f"{name}.jsonl")
             procs.start(f"site-{name}", supernode_argv(f"127.0.0.1:{port}", free_port(), config, security))
         return _run(settings, f"127.0.0.1:{port}", security, procs)
 
