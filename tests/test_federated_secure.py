@@ -128,3 +128,49 @@ def test_schedule_runs_over_the_whole_federation():
     second = warmup_cosine_from(4 * per_epoch, 0, 2 * per_epoch)
     assert [second(s) for s in range(10)] == [whole(s) for s in range(10, 20)]
     assert second(0) == pytest.approx(0.505) and warmup_cosine_from(20, 0, 0)(0) == 1.0
+
+
+def _site_process(root: Path, name: str, data: Path, port: int, tls: Path, attempt: int) -> subprocess.Popen:
+    with open(root / f"{name}-{attempt}.err", "w") as err:
+        return subprocess.Popen(_cli("federate", "site", str(data), "--server", f"127.0.0.1:{port}", "--name", name,
+                                     "--tls-ca", str(tls), "--logs", str(root / f"{name}-{attempt}-logs")),
+                                env=_env(), stderr=err)
+
+
+@pytest.fixture(scope="module")
+def rejoined(tmp_path_factory):
+    """Three sites, three rounds over TLS; once round 1 is written, site c's SuperNode is killed (SIGKILL)
+    and a new one for c started: the run must finish, with c contributing again."""
+    root = tmp_path_factory.mktemp("rejoin")
+    sites, port, run = _sites(root), _free_port(), root / "run"
+    tls = make_certificates(root / "tls")["ca.crt"]
+    server = subprocess.Popen(_cli("federate", "server", "--tls", str(root / "tls"), "--host", "127.0.0.1", "--port",
+                                   str(port), "--min-sites", "2", "--rounds", "3", "--round-timeout", "90", "--out",
+                                   str(run), "--logs", str(root / "server-logs"), *COMMON),
+                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    procs = [server] + [_site_process(root, name, data, port, tls, 1) for name, data in sites.items()]
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        _wait_rows(run / "metrics.csv", 1, procs, deadline)
+        killed = int(re.search(r"supernode \(pid (\d+)\)", (root / "c-1.err").read_text()).group(1))
+        os.killpg(killed, signal.SIGKILL)
+        procs.append(_site_process(root, "c", sites["c"], port, tls, 2))
+        output, _ = server.communicate(timeout=max(1, deadline - time.monotonic()))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(30)
+    return {"run": run, "code": server.returncode, "output": output, "root": root}
+
+
+@pytest.mark.slow
+def test_a_site_that_rejoins_contributes_again(rejoined):
+    assert rejoined["code"] == 0, rejoined["output"][-3000:]
+    rounds = json.loads((rejoined["run"] / "metrics.json").read_text())["federated"]["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert sorted(rounds[0]["train"]["sites"]) == ["a", "b", "c"]
+    assert sorted(rounds[-1]["train"]["sites"]) == ["a", "b", "c"]  # c, from its new SuperNode
+    assert sorted(rounds[-1]["val"]["sites"]) == ["a", "b", "c"]
+    assert (rejoined["root"] / "c-2-logs" / "supernode.log").is_file()
