@@ -4,7 +4,7 @@ Each party is a separate process in its own process group, started with the exec
 environment imgtune runs in, on loopback or the address given, and stopped (TERM, then KILL) when the
 command ends for any reason, Ctrl-C and errors included: no process outlives the command. The Flower App
 submitted to the SuperLink is a folder holding only a ``pyproject.toml`` that names imgtune's apps
-(``imgtune.federated.apps``) and carries the coordinator's settings as its run config.
+(``imgtune.federated.apps`` and ``.client``) and carries the coordinator's settings as its run config.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def write_app(folder: Path, settings: Settings) -> Path:
                     "description": "imgtune federated training (imgtune federate)"},
         "tool": {"flwr": {"app": {"publisher": "imgtune",
                                   "components": {"serverapp": "imgtune.federated.apps:server",
-                                                 "clientapp": "imgtune.federated.apps:client"},
+                                                 "clientapp": "imgtune.federated.client:client"},
                                   "config": settings.to_run_config()}}},
     }
     (folder / "pyproject.toml").write_text(tomli_w.dumps(project))

@@ -21,12 +21,15 @@ from __future__ import annotations
 import json
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from ..errors import DataError, FederationError
-from .coordinator import Recorder, Settings
+
+if TYPE_CHECKING:  # the sites import this module for client_mod; coordinator imports torch
+    from .coordinator import Recorder, Settings
 
 log = logging.getLogger(__name__)
 
