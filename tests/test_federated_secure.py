@@ -5,11 +5,8 @@ a SuperLink and SuperNodes as separate processes on loopback, TLS on, bounded in
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +16,7 @@ pytest.importorskip("flwr")
 
 from datagen import CLASSES, PRETRAINED_ARGS, make_split_dataset  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
-from test_federated import TIMEOUT, _cli, _env, _free_port, _wait_rows  # noqa: E402
+from test_federated import TIMEOUT, _cli, _env, _free_port, run_killing_c  # noqa: E402
 
 from imgtune.cli import main  # noqa: E402
 from imgtune.config import from_dict, resolve  # noqa: E402
@@ -148,19 +145,7 @@ def rejoined(tmp_path_factory):
                                    str(run), "--logs", str(root / "server-logs"), *COMMON),
                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     procs = [server] + [_site_process(root, name, data, port, tls, 1) for name, data in sites.items()]
-    deadline = time.monotonic() + TIMEOUT
-    try:
-        _wait_rows(run / "metrics.csv", 1, procs, deadline)
-        killed = int(re.search(r"supernode \(pid (\d+)\)", (root / "c-1.err").read_text()).group(1))
-        os.killpg(killed, signal.SIGKILL)
-        procs.append(_site_process(root, "c", sites["c"], port, tls, 2))
-        output, _ = server.communicate(timeout=max(1, deadline - time.monotonic()))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            proc.wait(30)
+    output, _ = run_killing_c(procs, run, root / "c-1.err", lambda: _site_process(root, "c", sites["c"], port, tls, 2))
     return {"run": run, "code": server.returncode, "output": output, "root": root}
 
 
