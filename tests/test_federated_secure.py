@@ -158,3 +158,12 @@ def test_a_site_that_rejoins_contributes_again(rejoined):
     assert sorted(rounds[-1]["train"]["sites"]) == ["a", "b", "c"]  # c, from its new SuperNode
     assert sorted(rounds[-1]["val"]["sites"]) == ["a", "b", "c"]
     assert (rejoined["root"] / "c-2-logs" / "supernode.log").is_file()
+
+
+def test_a_loss_that_is_not_finite_is_left_out_of_the_table(capsys):
+    """A federation whose model diverged stores its loss as None (strict JSON); the summary still prints."""
+    from imgtune.cli.output import print_metrics
+
+    print_metrics({"n": 18, "accuracy": 0.5, "loss": None}, "pooled validation")
+    out = capsys.readouterr().out
+    assert "0.5000" in out and "loss" not in out
