@@ -24,7 +24,7 @@ from imgtune.federated import coordinator, secagg, site  # noqa: E402
 from imgtune.federated.certs import make_certificates  # noqa: E402
 
 A, B = sorted(CLASSES)[:2]
-TRAIN = 6  # training images per class and site: 12 per site, so --secagg-max-weight 12 weighs each by 1
+TRAIN = 6  # training images per class and site: 12 per site, the automatic --secagg-max-weight
 COMMON = ("--strategy", "linear-probe", "--batch-size", "8", "--augment", "none", *PRETRAINED_ARGS)
 
 
@@ -35,12 +35,12 @@ def _sites(root: Path, names=("a", "b", "c")) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory):
-    """One SecAgg+ round of three sites over TLS (``simulate``), site a's messages audited."""
+    """One SecAgg+ round of three sites over TLS (``simulate``), every site's messages audited; the
+    weights' scale (--secagg-max-weight) left automatic."""
     root = tmp_path_factory.mktemp("secure")
     sites = _sites(root)
     make_certificates(root / "tls")
-    argv = _cli("federate", "simulate", *map(str, sites.values()), "--rounds", "1", "--secure-aggregation",
-                "--secagg-max-weight", str(2 * TRAIN), "--tls", str(root / "tls"), "--out", str(root / "run"),
+    argv = _cli("federate", "simulate", *map(str, sites.values()), "--rounds", "1", "--secure-aggregation", "--tls", str(root / "tls"), "--out", str(root / "run"),
                 "--logs", str(root / "logs"), "--audit", str(root / "audit"), "--round-timeout", "200", *COMMON)
     done = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
     return {"root": root, "sites": sites, "run": root / "run", "done": done}
@@ -76,17 +76,21 @@ def test_secure_sites_send_masked_vectors_only(secure):
     assert secure["done"].returncode == 0
     for name in secure["sites"]:
         lines = [json.loads(line) for line in (secure["root"] / "audit" / f"{name}.jsonl").read_text().splitlines()]
-        assert [entry["type"] for entry in lines] == ["query", "train", "train", "train", "train", "evaluate"]
-        for entry in lines[1:5]:
+        assert [entry["type"] for entry in lines] == ["query", "query", "train", "train", "train", "train",
+                                                      "evaluate"]
+        assert lines[1]["records"]["counts"]["items"] == {"train-images": 2 * TRAIN}
+        for entry in lines[2:6]:
             arrays = [r["items"] for r in entry["records"].values() if r["kind"] == "ArrayRecord"]
             assert all(items == {} for items in arrays), entry
-        masked = lines[3]["records"]["secaggplus_configs"]["items"]["masked_params"]
+        masked = lines[4]["records"]["secaggplus_configs"]["items"]["masked_params"]
         assert masked and all(re.fullmatch(r"<\d+ bytes>", m) for m in masked)
-        assert set(lines[3]["records"]["fitres.metrics"]["items"]) == {
+        assert set(lines[4]["records"]["fitres.metrics"]["items"]) == {
             "num-examples", "train-loss", "train-accuracy", "round", "site", "secagg-clipped", "secagg-largest"}
     rounds = json.loads((secure["run"] / "metrics.json").read_text())["federated"]["rounds"]
     assert sorted(rounds[0]["train"]["sites"]) == ["a", "b", "c"]
     assert all(s["secagg-clipped"] == 0 for s in rounds[0]["train"]["sites"].values())
+    secure_settings = json.loads((secure["run"] / "metrics.json").read_text())["federated"]["secure_aggregation"]
+    assert secure_settings["max_weight"] == 2 * TRAIN  # the largest site's training images, asked
 
 
 def test_secure_aggregation_refuses_what_it_cannot_serve(tmp_path, capsys):

@@ -102,10 +102,10 @@ def _secagg_flags(group) -> None:
     group.add_argument("--secagg-quantization", type=int, default=2**24, metavar="LEVELS",
                        help="SecAgg+: integer levels over [-clip, clip]; times the number of sites below 2**32 "
                             "(default: 2**24)")
-    group.add_argument("--secagg-max-weight", type=float, default=1000.0, metavar="IMAGES",
+    group.add_argument("--secagg-max-weight", type=float, default=0.0, metavar="IMAGES",
                        help="SecAgg+: the largest number of training images a site may have; each update is "
-                            "weighted by its images / this, so a value just above the largest site's count "
-                            "quantises finest (default: 1000)")
+                            "weighted by its images / this (default: 0, the largest count among the connected "
+                            "sites, asked before the first round: the finest quantisation)")
 
 
 def _site_flags(p) -> None:

@@ -93,6 +93,11 @@ def _arrays(msg: Message) -> dict[str, np.ndarray]:
 
 @client.query()
 def query(msg: Message, context: Context) -> Message:
+    """``classes``: the class folder names; ``train-images``: the number of training images (asked by a
+    secure federation whose --secagg-max-weight is automatic)."""
+    if str(msg.content["config"].get("ask", "classes")) == "train-images":
+        count = MetricRecord({"train-images": _site().train_images(_data(context))})
+        return Message(RecordDict({"counts": count, "site": _site_name(context)}), reply_to=msg)
     names = _site().class_names(_data(context))
     return Message(RecordDict({"classes": ConfigRecord({"classes": names}), "site": _site_name(context)}),
                    reply_to=msg)

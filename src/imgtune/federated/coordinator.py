@@ -57,7 +57,7 @@ class Settings:
     secagg_threshold: float = 0.5  # shares that reconstruct a secret: a count, or a fraction of the shares
     secagg_clip: float = 1.0  # each weighted update value must lie in [-clip, clip]
     secagg_quantization: int = 2**24  # quantisation levels over [-clip, clip]
-    secagg_max_weight: float = 1000.0  # the largest number of training images a site may have
+    secagg_max_weight: float = 0.0  # the largest number of training images a site may have; 0: ask the sites
 
     def to_run_config(self) -> dict:
         return {"imgtune-settings": json.dumps(asdict(self))}
@@ -132,6 +132,7 @@ class Recorder:
     offset: int = 0  # rounds of earlier phases
     rows: list[dict] = field(default_factory=list)
     rounds: list[dict] = field(default_factory=list)
+    secure: dict | None = None  # secure aggregation's settings as used (secagg.run_phase)
 
     def on_train(self, replies: list, weight_key: str):
         from flwr.app import MetricRecord
@@ -255,7 +256,8 @@ def finish_run_folder(out: str, built: models.BuiltModel, recorder: Recorder, pr
     metrics = dict(last["pooled"])
     metrics["kept"] = "final"
     metrics["federated"] = {"pooled_over": "the sites' val splits (summed confusion matrices)",
-                            "sites": last.get("sites", {}), "rounds": recorder.rounds}
+                            "sites": last.get("sites", {}), "rounds": recorder.rounds,
+                            "secure_aggregation": recorder.secure}
     metrics["privacy"] = privacy
     artifact.write_json(artifact.Path(out) / artifact.METRICS_JSON, metrics)
     return metrics

@@ -53,8 +53,8 @@ def check(settings: Settings) -> None:
                          "coordinator, which secure aggregation hides from it; use one or the other")
     if settings.min_sites < 2:
         raise UsageError("--secure-aggregation needs --min-sites 2 or more (one site's sum is its update)")
-    if settings.secagg_clip <= 0 or settings.secagg_max_weight <= 0:
-        raise UsageError("--secagg-clip and --secagg-max-weight must be above 0")
+    if settings.secagg_clip <= 0 or settings.secagg_max_weight < 0:
+        raise UsageError("--secagg-clip must be above 0 and --secagg-max-weight 0 (automatic) or above")
     if not 2 <= settings.secagg_quantization < 2**31 or settings.min_sites * settings.secagg_quantization >= MODULUS:
         raise UsageError(f"--secagg-quantization {settings.secagg_quantization}: between 2 and 2**31, and times "
                          f"the number of sites ({settings.min_sites} or more) below 2**32")
@@ -74,12 +74,17 @@ def run_phase(grid, context: Context, settings: Settings, recorder: Recorder, in
     from flwr.server.workflow import SecAggPlusWorkflow
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
+    max_weight = settings.secagg_max_weight if settings.secagg_max_weight > 0 else largest_site(grid, settings)
+    recorder.secure = {"protocol": "SecAgg+ (Flower)", "max_weight": max_weight, "clip": settings.secagg_clip,
+                       "quantization": settings.secagg_quantization, "shares": settings.secagg_shares,
+                       "threshold": settings.secagg_threshold,
+                       "step": 2 * settings.secagg_clip / settings.secagg_quantization}
     config = config | {"array-names": list(initial), "secagg-clip": settings.secagg_clip,
-                       "secagg-max-weight": settings.secagg_max_weight}
+                       "secagg-max-weight": max_weight}
     rounds_state = SecureRounds(settings, recorder, config, initial)
     legacy = LegacyContext(context, ServerConfig(num_rounds=rounds), rounds_state)
     workflow = SecAggPlusWorkflow(shares(settings.secagg_shares), shares(settings.secagg_threshold),
-                                  max_weight=settings.secagg_max_weight, clipping_range=settings.secagg_clip,
+                                  max_weight=max_weight, clipping_range=settings.secagg_clip,
                                   quantization_range=settings.secagg_quantization, modulus_range=MODULUS,
                                   timeout=settings.round_timeout)
     thread, stop, ready = start_update_client_manager_thread(grid, legacy.client_manager)
@@ -98,6 +103,23 @@ def run_phase(grid, context: Context, settings: Settings, recorder: Recorder, in
         stop.set()
         thread.join()
     return rounds_state.current
+
+
+def largest_site(grid, settings: Settings) -> float:
+    """The largest number of training images among the connected sites (each is asked; the same counts
+    travel in plain with every update): every site's weight then uses the most of SecAgg+'s range."""
+    from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+    sample_nodes(grid, settings.min_sites, settings.min_sites)  # waits until --min-sites sites are connected
+    asks = [Message(RecordDict({"config": ConfigRecord({"ask": "train-images"})}), message_type="query",
+                    dst_node_id=node) for node in sorted(grid.get_node_ids())]
+    replies = [r for r in grid.send_and_receive(asks, timeout=settings.round_timeout) if not r.has_error()]
+    if len(replies) < settings.min_sites:
+        raise FederationError(f"only {len(replies)} site(s) said how many training images they have, fewer than "
+                              f"--min-sites {settings.min_sites}")
+    largest = max(int(r.content["counts"]["train-images"]) for r in replies)
+    log.info("secure aggregation: weights are images / %d (the largest site's training images)", largest)
+    return float(largest)
 
 
 def _legacy_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:

@@ -40,6 +40,13 @@ def class_names(data: str) -> list[str]:
     return sorted({s.label for s in samples})
 
 
+def train_images(data: str) -> int:
+    """The site's training images as found in train/ (before the file checks): what a SecAgg+ federation
+    sizes its weights by. The same count travels in plain as ``num-examples`` with every update."""
+    samples, _ = find_samples(data)
+    return sum(1 for s in samples if s.split == "train") or len(samples)
+
+
 def open_splits(data: str, classes: list[str], seed: int, checks=None) -> DataSplits:
     """The site's checked train and val images, labelled by the coordinator's ``classes``."""
     samples, layout = find_samples(data)
