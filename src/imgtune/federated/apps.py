@@ -106,19 +106,24 @@ def make_strategy(settings: Settings, recorder: Recorder, accountant=None):
                                                       settings.min_sites, accountant=accountant)
 
 
-def gather_classes(grid: Grid, settings: Settings) -> tuple[list[str], dict]:
-    """The union of the class folder names of every site connected once --min-sites are (each site sends
-    its names, nothing else); a site joining later must have no class outside it."""
+def ask_sites(grid: Grid, settings: Settings, ask: str, what: str) -> list[Message]:
+    """A ``query`` (``ask``) to every connected site once --min-sites are connected, not to a sample of
+    them; the replies, at least --min-sites of them."""
     from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
     sample_nodes(grid, settings.min_sites, settings.min_sites)  # waits until --min-sites sites are connected
-    nodes = sorted(grid.get_node_ids())  # then asks every connected site, not a sample of them
-    asks = [Message(RecordDict({"config": ConfigRecord({"ask": "classes"})}), message_type="query",
-                    dst_node_id=node) for node in nodes]
+    asks = [Message(RecordDict({"config": ConfigRecord({"ask": ask})}), message_type="query", dst_node_id=node)
+            for node in sorted(grid.get_node_ids())]
     replies = [r for r in grid.send_and_receive(asks, timeout=settings.round_timeout) if not r.has_error()]
     if len(replies) < settings.min_sites:
-        raise RuntimeError(f"only {len(replies)} site(s) sent their class names, fewer than --min-sites "
-                           f"{settings.min_sites}")
+        raise RuntimeError(f"only {len(replies)} site(s) {what}, fewer than --min-sites {settings.min_sites}")
+    return replies
+
+
+def gather_classes(grid: Grid, settings: Settings) -> tuple[list[str], dict]:
+    """The union of the class folder names of every site connected once --min-sites are (each site sends
+    its names, nothing else); a site joining later must have no class outside it."""
+    replies = ask_sites(grid, settings, "classes", "sent their class names")
     found = {str(r.content["site"]["name"]): sorted(str(c) for c in r.content["classes"]["classes"])
              for r in replies}
     classes = sorted({c for names in found.values() for c in names})

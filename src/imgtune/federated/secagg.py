@@ -108,15 +108,9 @@ def run_phase(grid, context: Context, settings: Settings, recorder: Recorder, in
 def largest_site(grid, settings: Settings) -> float:
     """The largest number of training images among the connected sites (each is asked; the same counts
     travel in plain with every update): every site's weight then uses the most of SecAgg+'s range."""
-    from flwr.serverapp.strategy.strategy_utils import sample_nodes
+    from .apps import ask_sites
 
-    sample_nodes(grid, settings.min_sites, settings.min_sites)  # waits until --min-sites sites are connected
-    asks = [Message(RecordDict({"config": ConfigRecord({"ask": "train-images"})}), message_type="query",
-                    dst_node_id=node) for node in sorted(grid.get_node_ids())]
-    replies = [r for r in grid.send_and_receive(asks, timeout=settings.round_timeout) if not r.has_error()]
-    if len(replies) < settings.min_sites:
-        raise FederationError(f"only {len(replies)} site(s) said how many training images they have, fewer than "
-                              f"--min-sites {settings.min_sites}")
+    replies = ask_sites(grid, settings, "train-images", "said how many training images they have")
     largest = max(int(r.content["counts"]["train-images"]) for r in replies)
     log.info("secure aggregation: weights are images / %d (the largest site's training images)", largest)
     return float(largest)
