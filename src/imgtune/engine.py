@@ -28,7 +28,7 @@ from .head_fit import fit_linear_head, fitted_by_lbfgs, linear_layer, sklearn_cl
 from .inference import autocast, predict_probs, to_channels_last
 from .metrics import quick_metrics
 from .models import Classifier
-from .optim import make_optimizer, optimizer_steps, warmup_cosine_from
+from .optim import make_optimizer, optimizer_steps, warmup_cosine, warmup_cosine_from  # noqa: F401 (tests read warmup_cosine here)
 from .progress import EarlyStopping, EpochResult, Progress, Tally
 from .strategies import Phase
 
