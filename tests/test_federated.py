@@ -64,6 +64,27 @@ def _wait_rows(csv: Path, rows: int, procs: list, deadline: float) -> None:
     raise AssertionError(f"no round {rows} in {csv} in time")
 
 
+def run_killing_c(procs: list, run: Path, c_err: Path, restart=None) -> tuple[str, int]:
+    """Once round 1 is written, kills site c's SuperNode and its ClientApp (SIGKILL to its group), starts
+    ``restart()`` (a new SuperNode) if given, and waits for the server (``procs[0]``); every process is
+    stopped whatever happens. Returns the server's output and the killed pid."""
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        _wait_rows(run / "metrics.csv", 1, procs, deadline)
+        killed = int(re.search(r"supernode \(pid (\d+)\)", c_err.read_text()).group(1))
+        os.killpg(killed, signal.SIGKILL)
+        if restart is not None:
+            procs.append(restart())
+        output, _ = procs[0].communicate(timeout=max(1, deadline - time.monotonic()))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(30)
+    return output, killed
+
+
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     """Three sites (site c lacks class B), every party over TLS, gradual: round 1 frozen (the head travels), round 2 unfrozen
@@ -89,18 +110,7 @@ def federation(tmp_path_factory):
                                                "--tls-ca", str(tls["ca.crt"]),
                                                "--audit", str(root / f"{name}.audit.jsonl"), "--logs",
                                                str(root / f"{name}-logs")), env=_env(), stderr=err))
-    deadline = time.monotonic() + TIMEOUT
-    try:
-        _wait_rows(run / "metrics.csv", 1, procs, deadline)
-        killed = int(re.search(r"supernode \(pid (\d+)\)", errs["c"].read_text()).group(1))
-        os.killpg(killed, signal.SIGKILL)  # site c's SuperNode and its ClientApp, mid-federation
-        output, _ = server.communicate(timeout=max(1, deadline - time.monotonic()))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            proc.wait(30)
+    output, killed = run_killing_c(procs, run, errs["c"])
     return {"root": root, "run": run, "sites": sites, "code": server.returncode, "output": output,
             "site_codes": [p.returncode for p in procs[1:]], "killed": killed}
 

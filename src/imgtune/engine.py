@@ -28,7 +28,7 @@ from .head_fit import fit_linear_head, fitted_by_lbfgs, linear_layer, sklearn_cl
 from .inference import autocast, predict_probs, to_channels_last
 from .metrics import quick_metrics
 from .models import Classifier
-from .optim import make_optimizer, optimizer_steps, warmup_cosine
+from .optim import make_optimizer, optimizer_steps, warmup_cosine, warmup_cosine_from  # noqa: F401 (tests read warmup_cosine here)
 from .progress import EarlyStopping, EpochResult, Progress, Tally
 from .strategies import Phase
 
@@ -139,12 +139,15 @@ def head_fit_asked(train: TrainConfig, phase: Phase, last: bool, loaders: Loader
 def fit(model: Classifier, phases: list[Phase], loaders: Loaders, train: TrainConfig, device: torch.device,
         num_classes: int, on_epoch: Callable[[EpochResult, list[dict]], None] = lambda result, rows: None,
         class_weights: torch.Tensor | None = None, hooks: Hooks | None = None,
-        resume: dict | None = None, time_left: Callable[[int], str] | None = None) -> Progress:
+        resume: dict | None = None, time_left: Callable[[int], str] | None = None,
+        span: tuple[int, int] | None = None) -> Progress:
     """Run every phase, or what is left of them after ``resume`` (a checkpoint's payload); calls
     ``on_epoch(result, rows)`` after each epoch with every row so far (to write the metrics CSV), and
     ``hooks`` after each step and epoch.
     ``class_weights`` weight the training loss (``--balance weights``); validation is never weighted.
-    ``time_left(epoch)`` adds the run's time left to the progress bar (``timeplan.TimeLeft``)."""
+    ``time_left(epoch)`` adds the run's time left to the progress bar (``timeplan.TimeLeft``).
+    ``span`` (epochs before, total epochs): the first phase is a slice of a longer learning-rate schedule
+    (a federated site's round: its lr follows one schedule over the federation, not a restart per round)."""
     weight = class_weights.to(device) if class_weights is not None else None
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=train.label_smoothing)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and not torch.cuda.is_bf16_supported() \
@@ -152,7 +155,7 @@ def fit(model: Classifier, phases: list[Phase], loaders: Loaders, train: TrainCo
     run = _Run(model, loaders, train, device, num_classes, loss_fn, scaler, on_epoch, hooks or Hooks(),
                Progress(EarlyStopping(train.monitor, train.early_stop, train.keep == "best")),
                ema=weight_average(model, train.ema), mix=batch_mixer(train.mixup, train.cutmix, num_classes),
-               time_left=time_left or (lambda epoch: ""))
+               time_left=time_left or (lambda epoch: ""), span=span)
     if resume is not None:
         model.load_state_dict(resume["model"])
         run.progress.load_state_dict(resume)
@@ -202,6 +205,7 @@ class _Run:
     schedule_steps: int = 0
     ema: WeightAverage | None = None  # --ema: validated and kept instead of the raw weights
     mix: Mixer | None = None  # --mixup/--cutmix, while the body trains
+    span: tuple[int, int] | None = None  # (epochs before, total epochs) of the first phase's schedule
 
     def start_phase(self, index: int, phase: Phase, warmup_epochs: float) -> None:
         self.phase_index, self.phase = index, phase
@@ -212,8 +216,9 @@ class _Run:
         self.optimizer = make_optimizer(self.model, phase, self.train)
         per_epoch = optimizer_steps(len(self.train_loader), self.train.accumulate)  # a full epoch's
         self.schedule_steps = phase.epochs * per_epoch
+        before, total = self.span if self.span and index == 0 else (0, phase.epochs)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(self.schedule_steps, round(warmup_epochs * per_epoch)))
+            self.optimizer, warmup_cosine_from(total * per_epoch, round(warmup_epochs * per_epoch), before * per_epoch))
         if self.ema is not None:
             self.ema.restart(self.model)
 

@@ -45,6 +45,13 @@ def warmup_cosine(total_steps: int, warmup_steps: int, floor: float = 0.01) -> C
     return factor
 
 
+def warmup_cosine_from(total_steps: int, warmup_steps: int, start: int) -> Callable[[int], float]:
+    """:func:`warmup_cosine` entered at step ``start``: a training that is one slice of a longer schedule
+    (a federated site's round, whose lr follows one schedule over the whole federation)."""
+    factor = warmup_cosine(total_steps, warmup_steps)
+    return factor if not start else (lambda step: factor(step + start))
+
+
 def optimizer_steps(batches: int, accumulate: int = 1) -> int:
     """Optimizer steps in an epoch of ``batches`` batches, stepping every ``accumulate`` batches (and
     after the last)."""

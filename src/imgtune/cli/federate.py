@@ -26,6 +26,8 @@ def register(commands) -> None:
     simulate = sub.add_parser("simulate", help="a whole federation on this machine: one site per folder")
     simulate.add_argument("sites", nargs="+", metavar="SITE_DIR", help="one folder per site, each with train/ "
                                                                        "and val/")
+    simulate.add_argument("--audit", metavar="DIR", help="each site appends one JSON line per message it sends "
+                                                         "to DIR/NAME.jsonl (what federate site --audit writes)")
     _coordinator_flags(simulate)
     simulate.set_defaults(handler=run_simulate)
     server = sub.add_parser("server", help="the coordinator of a federation across machines (a SuperLink)")
@@ -75,12 +77,35 @@ def _coordinator_flags(p) -> None:
                                                                   "--dp-noise (default: 1)")
     group.add_argument("--dp-delta", type=float, default=1e-5, help="the delta epsilon is reported at (default: "
                                                                     "1e-5)")
+    _secagg_flags(group)
     group.add_argument("--tls", metavar="DIR", help="TLS between all parties with DIR's ca.crt, server.crt and "
                                                     "server.key (imgtune federate certs DIR; default: no TLS)")
     groups = {title: p.add_argument_group(title) for title in GROUPS.values()}
     for option in cfg.OPTIONS.values():
         if option.name not in NOT_FEDERATED:
             add_flag(groups[option.group or GROUPS[option.section]], option)
+
+
+def _secagg_flags(group) -> None:
+    group.add_argument("--secure-aggregation", action="store_true",
+                       help="Flower's SecAgg+: the coordinator learns only the sum of the sites' updates, never one "
+                            "site's (fedavg, fedprox, fedadam; not with --dp-noise; docs/federated.md)")
+    group.add_argument("--secagg-shares", type=float, default=1.0, metavar="N",
+                       help="SecAgg+: shares each site's secrets are split into, a count (3 or more) or a fraction "
+                            "of the round's sites (default: 1.0, every site)")
+    group.add_argument("--secagg-threshold", type=float, default=0.5, metavar="T",
+                       help="SecAgg+: shares needed to rebuild a secret, a count or a fraction of the shares, at "
+                            "least 2 (default: 0.5); higher resists more colluding sites, tolerates fewer dropouts")
+    group.add_argument("--secagg-clip", type=float, default=1.0,
+                       help="SecAgg+: each value of a site's weighted update must lie in [-clip, clip]; the "
+                            "federation stops, naming the site, if one does not (default: 1)")
+    group.add_argument("--secagg-quantization", type=int, default=2**24, metavar="LEVELS",
+                       help="SecAgg+: integer levels over [-clip, clip]; times the number of sites below 2**32 "
+                            "(default: 2**24)")
+    group.add_argument("--secagg-max-weight", type=float, default=0.0, metavar="IMAGES",
+                       help="SecAgg+: the largest number of training images a site may have; each update is "
+                            "weighted by its images / this (default: 0, the largest count among the connected "
+                            "sites, asked before the first round: the finest quantisation)")
 
 
 def _site_flags(p) -> None:
@@ -90,6 +115,8 @@ def _site_flags(p) -> None:
     p.add_argument("--cache-dir", help="this site's feature cache (default: $IMGTUNE_CACHE, else ~/.cache/imgtune)")
     p.add_argument("--device", choices=cfg.DEVICES, help="this site's device (default: auto)")
     p.add_argument("--logs", metavar="DIR", help="folder for the SuperNode's log (default: a new temporary folder)")
+    p.add_argument("--secure-aggregation", action="store_true",
+                   help="take part only in SecAgg+ rounds: a plain round's request is refused, no update sent")
     p.add_argument("--tls-ca", metavar="FILE", help="the federation's ca.crt: connect with TLS and verify the "
                                                     "SuperLink against it (default: no TLS)")
 
@@ -107,14 +134,18 @@ def settings_from(args, sites: int | None):
                     proximal_mu=args.proximal_mu, server_lr=args.server_lr,
                     min_sites=args.min_sites or sites or 2, classes=classes, round_timeout=args.round_timeout,
                     overwrite=bool(overwrite), dp_noise=args.dp_noise, dp_clip=args.dp_clip,
-                    dp_delta=args.dp_delta)
+                    dp_delta=args.dp_delta, secure_aggregation=args.secure_aggregation,
+                    secagg_shares=args.secagg_shares, secagg_threshold=args.secagg_threshold,
+                    secagg_clip=args.secagg_clip, secagg_quantization=args.secagg_quantization,
+                    secagg_max_weight=args.secagg_max_weight)
 
 
 def run_simulate(args) -> int:
     from ..federated import launch
 
     settings = settings_from(args, len(args.sites))
-    metrics = launch.simulate(args.sites, settings, args.logs, launch.Security.from_folder(args.tls))
+    metrics = launch.simulate(args.sites, settings, args.logs, launch.Security.from_folder(args.tls),
+                              audit=args.audit)
     _report(metrics, settings.out)
     return 0
 
@@ -132,6 +163,8 @@ def run_site(args) -> int:
     from ..federated import launch
 
     options = {k: v for k, v in (("cache-dir", args.cache_dir), ("device", args.device)) if v}
+    if args.secure_aggregation:
+        options["secure-aggregation"] = "1"
     security = launch.Security(Path(args.tls_ca).resolve()) if args.tls_ca else launch.Security()
     return launch.join(args.data, args.server, args.name, args.audit, args.logs, security, options)
 

@@ -19,7 +19,7 @@ def print_metrics(report: dict, title: str) -> None:
     table.add_column("value", justify="right")
     for key in ("accuracy", "macro_f1", "balanced_accuracy", "weighted_f1", "top3_accuracy", "top5_accuracy",
                 "loss"):
-        if key in report:
+        if report.get(key) is not None:  # None: not finite (strict JSON), e.g. a diverged federation's loss
             table.add_row(key, f"{report[key]:.4f}{_ci(report, key)}")
     console.print(table)
 

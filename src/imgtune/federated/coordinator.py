@@ -52,6 +52,12 @@ class Settings:
     dp_noise: float = 0.0  # central DP (Flower's server-side fixed clipping): noise multiplier; 0: off
     dp_clip: float = 1.0  # the L2 norm each site's update is clipped to
     dp_delta: float = 1e-5
+    secure_aggregation: bool = False  # Flower's SecAgg+: the coordinator sees only the sum of the updates
+    secagg_shares: float = 1.0  # shares of each site's secrets: a count, or a fraction of the round's sites
+    secagg_threshold: float = 0.5  # shares that reconstruct a secret: a count, or a fraction of the shares
+    secagg_clip: float = 1.0  # each weighted update value must lie in [-clip, clip]
+    secagg_quantization: int = 2**24  # quantisation levels over [-clip, clip]
+    secagg_max_weight: float = 0.0  # the largest number of training images a site may have; 0: ask the sites
 
     def to_run_config(self) -> dict:
         return {"imgtune-settings": json.dumps(asdict(self))}
@@ -90,6 +96,9 @@ def check_settings(settings: Settings) -> RunConfig:
     if settings.dp_noise > 0 and settings.strategy == "fedadam":
         raise UsageError("--dp-noise: Flower accounts the privacy of FedAvg's aggregation (fedavg, fedprox), not "
                          "fedadam's")
+    from .secagg import check
+
+    check(settings)
     if settings.classes and len(set(settings.classes)) < 2:
         raise UsageError("--classes: a classifier needs at least two distinct classes")
     return config
@@ -123,6 +132,7 @@ class Recorder:
     offset: int = 0  # rounds of earlier phases
     rows: list[dict] = field(default_factory=list)
     rounds: list[dict] = field(default_factory=list)
+    secure: dict | None = None  # secure aggregation's settings as used (secagg.run_phase)
 
     def on_train(self, replies: list, weight_key: str):
         from flwr.app import MetricRecord
@@ -246,7 +256,8 @@ def finish_run_folder(out: str, built: models.BuiltModel, recorder: Recorder, pr
     metrics = dict(last["pooled"])
     metrics["kept"] = "final"
     metrics["federated"] = {"pooled_over": "the sites' val splits (summed confusion matrices)",
-                            "sites": last.get("sites", {}), "rounds": recorder.rounds}
+                            "sites": last.get("sites", {}), "rounds": recorder.rounds,
+                            "secure_aggregation": recorder.secure}
     metrics["privacy"] = privacy
     artifact.write_json(artifact.Path(out) / artifact.METRICS_JSON, metrics)
     return metrics

@@ -4,7 +4,7 @@ Each party is a separate process in its own process group, started with the exec
 environment imgtune runs in, on loopback or the address given, and stopped (TERM, then KILL) when the
 command ends for any reason, Ctrl-C and errors included: no process outlives the command. The Flower App
 submitted to the SuperLink is a folder holding only a ``pyproject.toml`` that names imgtune's apps
-(``imgtune.federated.apps``) and carries the coordinator's settings as its run config.
+(``imgtune.federated.apps`` and ``.client``) and carries the coordinator's settings as its run config.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def write_app(folder: Path, settings: Settings) -> Path:
                     "description": "imgtune federated training (imgtune federate)"},
         "tool": {"flwr": {"app": {"publisher": "imgtune",
                                   "components": {"serverapp": "imgtune.federated.apps:server",
-                                                 "clientapp": "imgtune.federated.apps:client"},
+                                                 "clientapp": "imgtune.federated.client:client"},
                                   "config": settings.to_run_config()}}},
     }
     (folder / "pyproject.toml").write_text(tomli_w.dumps(project))
@@ -245,9 +245,10 @@ def _logs_folder(logs: str | None) -> Path:
 
 
 def simulate(sites: list[str], settings: Settings, logs: str | None = None, security: Security = Security(),
-             node_options: dict | None = None) -> dict:
-    """A SuperLink and one SuperNode per site folder on loopback, the run, then every process stopped.
-    Returns the run's metrics.json."""
+             node_options: dict | None = None, audit: str | None = None) -> dict:
+    """A SuperLink and one SuperNode per site folder on loopback, the run, then every process stopped;
+    with ``audit`` (a folder) each site appends what it sends to ``audit/NAME.jsonl``. Returns the run's
+    metrics.json."""
     check_before_start(settings)
     names = site_names(sites)
     with _sigterm_as_interrupt(), Processes(_logs_folder(logs)) as procs:
@@ -256,6 +257,9 @@ def simulate(sites: list[str], settings: Settings, logs: str | None = None, secu
         wait_for_port("127.0.0.1", port, procs)
         for name, data in zip(names, sites):
             config = {"data": str(Path(data).resolve()), "name": name, **(node_options or {})}
+            if audit:
+                Path(audit).mkdir(parents=True, exist_ok=True)
+                config["audit"] = str(Path(audit).resolve() / f"{name}.jsonl")
             procs.start(f"site-{name}", supernode_argv(f"127.0.0.1:{port}", free_port(), config, security))
         return _run(settings, f"127.0.0.1:{port}", security, procs)
 

@@ -40,6 +40,13 @@ def class_names(data: str) -> list[str]:
     return sorted({s.label for s in samples})
 
 
+def train_images(data: str) -> int:
+    """The site's training images as found in train/ (before the file checks): what a SecAgg+ federation
+    sizes its weights by. The same count travels in plain as ``num-examples`` with every update."""
+    samples, _ = find_samples(data)
+    return sum(1 for s in samples if s.split == "train") or len(samples)
+
+
 def open_splits(data: str, classes: list[str], seed: int, checks=None) -> DataSplits:
     """The site's checked train and val images, labelled by the coordinator's ``classes``."""
     samples, layout = find_samples(data)
@@ -114,6 +121,17 @@ class RoundPlan:
     phase: str  # FROZEN or UNFROZEN
     local_epochs: int
     proximal_mu: float = 0.0  # FedProx: the weight of ||w - w_global||^2 / 2 in the local loss
+    round: int = 1  # this round's number in its phase (from 1)
+    phase_rounds: int = 0  # the phase's rounds: the lr follows one cosine over all of them; 0: this round's own
+
+    def span(self) -> tuple[int, int] | None:
+        """(local epochs before this round, local epochs of the whole phase) of the learning-rate schedule.
+        A cosine restarted every round sends each site back to the full lr late in the federation, where
+        it drifts towards its own skewed optimum; one schedule over the federation anneals as centralised
+        training does (bench/federated.py, docs/benchmarks.md)."""
+        if self.phase_rounds < 1:
+            return None
+        return (self.round - 1) * self.local_epochs, self.phase_rounds * self.local_epochs
 
 
 def train_round(setup: Setup, arrays: dict[str, np.ndarray], plan: RoundPlan) -> tuple[dict[str, np.ndarray], dict]:
@@ -132,7 +150,8 @@ def train_round(setup: Setup, arrays: dict[str, np.ndarray], plan: RoundPlan) ->
                     checkpoint_every=None)
     model.to(setup.device)
     with _proximal(model, plan):
-        progress = fit(model, [phase], loaders, local, setup.device, len(setup.source.classes), class_weights=weights)
+        progress = fit(model, [phase], loaders, local, setup.device, len(setup.source.classes), class_weights=weights,
+                       span=plan.span())
     row = progress.rows[-1]
     scalars = {"num-examples": setup.source.size("train"), "train-loss": float(row["train_loss"]),
                "train-accuracy": float(row["train_accuracy"])}
