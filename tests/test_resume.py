@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from datagen import make_split_dataset
-from imgtune import checkpoint, engine
+from imgtune import checkpoint, engine, optim
 from imgtune.balance import balanced_sampler
 from imgtune.cli import main
 from imgtune.data.sampler import EpochSampler
@@ -350,7 +350,7 @@ def test_raising_epochs_trains_a_finished_run_further(data, cache, tmp_path, cap
     assert main(["train", "--resume", str(run), "--epochs", "4"]) == 0
     rows = metrics_rows(run)
     assert rows[:2] == first_rows and [r["epoch"] for r in rows] == ["1", "2", "3", "4"]
-    factor = engine.warmup_cosine(4 * STEPS_PER_EPOCH, 0)(2 * STEPS_PER_EPOCH)  # 0.505: the schedule's middle
+    factor = optim.warmup_cosine(4 * STEPS_PER_EPOCH, 0)(2 * STEPS_PER_EPOCH)  # 0.505: the schedule's middle
     assert float(rows[2]["lr"]) == pytest.approx(1e-3 * factor)
     assert "epochs: 4" in (run / "config.yaml").read_text()
     assert not torch.equal(load_file(run / "model.safetensors")["head.0.weight"], before["head.0.weight"])

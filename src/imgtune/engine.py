@@ -28,7 +28,7 @@ from .head_fit import fit_linear_head, fitted_by_lbfgs, linear_layer, sklearn_cl
 from .inference import autocast, predict_probs, to_channels_last
 from .metrics import quick_metrics
 from .models import Classifier
-from .optim import make_optimizer, optimizer_steps, warmup_cosine, warmup_cosine_from  # noqa: F401 (tests read warmup_cosine here)
+from .optim import make_optimizer, optimizer_steps, warmup_cosine_from
 from .progress import EarlyStopping, EpochResult, Progress, Tally
 from .strategies import Phase
 
@@ -218,7 +218,8 @@ class _Run:
         self.schedule_steps = phase.epochs * per_epoch
         before, total = self.span if self.span and index == 0 else (0, phase.epochs)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine_from(total * per_epoch, round(warmup_epochs * per_epoch), before * per_epoch))
+            self.optimizer,
+            warmup_cosine_from(total * per_epoch, round(warmup_epochs * per_epoch), before * per_epoch))
         if self.ema is not None:
             self.ema.restart(self.model)
 

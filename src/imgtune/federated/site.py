@@ -19,7 +19,7 @@ import torch
 
 from .. import balance, models
 from ..cache import check_store
-from ..config import RunConfig, from_dict, resolve
+from ..config import from_dict, resolve
 from ..data.scan import DataSplits, check_files, find_samples, split_readable
 from ..data.sources import FolderSource, build_loaders
 from ..engine import fit
