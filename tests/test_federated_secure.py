@@ -41,7 +41,8 @@ def secure(tmp_path_factory):
     sites = _sites(root)
     make_certificates(root / "tls")
     argv = _cli("federate", "simulate", *map(str, sites.values()), "--rounds", "1", "--secure-aggregation",
-                "--tls", str(root / "tls"), "--out", str(root / "run"), "--logs", str(root / "logs"), "--audit", str(root / "audit"), "--round-timeout", "200", *COMMON)
+                "--tls", str(root / "tls"), "--out", str(root / "run"), "--logs", str(root / "logs"),
+                "--audit", str(root / "audit"), "--round-timeout", "200", *COMMON)
     done = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
     return {"root": root, "sites": sites, "run": root / "run", "done": done}
 
