@@ -56,7 +56,7 @@ def typical_clusters(pool: np.ndarray, labelled: np.ndarray, n: int, seed: int =
     owners = clusters[len(labelled):]
     sizes = np.bincount(clusters, minlength=clusters.max() + 1)
     counts = np.bincount(clusters[:len(labelled)], minlength=len(sizes)).astype(float)
-    counts[sizes < min(MIN_CLUSTER, sizes.max())] = np.inf  # outliers last
+    counts[sizes < _outlier_size(len(points), len(sizes))] = np.inf  # outliers last
     free = np.ones(len(pool), dtype=bool)
     chosen: list[int] = []
     while len(chosen) < n:
@@ -76,6 +76,12 @@ def typical_clusters(pool: np.ndarray, labelled: np.ndarray, n: int, seed: int =
         free[best] = False
         counts[cluster] += 1
     return chosen
+
+
+def _outlier_size(points: int, clusters: int) -> int:
+    """Clusters smaller than this are outliers: TypiClust's 5, or half the mean cluster size where the
+    pool is small against the number of clusters (else most clusters would be "outliers")."""
+    return max(2, min(MIN_CLUSTER, points // (2 * clusters)))
 
 
 def _clusters(points: np.ndarray, k: int, seed: int) -> np.ndarray:

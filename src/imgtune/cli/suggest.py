@@ -14,7 +14,8 @@ from .args import positive_int
 from .output import console
 
 
-STRATEGIES = ("diverse", "margin", "entropy")  # imgtune.suggest.STRATEGIES (not imported here: it loads torch)
+STRATEGIES = ("hybrid", "typical", "diverse", "margin", "entropy", "badge")  # imgtune.suggest's (it loads torch)
+DEFAULT_STRATEGY = "diverse"  # imgtune.suggest.DEFAULT_STRATEGY
 CSV_NAME = "suggestions.csv"  # imgtune.suggest.CSV_NAME
 
 
@@ -24,7 +25,7 @@ def register(commands) -> None:
     p.add_argument("run", help="run folder written by imgtune train")
     p.add_argument("folder", metavar="DIR", help="folder of unlabelled images (searched recursively)")
     p.add_argument("--n", type=positive_int, default=50, help="images to suggest (default 50)")
-    p.add_argument("--strategy", choices=STRATEGIES, default="diverse",
+    p.add_argument("--strategy", choices=STRATEGIES, default=DEFAULT_STRATEGY,
                    help="margin or entropy: the least certain first; diverse (default): the least certain by "
                         "margin, at most one image of each group of copies or near-copies")
     p.add_argument("--out", metavar="FILE.csv", help=f"where to write the CSV (default DIR/{CSV_NAME})")
