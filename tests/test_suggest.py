@@ -194,3 +194,21 @@ def test_bad_unlabelled_folders_and_bad_extra_labels(trained, tmp_path, capsys):
     assert main([*args, "--extra-labels", str(labels)]) == 3  # a val image added to train: leakage
     assert "leak" in capsys.readouterr().err.lower()
     assert not (tmp_path / "x" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_typical_counts_the_runs_training_images_as_labelled(trained, tmp_path, caplog):
+    data, run = trained
+    pool = tmp_path / "pool"
+    original = _pool(pool, data)
+    found = suggest.suggest(run, pool, 4, "typical")
+    paths = {f.path.name for f in found}
+    assert len(found) == 4 and not {original.name, "near_copy.png"} <= paths
+    assert "not at their recorded paths" not in caplog.text
+    moved = tmp_path / "moved"
+    data.rename(moved)  # the run's training images are gone: warned, and every cluster counts as unlabelled
+    try:
+        assert len(suggest.suggest(run, pool, 4, "typical")) == 4
+    finally:
+        moved.rename(data)
+    assert "18 of the run's 18 training images are not at their recorded paths" in caplog.text

@@ -6,15 +6,20 @@ skipped and named; exact copies of the run's own train/val/test images, found by
 model gives each image its probabilities (with the run's fitted temperature when it has one, so the
 uncertainty is calibrated) and its body's feature vector, in one pass.
 
-Strategies (``--strategy``):
+Strategies (``--strategy``; the selection itself is :mod:`imgtune.acquire`):
 
 - ``margin``: smallest gap between the two most likely classes first (uncertainty sampling);
 - ``entropy``: highest entropy of the probabilities first;
-- ``diverse`` (default): by margin, but at most one image of each group of copies or near-copies (the
-  perceptual fingerprints ``imgtune doctor`` groups by), so the list never holds near-copies of one
-  confusing image. A spread in feature space (greedy k-centre over the uncertain images, Sener &
-  Savarese 2018) was measured too and did worse than margin alone on hymenoptera
-  (docs/benchmarks.md, "Active learning").
+- ``diverse``: by margin, but at most one image of each group of copies or near-copies (the perceptual
+  fingerprints ``imgtune doctor`` groups by), so the list never holds near-copies of one confusing image;
+- ``typical``: TypiClust (Hacohen et al. 2022): the most typical image of each k-means cluster holding the
+  fewest labelled training images (the run's, read from ``RUN/data_files.json.gz``);
+- ``badge``: BADGE (Ash et al. 2020): k-means++ seeding on the head's gradient embeddings;
+- ``hybrid``: TCM (Doucet et al. 2024): ``typical`` while the run has fewer than ``TYPICAL_UNTIL``
+  labelled training images per class, ``diverse`` from then on.
+
+``typical``, ``badge`` (and so ``hybrid``) also take at most one image of each group of near-copies. How
+they compare with random picks: docs/benchmarks.md, "Active learning".
 
 The CSV (``path,label,guess,prob``, best first) has an empty ``label`` column to fill in; ``imgtune train
 DATA --extra-labels FILE.csv`` adds the filled rows. Paths are relative to the CSV's folder when the
