@@ -130,8 +130,8 @@ def _labelled_features(run: artifact.RunInfo, files: list[list[str]], built: mod
     found = [Sample(p, label, "train", digest or None) for p, (_, label, digest) in zip(paths, files) if p.is_file()]
     if len(found) < len(files):
         log.warning("%d of the run's %d training images are not at their recorded paths (under %s); the "
-                    "typical strategy counts only the %d found as labelled", len(files) - len(found), len(files),
-                    root, len(found))
+                    "typical strategy counts only the %d found as labelled (move them back for better picks)",
+                    len(files) - len(found), len(files), root, len(found))
     if not found:
         return None
     vectors = features.extract(built, found, run.classes, None, device, batch_size, 0,
