@@ -60,7 +60,7 @@ def typical_clusters(pool: np.ndarray, labelled: np.ndarray, n: int, seed: int =
     free = np.ones(len(pool), dtype=bool)
     chosen: list[int] = []
     while len(chosen) < n:
-        open_ = np.array([free[owners == c].any() for c in range(len(sizes))])
+        open_ = np.bincount(owners[free], minlength=len(sizes)) > 0  # clusters with pool images left
         if not open_.any():
             break
         if not np.isfinite(counts[open_]).any():
