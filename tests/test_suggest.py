@@ -5,13 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from datagen import PRETRAINED_ARGS, make_split_dataset, write_images, write_unreadable
-from imgtune import suggest
+from imgtune import acquire, suggest
 from imgtune.cli import main
 from imgtune.cli import suggest as suggest_cli
 
@@ -29,7 +30,7 @@ def test_diverse_takes_one_of_a_group_of_near_copies_margin_takes_them_all(tmp_p
     group = [i for i, s in enumerate(samples) if s.path == first or s.path.name.startswith(("near", "exact"))]
     assert len(group) == 5
     uncertainty = np.array([0.9 - i * 1e-3 for i in range(len(samples))])  # the copies are the least sure
-    order = suggest._one_per_group(samples, uncertainty, 4)
+    order = suggest._one_per_group(samples, list(np.argsort(-uncertainty, kind="stable")), 4)
     assert order[0] == 0 and len(set(order)) == 4
     assert sum(i in group for i in order) == 1  # one of the five copies, then other images
     assert list(np.argsort(-uncertainty, kind="stable")[:4]) == group[:4]  # what margin alone would list
@@ -37,9 +38,81 @@ def test_diverse_takes_one_of_a_group_of_near_copies_margin_takes_them_all(tmp_p
 
 def test_uncertainty_measures_rank_the_boundary_first():
     probs = np.array([[0.98, 0.01, 0.01], [0.5, 0.45, 0.05], [0.34, 0.33, 0.33], [0.7, 0.2, 0.1]])
-    assert list(np.argsort(-suggest._one_minus_margin(probs))) == [2, 1, 3, 0]
-    assert list(np.argsort(-suggest._entropy(probs))) == [2, 1, 3, 0]
+    assert list(np.argsort(-acquire.one_minus_margin(probs))) == [2, 1, 3, 0]
+    assert list(np.argsort(-acquire.entropy(probs))) == [2, 1, 3, 0]
     assert suggest_cli.STRATEGIES == suggest.STRATEGIES and suggest_cli.CSV_NAME == suggest.CSV_NAME
+    assert suggest_cli.DEFAULT_STRATEGY == suggest.DEFAULT_STRATEGY
+    samples = [suggest.Sample(Path(f"{i}.png"), "") for i in range(len(probs))]
+    for strategy in ("margin", "entropy", "diverse"):  # no near-copies here: all three list by uncertainty
+        chosen = suggest.choose(samples, probs, np.eye(4), None, ["a", "b", "c"], 2, strategy)
+        assert [c.path.name for c in chosen] == ["2.png", "1.png"]
+
+
+def _clusters(rng, sizes, spread=0.05, dim=16):
+    """Well-separated clusters of feature vectors (one centre per axis), their cluster numbers, and
+    which row of each cluster lies nearest its centre."""
+    vectors, owner = [], []
+    for c, size in enumerate(sizes):
+        centre = np.zeros(dim)
+        centre[c] = 1.0
+        vectors.append(centre + rng.normal(0, spread, (size, dim)))
+        owner += [c] * size
+    vectors = np.vstack(vectors)
+    return vectors, np.array(owner)
+
+
+def test_typical_labels_every_uncovered_cluster_once_from_its_dense_middle():
+    rng = np.random.default_rng(0)
+    sizes = (30, 25, 20, 15, 12, 10)
+    vectors, owner = _clusters(rng, sizes)
+    labelled, _ = _clusters(np.random.default_rng(1), (1, 1))  # clusters 0 and 1 hold a label already
+    picked = acquire.typical_clusters(vectors, labelled, 4)  # 2 + 4 k-means clusters: the six above
+    assert sorted(owner[picked]) == [2, 3, 4, 5]  # one of each cluster without labels, none of 0 and 1
+    for i in picked:  # the most typical of its cluster: nearer its centre than most of the cluster
+        members = vectors[owner == owner[i]]
+        centre = members.mean(axis=0)
+        distances = np.linalg.norm(members - centre, axis=1)
+        assert np.linalg.norm(vectors[i] - centre) <= np.quantile(distances, 0.25)
+    none = acquire.typical_clusters(vectors, np.empty((0, 16)), 6)  # no labels yet: one of each cluster
+    assert sorted(owner[none]) == [0, 1, 2, 3, 4, 5]
+    more = acquire.typical_clusters(vectors, labelled, 40)  # more than the clusters: still distinct rows
+    assert len(set(more)) == 40 and set(owner[more]) == set(range(6))
+
+
+def test_badge_takes_uncertain_images_of_different_directions():
+    rng = np.random.default_rng(0)
+    vectors, owner = _clusters(rng, (10, 10, 10))
+    probs = np.tile([[0.999, 0.0005, 0.0005]], (30, 1))  # sure of everything ...
+    probs[owner == 1] = [0.5, 0.5, 0.0]  # ... except clusters 1 and 2
+    probs[owner == 2] = [0.4, 0.3, 0.3]
+    picked = acquire.badge(probs, vectors, 2, seed=0)
+    assert sorted(owner[picked]) == [1, 2]  # both uncertain clusters, not two images of one
+    assert len(set(acquire.badge(probs, vectors, 30))) == 30
+
+
+def test_hybrid_is_typical_with_few_labels_then_diverse():
+    assert suggest.concrete("hybrid", 10 * 3 - 1, 3) == "typical"
+    assert suggest.concrete("hybrid", 10 * 3, 3) == "diverse"
+    assert suggest.concrete("margin", 0, 3) == "margin"
+
+
+@pytest.mark.parametrize("strategy", ["typical", "badge"])
+def test_set_strategies_take_one_of_a_group_of_near_copies(tmp_path, strategy):
+    rng = np.random.default_rng(0)
+    write_images(tmp_path / "pool", "red_circle", 6, rng)
+    first = sorted((tmp_path / "pool").glob("*"))[0]
+    image = np.array(Image.open(first)).astype(np.int16)
+    for k in range(1, 4):
+        Image.fromarray(np.clip(image + k, 0, 255).astype(np.uint8)).save(tmp_path / "pool" / f"near{k}.png")
+    samples = sorted(suggest.unlabelled_images(tmp_path / "pool"), key=lambda s: s.path.name)
+    copies = [i for i, s in enumerate(samples) if s.path == first or s.path.name.startswith("near")]
+    vectors, _ = _clusters(rng, (len(samples),), spread=0.3)
+    vectors[copies] = vectors[copies[0]]  # the copies: one dense (very typical) spot, the same gradient
+    probs = np.tile([[0.5, 0.5]], (len(samples), 1))
+    chosen = suggest.choose(samples, probs, vectors, None, ["a", "b"], len(samples), strategy)
+    paths = [c.path for c in chosen]
+    assert len(paths) == len(samples) - 3 == len(set(paths))  # all but three of the four copies
+    assert sum(samples[i].path in paths for i in copies) == 1
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +194,21 @@ def test_bad_unlabelled_folders_and_bad_extra_labels(trained, tmp_path, capsys):
     assert main([*args, "--extra-labels", str(labels)]) == 3  # a val image added to train: leakage
     assert "leak" in capsys.readouterr().err.lower()
     assert not (tmp_path / "x" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_typical_counts_the_runs_training_images_as_labelled(trained, tmp_path, caplog):
+    data, run = trained
+    pool = tmp_path / "pool"
+    original = _pool(pool, data)
+    found = suggest.suggest(run, pool, 4, "typical")
+    paths = {f.path.name for f in found}
+    assert len(found) == 4 and not {original.name, "near_copy.png"} <= paths
+    assert "not at their recorded paths" not in caplog.text
+    moved = tmp_path / "moved"
+    data.rename(moved)  # the run's training images are gone: warned, and every cluster counts as unlabelled
+    try:
+        assert len(suggest.suggest(run, pool, 4, "typical")) == 4
+    finally:
+        moved.rename(data)
+    assert "18 of the run's 18 training images are not at their recorded paths" in caplog.text

@@ -6,15 +6,20 @@ skipped and named; exact copies of the run's own train/val/test images, found by
 model gives each image its probabilities (with the run's fitted temperature when it has one, so the
 uncertainty is calibrated) and its body's feature vector, in one pass.
 
-Strategies (``--strategy``):
+Strategies (``--strategy``; the selection itself is :mod:`imgtune.acquire`):
 
 - ``margin``: smallest gap between the two most likely classes first (uncertainty sampling);
 - ``entropy``: highest entropy of the probabilities first;
-- ``diverse`` (default): by margin, but at most one image of each group of copies or near-copies (the
-  perceptual fingerprints ``imgtune doctor`` groups by), so the list never holds near-copies of one
-  confusing image. A spread in feature space (greedy k-centre over the uncertain images, Sener &
-  Savarese 2018) was measured too and did worse than margin alone on hymenoptera
-  (docs/benchmarks.md, "Active learning").
+- ``diverse``: by margin, but at most one image of each group of copies or near-copies (the perceptual
+  fingerprints ``imgtune doctor`` groups by), so the list never holds near-copies of one confusing image;
+- ``typical`` (default): TypiClust (Hacohen et al. 2022): the most typical image of each k-means cluster
+  holding the fewest labelled training images (the run's, read from ``RUN/data_files.json.gz``);
+- ``badge``: BADGE (Ash et al. 2020): k-means++ seeding on the head's gradient embeddings;
+- ``hybrid``: TCM (Doucet et al. 2024): ``typical`` while the run has fewer than ``TYPICAL_UNTIL``
+  labelled training images per class, ``diverse`` from then on.
+
+``typical``, ``badge`` (and so ``hybrid``) also take at most one image of each group of near-copies. How
+they compare with random picks: docs/benchmarks.md, "Active learning".
 
 The CSV (``path,label,guess,prob``, best first) has an empty ``label`` column to fill in; ``imgtune train
 DATA --extra-labels FILE.csv`` adds the filled rows. Paths are relative to the CSV's folder when the
@@ -33,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import artifact, features, models
+from . import acquire, artifact, features, models
 from .atomic import atomic_write_text
 from .data.content import read_files
 from .data.duplicates import exact_groups, near_groups
@@ -44,7 +49,9 @@ from .inference import select_device
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("diverse", "margin", "entropy")
+STRATEGIES = ("hybrid", "typical", "diverse", "margin", "entropy", "badge")
+DEFAULT_STRATEGY = "typical"  # the only one ahead of random picks at every round on both benchmarks
+TYPICAL_UNTIL = 10  # hybrid: typical while the run has fewer labelled training images per class, then diverse
 CSV_NAME = "suggestions.csv"
 COLUMNS = ("path", "label", "guess", "prob")
 
@@ -57,7 +64,7 @@ class Suggestion:
     uncertainty: float  # 1 - margin, or the entropy (higher: less sure)
 
 
-def suggest(run_dir: str | Path, folder: str | Path, n: int = 50, strategy: str = "diverse",
+def suggest(run_dir: str | Path, folder: str | Path, n: int = 50, strategy: str = DEFAULT_STRATEGY,
             device: str = "auto", batch_size: int = 32) -> list[Suggestion]:
     """The ``n`` images of ``folder`` to label first, best first."""
     if strategy not in STRATEGIES:
@@ -67,15 +74,69 @@ def suggest(run_dir: str | Path, folder: str | Path, n: int = 50, strategy: str 
     run = artifact.read_run(run_dir)
     samples = _unknown_to_run(run, unlabelled_images(folder))
     built, temperature = _model(run)
-    found = features.extract(built, samples, run.classes, None, select_device(device), batch_size, 0,
+    device_ = select_device(device)
+    found = features.extract(built, samples, run.classes, None, device_, batch_size, 0,
                              description="unlabelled features")
     kept = [samples[i] for i in found.positions.tolist()]
+    training = _training_images(run)
+    strategy = concrete(strategy, len(training), len(run.classes))
+    labelled = _labelled_features(run, training, built, device_, batch_size) if strategy == "typical" else None
     probs = _probabilities(built.model.head, found.features, temperature)
-    uncertainty = _entropy(probs) if strategy == "entropy" else _one_minus_margin(probs)
-    order = _one_per_group(kept, uncertainty, n) if strategy == "diverse" else \
-        np.argsort(-uncertainty, kind="stable")[:n]
-    return [Suggestion(kept[i].path, run.classes[int(probs[i].argmax())], float(probs[i].max()),
+    return choose(kept, probs, found.features.numpy(), labelled, run.classes, n, strategy)
+
+
+def concrete(strategy: str, labelled: int, classes: int) -> str:
+    """``hybrid`` (TCM, Doucet et al. 2024: TypiClust, then margin) as the strategy it means for a run
+    with ``labelled`` training images of ``classes`` classes; any other strategy as itself."""
+    if strategy != "hybrid":
+        return strategy
+    return "typical" if labelled < TYPICAL_UNTIL * classes else "diverse"
+
+
+def choose(samples: list[Sample], probs: np.ndarray, vectors: np.ndarray, labelled: np.ndarray | None,
+           classes: list[str], n: int, strategy: str) -> list[Suggestion]:
+    """The ranking itself, on the pool's probabilities and feature vectors (and, for ``typical``, the
+    feature vectors of the run's labelled training images); bench/active.py calls it with cached features."""
+    uncertainty = acquire.entropy(probs) if strategy == "entropy" else acquire.one_minus_margin(probs)
+    by_uncertainty = [int(i) for i in np.argsort(-uncertainty, kind="stable")]
+    if strategy in ("margin", "entropy"):
+        order = by_uncertainty[:n]
+    elif strategy == "diverse":
+        order = _one_per_group(samples, by_uncertainty, n)
+    else:  # one image of each group of near-copies may be chosen, then the strategy picks among them
+        keep = _one_per_group(samples, list(range(len(samples))), len(samples))
+        if strategy == "typical":
+            dim = vectors.shape[1]
+            picked = acquire.typical_clusters(vectors[keep], np.empty((0, dim)) if labelled is None else labelled, n)
+        else:
+            picked = acquire.badge(probs[keep], vectors[keep], n)
+        order = [keep[i] for i in picked]
+    return [Suggestion(samples[i].path, classes[int(probs[i].argmax())], float(probs[i].max()),
                        float(uncertainty[i])) for i in order]
+
+
+def _training_images(run: artifact.RunInfo) -> list[list[str]]:
+    """The run's training images as ``RUN/data_files.json.gz`` lists them: (path, label, digest) rows."""
+    return (read_files(run.path / artifact.DATA_FILES) or {}).get("train", [])
+
+
+def _labelled_features(run: artifact.RunInfo, files: list[list[str]], built: models.BuiltModel,
+                       device: torch.device, batch_size: int) -> np.ndarray | None:
+    """Feature vectors of the run's training images ``files`` (paths relative to its data's folder), so
+    ``typical`` knows which regions of the data are labelled already."""
+    root = Path(run.config.data.source)
+    root = root.parent if root.is_file() else root
+    paths = [Path(p) if Path(p).is_absolute() else root / p for p, _, _ in files]
+    found = [Sample(p, label, "train", digest or None) for p, (_, label, digest) in zip(paths, files) if p.is_file()]
+    if len(found) < len(files):
+        log.warning("%d of the run's %d training images are not at their recorded paths (under %s); the "
+                    "typical strategy counts only the %d found as labelled (move them back for better picks)",
+                    len(files) - len(found), len(files), root, len(found))
+    if not found:
+        return None
+    vectors = features.extract(built, found, run.classes, None, device, batch_size, 0,
+                               description="labelled features")
+    return vectors.features.numpy()
 
 
 def _unknown_to_run(run: artifact.RunInfo, samples: list[Sample]) -> list[Sample]:
@@ -107,18 +168,9 @@ def _probabilities(head: torch.nn.Module, vectors: torch.Tensor, temperature: fl
     return torch.softmax(logits / (temperature or 1.0), dim=1).double().numpy()
 
 
-def _one_minus_margin(probs: np.ndarray) -> np.ndarray:
-    top = np.sort(probs, axis=1)[:, ::-1]
-    return 1.0 - (top[:, 0] - top[:, 1])
-
-
-def _entropy(probs: np.ndarray) -> np.ndarray:
-    return -(probs * np.log(np.clip(probs, 1e-12, None))).sum(axis=1)
-
-
-def _one_per_group(samples: list[Sample], uncertainty: np.ndarray, n: int) -> list[int]:
-    """The most uncertain first (by margin), at most one image of each group of copies or near-copies
-    (the perceptual fingerprints ``imgtune doctor`` groups by; :mod:`imgtune.data.duplicates`)."""
+def _one_per_group(samples: list[Sample], order: list[int], n: int) -> list[int]:
+    """The first ``n`` of ``order`` with at most one image of each group of copies or near-copies (the
+    perceptual fingerprints ``imgtune doctor`` groups by; :mod:`imgtune.data.duplicates`)."""
     group: dict[Path, int] = {}
     for number, found in enumerate(exact_groups(samples) + near_groups(samples)):
         first = {group[s.path] for s in found.members if s.path in group}
@@ -126,7 +178,7 @@ def _one_per_group(samples: list[Sample], uncertainty: np.ndarray, n: int) -> li
         for sample in found.members:
             group[sample.path] = target
     chosen, taken = [], set()
-    for i in np.argsort(-uncertainty, kind="stable"):
+    for i in order:
         key = group.get(samples[i].path, ("alone", int(i)))
         if key not in taken:
             taken.add(key)

@@ -14,7 +14,8 @@ from .args import positive_int
 from .output import console
 
 
-STRATEGIES = ("diverse", "margin", "entropy")  # imgtune.suggest.STRATEGIES (not imported here: it loads torch)
+STRATEGIES = ("hybrid", "typical", "diverse", "margin", "entropy", "badge")  # imgtune.suggest's (it loads torch)
+DEFAULT_STRATEGY = "typical"  # imgtune.suggest.DEFAULT_STRATEGY
 CSV_NAME = "suggestions.csv"  # imgtune.suggest.CSV_NAME
 
 
@@ -24,9 +25,11 @@ def register(commands) -> None:
     p.add_argument("run", help="run folder written by imgtune train")
     p.add_argument("folder", metavar="DIR", help="folder of unlabelled images (searched recursively)")
     p.add_argument("--n", type=positive_int, default=50, help="images to suggest (default 50)")
-    p.add_argument("--strategy", choices=STRATEGIES, default="diverse",
-                   help="margin or entropy: the least certain first; diverse (default): the least certain by "
-                        "margin, at most one image of each group of copies or near-copies")
+    p.add_argument("--strategy", choices=STRATEGIES, default=DEFAULT_STRATEGY,
+                   help="typical (default): the most typical image of each cluster of the features that holds the "
+                        "fewest labelled images (TypiClust); margin or entropy: the least certain first; diverse: "
+                        "margin, one image per group of near-copies; badge: uncertain and spread (BADGE); hybrid: "
+                        "typical below 10 labelled images a class, then diverse (docs/unlabelled.md)")
     p.add_argument("--out", metavar="FILE.csv", help=f"where to write the CSV (default DIR/{CSV_NAME})")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (it may hold your labels)")
     p.add_argument("--device", default="auto")
