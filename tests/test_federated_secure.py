@@ -172,3 +172,38 @@ def test_a_loss_that_is_not_finite_is_left_out_of_the_table(capsys):
     print_metrics({"n": 18, "accuracy": 0.5, "loss": None}, "pooled validation")
     out = capsys.readouterr().out
     assert "0.5000" in out and "loss" not in out
+
+
+def test_fedadam_steps_the_parameters_and_averages_the_batch_norm_statistics():
+    """Flower's FedAdam steps a running variance by about eta, here below zero (the model's outputs then NaN);
+    imgtune's takes the sites' weighted average for statistics and the same Adam step for parameters."""
+    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+    from flwr.serverapp.strategy import FedAdam
+
+    from imgtune.federated.apps import _fedadam
+
+    current = {"w": np.zeros(3, np.float32), "bn.running_var": np.full(3, 0.01, np.float32)}
+    sites = [({"w": np.ones(3, np.float32), "bn.running_var": np.full(3, 0.004, np.float32)}, 30),
+             ({"w": np.full(3, 3.0, np.float32), "bn.running_var": np.full(3, 0.002, np.float32)}, 10)]
+    replies = [_Reply(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                                  "metrics": MetricRecord({"num-examples": n})})) for arrays, n in sites]
+    ours, plain = _fedadam(FedAdam)(frozenset({"bn.running_var"}), eta=1.0), FedAdam(eta=1.0)
+    ours.current_arrays = plain.current_arrays = current
+    stepped, _ = ours.aggregate_train(1, replies)
+    flowers, _ = plain.aggregate_train(1, replies)
+    assert (flowers["bn.running_var"].numpy() < 0).all()
+    np.testing.assert_allclose(stepped["bn.running_var"].numpy(), (0.004 * 30 + 0.002 * 10) / 40, rtol=1e-6)
+    np.testing.assert_allclose(stepped["w"].numpy(), flowers["w"].numpy())
+
+
+class _Reply:
+    """A site's reply as a strategy reads it (a real Message needs a running federation's task identity)."""
+
+    def __init__(self, content):
+        self.content = content
+
+    def has_error(self) -> bool:
+        return False
+
+    def has_content(self) -> bool:
+        return True

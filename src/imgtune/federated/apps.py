@@ -70,7 +70,7 @@ def _run_phase(grid: Grid, settings: Settings, built, recorder: Recorder, phase:
                                  dict(config) | _proximal(settings))
         site.load_arrays(built.model, found, phase)
         return
-    strategy = make_strategy(settings, recorder, accountant)
+    strategy = make_strategy(settings, recorder, accountant, statistics(built.model))
     initial = ArrayRecord({k: Array(v) for k, v in site.to_arrays(built.model, phase).items()})
     log.info("federation: %d %s round(s) with %s", rounds, phase, type(strategy).__name__)
     result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds, timeout=settings.round_timeout,
@@ -83,7 +83,14 @@ def _proximal(settings: Settings) -> dict:
     return {"proximal-mu": settings.proximal_mu} if settings.strategy == "fedprox" else {}
 
 
-def make_strategy(settings: Settings, recorder: Recorder, accountant=None):
+def statistics(model) -> frozenset[str]:
+    """The names of the travelling tensors that are statistics, not parameters (batch-norm running means and
+    variances): averaged, never stepped by a server optimizer."""
+    return frozenset(name for name, _ in model.named_buffers())
+
+
+def make_strategy(settings: Settings, recorder: Recorder, accountant=None,
+                  statistics: frozenset[str] = frozenset()):
     """Flower's strategy by name; every reply goes through the recorder (pooled and per-site figures).
     With ``accountant`` (--dp-noise) it is wrapped in Flower's central DP with server-side fixed clipping,
     whose accounting needs an unweighted average: the sites then weigh by ``unit-weight`` (1 each)."""
@@ -97,13 +104,38 @@ def make_strategy(settings: Settings, recorder: Recorder, accountant=None):
     if settings.strategy == "fedprox":
         strategy = FedProx(proximal_mu=settings.proximal_mu, **common)
     elif settings.strategy == "fedadam":
-        strategy = FedAdam(eta=settings.server_lr, **common)
+        strategy = _fedadam(FedAdam)(statistics, eta=settings.server_lr, **common)
     else:
         strategy = FedAvg(**common)
     if accountant is None:
         return strategy
     return DifferentialPrivacyServerSideFixedClipping(strategy, settings.dp_noise, settings.dp_clip,
                                                       settings.min_sites, accountant=accountant)
+
+
+def _fedadam(base):
+    """Flower's FedAdam, its Adam step applied to the parameters only."""
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    class FedAdamOnParameters(base):
+        """FedAdam steps every travelling array by about ``eta``, batch-norm running variances included, which can
+        turn them negative (the model's outputs then NaN, seen with ``gradual``'s unfrozen rounds). Statistics
+        are not parameters: they take the sites' weighted average, as in FedAvg."""
+
+        def __init__(self, statistics: frozenset[str], **kwargs):
+            super().__init__(**kwargs)
+            self.statistics = statistics
+
+        def aggregate_train(self, server_round: int, replies):
+            replies = list(replies)
+            stepped, metrics = super().aggregate_train(server_round, replies)
+            if stepped is None or not self.statistics.intersection(stepped.keys()):
+                return stepped, metrics
+            contents = [reply.content for reply in replies if not reply.has_error()]
+            averaged = aggregate_arrayrecords(contents, self.weighted_by_key)
+            return ArrayRecord({k: averaged[k] if k in self.statistics else a for k, a in stepped.items()}), metrics
+
+    return FedAdamOnParameters
 
 
 def ask_sites(grid: Grid, settings: Settings, ask: str, what: str) -> list[Message]:
