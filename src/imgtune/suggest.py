@@ -72,13 +72,14 @@ def suggest(run_dir: str | Path, folder: str | Path, n: int = 50, strategy: str 
     if n < 1:
         raise UsageError(f"--n must be at least 1; got {n}")
     run = artifact.read_run(run_dir)
-    samples = _unknown_to_run(run, unlabelled_images(folder))
+    files = read_files(run.path / artifact.DATA_FILES) or {}  # the run's images by split: (path, label, digest)
+    samples = _unknown_to_run(files, unlabelled_images(folder))
     built, temperature = _model(run)
     device_ = select_device(device)
     found = features.extract(built, samples, run.classes, None, device_, batch_size, 0,
                              description="unlabelled features")
     kept = [samples[i] for i in found.positions.tolist()]
-    training = _training_images(run)
+    training = files.get("train", [])
     strategy = concrete(strategy, len(training), len(run.classes))
     labelled = _labelled_features(run, training, built, device_, batch_size) if strategy == "typical" else None
     probs = _probabilities(built.model.head, found.features, temperature)
@@ -115,11 +116,6 @@ def choose(samples: list[Sample], probs: np.ndarray, vectors: np.ndarray, labell
                        float(uncertainty[i])) for i in order]
 
 
-def _training_images(run: artifact.RunInfo) -> list[list[str]]:
-    """The run's training images as ``RUN/data_files.json.gz`` lists them: (path, label, digest) rows."""
-    return (read_files(run.path / artifact.DATA_FILES) or {}).get("train", [])
-
-
 def _labelled_features(run: artifact.RunInfo, files: list[list[str]], built: models.BuiltModel,
                        device: torch.device, batch_size: int) -> np.ndarray | None:
     """Feature vectors of the run's training images ``files`` (paths relative to its data's folder), so
@@ -139,8 +135,7 @@ def _labelled_features(run: artifact.RunInfo, files: list[list[str]], built: mod
     return vectors.features.numpy()
 
 
-def _unknown_to_run(run: artifact.RunInfo, samples: list[Sample]) -> list[Sample]:
-    files = read_files(run.path / artifact.DATA_FILES) or {}
+def _unknown_to_run(files: dict, samples: list[Sample]) -> list[Sample]:
     known = {digest: (split, path) for split, rows in files.items() for path, _, digest in rows if digest}
     copies = [(s, known[s.digest]) for s in samples if s.digest in known]
     for sample, (split, path) in copies[:5]:
