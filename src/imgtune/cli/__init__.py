@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from .. import __version__
+from .. import __version__, allocator
 from ..errors import EXIT_CODES, EXIT_UNEXPECTED, ImgtuneError
 from . import (anonymize, cache, doctor, evaluate, explain, export, federate, lr_find, predict, rank, report, sample,
                serve, shard, suggest, train)
@@ -45,6 +45,7 @@ def setup_logging(verbose: bool, quiet: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose, args.quiet)
+    allocator.tune()  # large freed blocks kept for reuse: CPU passes about twice as fast (imgtune.allocator)
     try:
         return int(args.handler(args) or 0)
     except ImgtuneError as exc:
