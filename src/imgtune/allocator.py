@@ -5,13 +5,14 @@ raised as blocks are freed, but never above 32 MB) is a fresh ``mmap`` each time
 batch are larger than that (a 32-image batch at 224 px has 50-150 MB tensors in its first blocks): every
 forward pass has the kernel fault in and zero those pages again. Measured on this project's 2-core machine
 (mobilenet_v2, channels-last, batch 32 at 224 px, inference): 0.55-0.61 s a batch with the defaults,
-0.22-0.24 s with the threshold raised; the unfrozen epochs of the default hymenoptera run went from about
-8 s to 5-6 s. With the defaults the same process ran inference twice as fast only after its first backward
+0.22-0.24 s with the threshold raised; the unfrozen epochs of the default hymenoptera run went from 8-10 s
+to 5-6 s. With the defaults the same process ran inference twice as fast only after its first backward
 pass, which had raised the threshold as a side effect; the time plan had timed validation before that.
 
 :func:`tune` raises the mmap and trim thresholds to 2 GB (``mallopt``), so blocks below that come from the
-heap and are reused; the cost is that memory freed by the process is kept for it rather than returned to
-the system while it runs (its peak is what it needed anyway). Only the command does this (``imgtune.cli``),
+heap and are reused. The cost is memory: what the process frees is kept for it rather than returned to the
+system while it runs, and the heap fragments; the default hymenoptera run peaked at 4.8 GB resident against
+3.9 GB untuned. Only the command does this (``imgtune.cli``),
 not ``import imgtune``: a library does not change its host's allocator. It is skipped off glibc, when the
 user set glibc's own variables (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``
 or ``GLIBC_TUNABLES``), or with ``IMGTUNE_MALLOC=default``.

@@ -152,7 +152,8 @@ def measure(model, phases: list[Phase], loaders: Loaders, train: TrainConfig, de
 
 def _measure_into(costs: Costs, model, phases, loaders: Loaders, train, device, loss_fn, num_classes) -> None:
     body = next((p for p in phases if not p.body_frozen), None)
-    if body is not None:  # first: on a CPU, inference ran twice as fast after the process's first backward
+    if body is not None:  # first: under glibc's default malloc, inference ran twice as fast after the
+        # process's first backward pass (imgtune.allocator; in-process users of imgtune.train get no tuning)
         first, again = _time_training(loaders.train, body, model, False, train, device, loss_fn)
         costs.body_epoch = again * len(loaders.train)
         costs.first_extra += max(0.0, first - again) * len(loaders.train)
