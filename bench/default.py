@@ -11,7 +11,8 @@ Datasets (built in a temporary folder; hymenoptera from /work/shared/datasets):
 Runs, each a fresh ``imgtune train`` process with an empty cache (cold): ``today`` (the default strategy
 with every new behaviour switched off: :data:`TODAY_FLAGS`, the one list of them), ``default``,
 ``linear-probe``, ``finetune``, ``default-lbfgs`` (the default with gradual's frozen phase fitted by
-L-BFGS: is it worth it now that the never-worse rule protects the end?); on hymenoptera also fastai's ``fine_tune(5)`` and the plain frozen PyTorch
+L-BFGS: is it worth it now that the never-worse rule protects the end?), ``size-data`` (the default
+with ``--size-from data``); on hymenoptera also fastai's ``fine_tune(5)`` and the plain frozen PyTorch
 loop (bench/hymenoptera.py's paths), the reference of the speed target.
 
 Prints a table per dataset (val accuracy, wall time, ratio to today's ``gradual``, to the plain frozen
@@ -43,7 +44,8 @@ from rank import digits_folder, shapes_folder
 TODAY_FLAGS = ["--no-never-worse", "--no-plan"]
 RUNS = {"today": ["--strategy", "gradual", *TODAY_FLAGS], "default": [],
         "linear-probe": ["--strategy", "linear-probe"], "finetune": ["--strategy", "finetune"],
-        "default-lbfgs": ["--head-fit", "lbfgs"]}  # gradual's frozen phase fitted by L-BFGS (not the default)
+        "default-lbfgs": ["--head-fit", "lbfgs"],  # gradual's frozen phase fitted by L-BFGS (not the default)
+        "size-data": ["--size-from", "data"]}  # the default at the input size chosen from the data (not the default)
 SMALL_SIZES = (28, 48)
 
 
