@@ -58,6 +58,7 @@ def typical_clusters(pool: np.ndarray, labelled: np.ndarray, n: int, seed: int =
     counts = np.bincount(clusters[:len(labelled)], minlength=len(sizes)).astype(float)
     counts[sizes < _outlier_size(len(points), len(sizes))] = np.inf  # outliers last
     free = np.ones(len(pool), dtype=bool)
+    typical: dict[int, np.ndarray] = {}  # a cluster's typicality, computed once however often it is chosen
     chosen: list[int] = []
     while len(chosen) < n:
         open_ = np.bincount(owners[free], minlength=len(sizes)) > 0  # clusters with pool images left
@@ -68,7 +69,9 @@ def typical_clusters(pool: np.ndarray, labelled: np.ndarray, n: int, seed: int =
         order = np.lexsort((-sizes, np.where(open_, counts, np.inf)))
         cluster = int(order[0])
         members = np.flatnonzero(clusters == cluster)
-        scores = typicality(points[members])
+        if cluster not in typical:
+            typical[cluster] = typicality(points[members])
+        scores = typical[cluster]
         candidates = [(s, m - len(labelled)) for s, m in zip(scores, members)
                       if m >= len(labelled) and free[m - len(labelled)]]
         best = max(candidates)[1]

@@ -38,12 +38,6 @@ from .metrics import bootstrap_mean_ci
 log = logging.getLogger(__name__)
 
 SANITY_THRESHOLD = 0.5  # mean rank correlation after randomising the top blocks at or above this: flagged
-# EvalSettings.cells: why 8 x 8 cells (28 px at 224), near the 7 x 7 grid of a stride-32 body's last
-# feature map. With 16 x 16 (14 px) cells a random ordering scatters small grey squares over the whole
-# view after a few steps, which breaks the texture in nearly every cell of that feature map at once: on
-# hymenoptera's default model that fragmentation lowered the probability as much as removing the insect
-# did, and no method, not even occlusion, beat random on deletion (docs/report.md). A centred Gaussian
-# "map" does not beat random at 8 x 8 either: the coarser grid does not reward a blob for being a blob.
 SANITY_GRID = 32  # maps are compared on a 32 x 32 pooled grid (pixel-level ties would dominate the ranks)
 STAGES = ("head", "top blocks")
 # every method but scorecam (one forward pass per feature channel: minutes per image on a CPU)
@@ -60,7 +54,13 @@ class EvalSettings:
     slow_images: int = 20
     sanity_images: int = 8
     steps: int = 16  # points of each curve after the start
-    cells: int = 8  # the view is removed and restored in cells x cells squares (why 8: the comment above SANITY_GRID)
+    # Why 8 x 8 cells (28 px at 224), near the 7 x 7 grid of a stride-32 body's last
+    # feature map. With 16 x 16 (14 px) cells a random ordering scatters small grey squares over the whole
+    # view after a few steps, which breaks the texture in nearly every cell of that feature map at once: on
+    # hymenoptera's default model that fragmentation lowered the probability as much as removing the insect
+    # did, and no method, not even occlusion, beat random on deletion (docs/report.md). A centred Gaussian
+    # "map" does not beat random at 8 x 8 either: the coarser grid does not reward a blob for being a blob.
+    cells: int = 8  # the view is removed and restored in cells x cells squares
     n_boot: int = 1000
     gallery: int = 4  # images shown with every method side by side
     seed: int = 0
