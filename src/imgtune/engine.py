@@ -140,14 +140,17 @@ def fit(model: Classifier, phases: list[Phase], loaders: Loaders, train: TrainCo
         num_classes: int, on_epoch: Callable[[EpochResult, list[dict]], None] = lambda result, rows: None,
         class_weights: torch.Tensor | None = None, hooks: Hooks | None = None,
         resume: dict | None = None, time_left: Callable[[int], str] | None = None,
-        span: tuple[int, int] | None = None) -> Progress:
+        span: tuple[int, int] | None = None, referee=None) -> Progress:
     """Run every phase, or what is left of them after ``resume`` (a checkpoint's payload); calls
     ``on_epoch(result, rows)`` after each epoch with every row so far (to write the metrics CSV), and
     ``hooks`` after each step and epoch.
     ``class_weights`` weight the training loss (``--balance weights``); validation is never weighted.
     ``time_left(epoch)`` adds the run's time left to the progress bar (``timeplan.TimeLeft``).
     ``span`` (epochs before, total epochs): the first phase is a slice of a longer learning-rate schedule
-    (a federated site's round: its lr follows one schedule over the federation, not a restart per round)."""
+    (a federated site's round: its lr follows one schedule over the federation, not a restart per round).
+    ``referee`` (``never_worse.Referee``): after each epoch that trained the body, but the run's last, the
+    model is scored on the never-worse rule's hold-out (the row's ``inner_*`` columns), and training ends
+    when the referee gives up on fine-tuning (``Progress.gave_up``)."""
     weight = class_weights.to(device) if class_weights is not None else None
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=train.label_smoothing)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and not torch.cuda.is_bf16_supported() \
@@ -155,7 +158,8 @@ def fit(model: Classifier, phases: list[Phase], loaders: Loaders, train: TrainCo
     run = _Run(model, loaders, train, device, num_classes, loss_fn, scaler, on_epoch, hooks or Hooks(),
                Progress(EarlyStopping(train.monitor, train.early_stop, train.keep == "best")),
                ema=weight_average(model, train.ema), mix=batch_mixer(train.mixup, train.cutmix, num_classes),
-               time_left=time_left or (lambda epoch: ""), span=span)
+               time_left=time_left or (lambda epoch: ""), span=span, referee=referee,
+               last_epoch=sum(p.epochs for p in phases))
     if resume is not None:
         model.load_state_dict(resume["model"])
         run.progress.load_state_dict(resume)
@@ -206,6 +210,8 @@ class _Run:
     ema: WeightAverage | None = None  # --ema: validated and kept instead of the raw weights
     mix: Mixer | None = None  # --mixup/--cutmix, while the body trains
     span: tuple[int, int] | None = None  # (epochs before, total epochs) of the first phase's schedule
+    referee: object = None  # never_worse.Referee: scores fine-tuning on the hold-out, may end it
+    last_epoch: int = 0  # the run's last epoch (the never-worse rule judges it after fit returns)
 
     def start_phase(self, index: int, phase: Phase, warmup_epochs: float) -> None:
         self.phase_index, self.phase = index, phase
@@ -312,8 +318,14 @@ class _Run:
             raise TrainingDiverged(f"{self._where()}: the validation loss is {val['loss']}, although the weights "
                                    "are finite numbers (their outputs overflow)")
         result = EpochResult(epoch, self.phase.name, lr, loss, acc, val, seconds)
-        log.info("epoch %d (%s): train loss %.4f acc %.4f | val loss %.4f acc %.4f macro-F1 %.4f | %.1fs",
-                 epoch, self.phase.name, loss, acc, val["loss"], val["accuracy"], val["macro_f1"], result.seconds)
+        refereed = self.referee is not None and not self.phase.body_frozen and epoch < self.last_epoch
+        if refereed:
+            extra = {**(extra or {}), **self.referee.score(self.ema.module if self.ema is not None else self.model,
+                                                           epoch)}
+        log.info("epoch %d (%s): train loss %.4f acc %.4f | val loss %.4f acc %.4f macro-F1 %.4f%s | %.1fs",
+                 epoch, self.phase.name, loss, acc, val["loss"], val["accuracy"], val["macro_f1"],
+                 f" | inner hold-out loss {extra['inner_loss']:.4f} acc {extra['inner_accuracy']:.4f}"
+                 if refereed else "", result.seconds)
         progress.rows.append({**result.row(), **(extra or {})})
         progress.tally, progress.epochs_done = None, epoch
         self.on_epoch(result, progress.rows)
@@ -323,6 +335,8 @@ class _Run:
             stopper = progress.stopper
             log.info("early stopping: val %s has not improved for %d epochs (best %.4f at epoch %d)",
                      self.train.monitor, stopper.stale, stopper.best_value, stopper.best_epoch)
+        elif refereed and self.referee.gives_up(progress.rows):
+            progress.stopped_early = progress.gave_up = True
         self.hooks.after_epoch(self.snapshot)
 
     def _where(self) -> str:

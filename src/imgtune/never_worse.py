@@ -2,14 +2,21 @@
 
 Fine-tuning can end below the linear probe it started from (a tiny training split, a learning rate too
 high, a body that forgets). So an inner hold-out is carved from the TRAINING split (stratified, never
-val or test) before anything trains; both phases train without it. At the end, the fine-tuned model
-and the linear probe (a linear head fitted by L-BFGS on the same cached features of the same images,
-exactly what ``linear-probe`` fits: :mod:`imgtune.head_fit`) are scored on the hold-out. The fine-tuned
-model is kept only if it beats the probe (higher accuracy, or the same accuracy and a lower log loss);
-otherwise the pretrained body comes back and the probe is refitted on the whole training split, hold-out
-included. A kept fine-tuned model is not refitted (that would repeat the fine-tuning): it has trained on
-the training split less the hold-out. The decision and both figures go to the log and metrics.json
-(``selection``).
+val or test) before anything trains; both phases train without it. Its features through the pretrained
+body are computed then, before any weight changes. The fine-tuned model and the linear probe (a linear
+head fitted by L-BFGS on the same cached features of the same images, exactly what ``linear-probe``
+fits: :mod:`imgtune.head_fit`) are scored on the hold-out. The fine-tuned model is kept only if it beats
+the probe (higher accuracy, or the same accuracy and a lower log loss); otherwise the pretrained body
+comes back and the probe is refitted on the whole training split, hold-out included. A kept fine-tuned
+model is not refitted (that would repeat the fine-tuning): it has trained on the training split less
+the hold-out. The decision and both figures go to the log and metrics.json (``selection``).
+
+The same test runs after every fine-tuning epoch but the last (:class:`Referee`; the figures are
+metrics.csv's ``inner_accuracy`` and ``inner_loss``): once fine-tuning has failed it
+``--never-worse-patience`` epochs in a row, the rest of the fine-tuning is skipped and the probe is
+kept, since the model that would go on training has just lost to it. A fine-tuned model that wins
+trains to the end of its schedule and is judged there, as without the referee: the epochs are not
+picked by their hold-out figures, so the final comparison stays a fair one.
 
 The probe is refitted from cached features rather than kept from the frozen phase, so the decision
 needs nothing from the checkpoints and a resumed run reaches the same one.
@@ -48,6 +55,7 @@ class HoldOut:
     images: int
     per_class: dict[str, int]
     body_state: dict | None = None
+    features: object = None  # the hold-out's features through the pretrained body (features.FeatureSet)
 
 
 def holdout_size(count: int) -> int:
@@ -84,66 +92,139 @@ def carve(source, train: TrainConfig, phases: list[Phase], head) -> HoldOut | No
     return HoldOut(type(source)(replace(source.splits, samples=carved), source.source), len(held), per_class)
 
 
-def remember_body(hold: HoldOut | None, model: Classifier) -> None:
-    """The pretrained body's weights, to come back to if the probe wins."""
+def remember_body(hold: HoldOut | None, model: Classifier, built: BuiltModel, body: str, options,
+                  device: torch.device) -> None:
+    """What the rule needs of the pretrained body before training changes it: its weights, to come back
+    to if the probe wins, and the hold-out's features (which the feature cache keeps, if one is used)."""
     if hold is not None:
         hold.body_state = {k: v.detach().clone() for k, v in model.body.state_dict().items()}
+        hold.features = hold.source.features(INNER, built, body, options, device)
 
 
-def finish(hold: HoldOut | None, model: Classifier, phases: list[Phase], built: BuiltModel, loaders, options,
-           body: str, train: TrainConfig, device: torch.device, class_weights: torch.Tensor | None,
-           diverged: str | None = None) -> dict | None:
+def beats(challenger: dict, holder: dict) -> bool:
+    """The rule's test: higher hold-out accuracy, or the same and a lower log loss."""
+    return challenger["accuracy"] > holder["accuracy"] or \
+        (challenger["accuracy"] == holder["accuracy"] and challenger["loss"] < holder["loss"])
+
+
+def lost_in_a_row(rows: list[dict], probe: dict, patience: int) -> bool:
+    """Whether the last ``patience`` (at least 1) epoch rows were scored on the hold-out (``inner_*``) and
+    none of them beat ``probe``."""
+    recent = rows[-patience:] if patience > 0 else []
+    return len(recent) == patience > 0 and all(
+        "inner_accuracy" in row and not beats({"accuracy": row["inner_accuracy"], "loss": row["inner_loss"]}, probe)
+        for row in recent)
+
+
+class Referee:
+    """The rule's test after each fine-tuning epoch (``engine.fit`` calls it): :meth:`score` puts the model's
+    hold-out figures into the epoch's row, :meth:`gives_up` says when fine-tuning has lost to the probe
+    ``patience`` epochs in a row. The probe is fitted once, when it is first needed."""
+
+    def __init__(self, hold: HoldOut, head: torch.nn.Module, built: BuiltModel, fit: tuple, options,
+                 train: TrainConfig, device: torch.device, weight):
+        self.hold, self.built, self.fit, self.options = hold, built, fit, options
+        self.template = copy.deepcopy(head).cpu()  # the probe's layout (the fit replaces its weights)
+        self.patience, self.seed, self.device, self.weight = train.never_worse_patience, train.seed, device, weight
+        self.num_classes = len(hold.source.classes)
+        self.probe: dict | None = None  # {"accuracy", "loss", "C"} of the probe on the hold-out
+        self.scored: tuple[int, dict] | None = None  # (epoch, figures) of the last epoch scored
+
+    def probe_figures(self) -> dict:
+        if self.probe is None:
+            head = copy.deepcopy(self.template)
+            fitted = fit_linear_head(linear_layer(head), self.fit[0], self.fit[1], self.num_classes, self.weight,
+                                     self.seed, self.fit[2])
+            loader = self.hold.features.loader(self.options.batch_size, False, self.seed)
+            self.probe = _score(head.to(self.device), loader, self.device, self.num_classes,
+                                "inner hold-out, probe") | {"C": fitted["C"]}
+        return self.probe
+
+    def score(self, model: Classifier, epoch: int) -> dict:
+        """The row's extra columns: ``model`` (fine-tuning) on the hold-out's images."""
+        pre = self.built.preprocessing
+        images = self.hold.source.images(INNER, eval_transform(pre), False, self.options, pre, True)
+        figures = _score(model, images, self.device, self.num_classes, "inner hold-out, fine-tuned")
+        self.probe_figures()
+        self.scored = (epoch, figures)
+        return {"inner_accuracy": figures["accuracy"], "inner_loss": figures["loss"]}
+
+    def gives_up(self, rows: list[dict]) -> bool:
+        """Whether the last ``patience`` rows are all fine-tuning epochs that lost to the probe."""
+        lost = self.probe is not None and lost_in_a_row(rows, self.probe, self.patience)
+        if lost:
+            log.warning("never-worse rule: fine-tuning has not beaten the linear probe on the inner hold-out for %d "
+                        "epoch%s in a row (probe: accuracy %.4f, log loss %.4f); the rest of it is skipped "
+                        "(--never-worse-patience)", self.patience, "s" * (self.patience > 1), self.probe["accuracy"],
+                        self.probe["loss"])
+        return lost
+
+
+def referee(hold: HoldOut | None, model: Classifier, built: BuiltModel, loaders, options, train: TrainConfig,
+            device: torch.device, class_weights: torch.Tensor | None) -> Referee | None:
+    """The rule's judge for this run, or None where the rule is off. The probe is fitted on the cached
+    features of the training split less the hold-out (the frozen phase's), with their sample weights
+    (pseudo-labels weigh less: semi.py)."""
+    if hold is None:
+        return None
+    fit_x, fit_y = loaders.frozen_train.dataset.tensors[:2]
+    return Referee(hold, model.head, built, (fit_x, fit_y, loaders.frozen_train_weights), options, train, device,
+                   sklearn_class_weight(train.balance, class_weights))
+
+
+def finish(judge: Referee | None, model: Classifier, phases: list[Phase], epochs_done: int, gave_up: bool = False,
+           diverged: str | None = None, lr: float | None = None) -> dict | None:
     """At the end of training: the rule's decision (``model`` changed in place when the probe wins), or
     None where the rule is off. Where no phase trained the body (``--time-budget`` chose linear-probe) or
     training diverged (``diverged``: where and what), the probe is refitted on the whole training split,
-    hold-out included."""
-    if hold is None:
+    hold-out included. ``gave_up``: the referee ended fine-tuning after epoch ``epochs_done``; ``lr``: the
+    run's learning rate, for the advice after a divergence."""
+    if judge is None:
         return None
-    inner = hold.source.features(INNER, built, body, options, device)
-    weight = sklearn_class_weight(train.balance, class_weights)
-    fit_x, fit_y = loaders.frozen_train.dataset.tensors[:2]
-    fit = (fit_x, fit_y, loaders.frozen_train_weights)  # pseudo-labels weigh less (semi.py)
+    hold = judge.hold
     record = {"rule": "keep the fine-tuned model only if it beats the linear probe on an inner hold-out of the "
                       "training split (accuracy, then log loss)",
               "holdout_images": hold.images, "holdout_per_class": hold.per_class}
     if diverged is not None:
-        _restore_probe(model, hold.body_state, *fit, inner, train.seed, weight)
+        _restore_probe(model, judge)
         log.warning("training diverged in %s. The never-worse rule keeps the linear probe (the pretrained body and a "
                     "head fitted on the whole training split), which does not depend on the diverged training. To "
                     "fine-tune, try a lower --lr (%g now) or --warmup-epochs 1, and check the data (imgtune doctor)",
-                    diverged, train.lr)
+                    diverged, lr)
         return record | {"kept": "probe", "reason": f"training diverged in {diverged}",
                          "refitted_on_whole_training_split": True}
     if phases[-1].body_frozen:
-        _restore_probe(model, hold.body_state, *fit, inner, train.seed, weight)
+        _restore_probe(model, judge)
         log.info("never-worse rule: no phase fine-tuned the body; the probe is refitted on the whole training split")
         return record | {"kept": "probe", "reason": "no fine-tuning ran", "refitted_on_whole_training_split": True}
-    return record | _choose(hold, model, built, inner, fit, options, train.seed, device, weight)
+    if gave_up:
+        record |= {"gave_up_after_epoch": epochs_done, "patience": judge.patience}
+    return record | _choose(judge, model, epochs_done, gave_up)
 
 
-def _choose(hold: HoldOut, model: Classifier, built: BuiltModel, inner, fit: tuple, options, seed: int,
-            device: torch.device, weight) -> dict:
-    """Score the fine-tuned ``model`` and the probe (fitted on ``fit``: features, targets and sample
-    weights of the training split less the hold-out) on the hold-out; keep the better."""
-    num_classes, pre = len(hold.source.classes), built.preprocessing
-    images = hold.source.images(INNER, eval_transform(pre), False, options, pre, True)
-    tuned = _score(model, images, device, num_classes, "inner hold-out, fine-tuned")
-    probe = copy.deepcopy(model.head)
-    fitted = fit_linear_head(linear_layer(probe), fit[0], fit[1], num_classes, weight, seed, fit[2])
-    probed = _score(probe.to(device), inner.loader(options.batch_size, False, seed), device, num_classes,
-                    "inner hold-out, probe")
-    wins = tuned["accuracy"] > probed["accuracy"] or \
-        (tuned["accuracy"] == probed["accuracy"] and tuned["loss"] < probed["loss"])
-    record = {"fine_tuned": tuned, "probe": probed | {"C": fitted["C"]}, "kept": "fine-tuned" if wins else "probe",
+def _choose(judge: Referee, model: Classifier, epochs_done: int, gave_up: bool) -> dict:
+    """Score the fine-tuned ``model`` (unless the referee just did) and the probe on the hold-out; keep the
+    better."""
+    hold = judge.hold
+    if judge.scored is not None and judge.scored[0] == epochs_done:
+        tuned = judge.scored[1]
+    else:
+        pre = judge.built.preprocessing
+        images = hold.source.images(INNER, eval_transform(pre), False, judge.options, pre, True)
+        tuned = _score(model, images, judge.device, judge.num_classes, "inner hold-out, fine-tuned")
+    probed = judge.probe_figures()
+    wins = beats(tuned, probed)
+    record = {"fine_tuned": tuned, "probe": probed, "kept": "fine-tuned" if wins else "probe",
               "refitted_on_whole_training_split": not wins}
     figures = (f"inner hold-out of {hold.images}: fine-tuned accuracy {tuned['accuracy']:.4f}, log loss "
                f"{tuned['loss']:.4f}; probe {probed['accuracy']:.4f}, {probed['loss']:.4f}")
     if wins:
         log.info("never-worse rule: the fine-tuned model is kept (%s); it is not refitted with the hold-out", figures)
         return record
-    _restore_probe(model, hold.body_state, *fit, inner, seed, weight)
-    log.warning("never-worse rule: the linear probe is kept, not the fine-tuned model (%s); the probe is refitted "
-                "on the whole training split", figures)
+    _restore_probe(model, judge)
+    ended = f"fine-tuning given up after epoch {epochs_done}, " if gave_up else ""
+    log.warning("never-worse rule: the linear probe is kept, not the fine-tuned model (%s%s); the probe is refitted "
+                "on the whole training split", ended, figures)
     return record
 
 
@@ -153,12 +234,13 @@ def _score(net, loader, device: torch.device, num_classes: int, description: str
     return {"accuracy": found["accuracy"], "loss": found["loss"]}  # a loss that is not finite never wins
 
 
-def _restore_probe(model: Classifier, body_state: dict, fit_x: torch.Tensor, fit_y: torch.Tensor,
-                   fit_w: torch.Tensor | None, inner, seed: int, weight) -> None:
-    """The pretrained body back, and the head fitted on every training image (fit part and hold-out;
-    ``fit_w``: the fit part's sample weights, the hold-out's labelled images weigh 1)."""
-    model.body.load_state_dict(body_state)
+def _restore_probe(model: Classifier, judge: Referee) -> None:
+    """The pretrained body back, and the head fitted on every training image (fit part and hold-out; the
+    fit part's sample weights, the hold-out's labelled images weigh 1)."""
+    model.body.load_state_dict(judge.hold.body_state)
+    fit_x, fit_y, fit_w = judge.fit
+    inner = judge.hold.features
     x, y = torch.cat([fit_x, inner.features]), torch.cat([fit_y, inner.targets])
     w = None if fit_w is None else torch.cat([fit_w, torch.ones(len(inner.targets), dtype=fit_w.dtype)])
     layer = linear_layer(model.head)
-    fit_linear_head(layer, x, y, layer.out_features, weight, seed, w)
+    fit_linear_head(layer, x, y, layer.out_features, judge.weight, judge.seed, w)

@@ -91,17 +91,19 @@ class Progress:
     tally: Tally | None = None  # the epoch in progress, if any
     rows: list[dict] = field(default_factory=list)  # metrics.csv
     stopped_early: bool = False
+    gave_up: bool = False  # the stop was the never-worse rule's (never_worse.Referee), not --early-stop's
 
     def state_dict(self) -> dict:
         mid = self.tally is not None
         return {"epoch": self.epochs_done + mid, "step": self.tally.batches if mid else 0, "epoch_done": not mid,
                 "steps": self.steps, "tally": self.tally.state_dict() if mid else None,
                 "rows": [dict(row) for row in self.rows], "stopped_early": self.stopped_early,
-                "stopper": self.stopper.state_dict()}
+                "gave_up": self.gave_up, "stopper": self.stopper.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.epochs_done = state["epoch"] - (not state["epoch_done"])
         self.steps, self.stopped_early = state["steps"], state["stopped_early"]
+        self.gave_up = state.get("gave_up", False)  # checkpoints from before the referee have none
         self.tally = Tally(**state["tally"]) if state["tally"] is not None else None
         self.rows = [dict(row) for row in state["rows"]]
         self.stopper.load_state_dict(state["stopper"])

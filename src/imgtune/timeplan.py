@@ -187,8 +187,12 @@ class Estimate:
 
 def estimate(phases: list[Phase], costs: Costs, train: TrainConfig, head_linear: bool,
              holdout_images: int, test: bool) -> Estimate:
-    """What each phase will cost from the measured costs; the final metrics and the never-worse check."""
+    """What each phase will cost from the measured costs; the final metrics and the never-worse check (its
+    hold-out features were computed before the plan; with ``--never-worse-patience``, the fine-tuned model
+    is scored on the hold-out after each epoch but the last, which the check scores)."""
     out, epoch, first_read = Estimate(), 0, False
+    total_epochs = sum(p.epochs for p in phases)
+    refereed = holdout_images * costs.per_image if train.never_worse_patience else 0.0
     for index, phase in enumerate(phases):
         last = index == len(phases) - 1
         if phase.body_frozen and head_linear and fitted_by_lbfgs(train.head_fit, last):
@@ -197,7 +201,8 @@ def estimate(phases: list[Phase], costs: Costs, train: TrainConfig, head_linear:
             per_epoch = [costs.head_epoch + costs.val_features] * phase.epochs
             seconds = sum(per_epoch)
         else:
-            per_epoch = [costs.body_epoch + costs.val_images] * phase.epochs
+            per_epoch = [costs.body_epoch + costs.val_images + (refereed if epoch + e < total_epochs else 0.0)
+                         for e in range(1, phase.epochs + 1)]
             per_epoch[0] += costs.first_extra if not first_read else 0.0
             first_read, seconds = True, sum(per_epoch)
         for offset, value in enumerate(per_epoch):
@@ -211,7 +216,7 @@ def estimate(phases: list[Phase], costs: Costs, train: TrainConfig, head_linear:
     out.lines.append(("final metrics", 0, final))
     out.tail = final
     if holdout_images:
-        check = holdout_images * costs.per_image + costs.lbfgs  # hold-out features, the refit on all
+        check = costs.lbfgs  # the probe refitted on the whole training split
         check += holdout_images * costs.per_image + costs.lbfgs if first_read else 0.0  # fine-tuned, probe scored
         out.lines.append((f"never-worse check ({holdout_images} held-out images)", 0, check))
         out.tail += check
@@ -267,7 +272,22 @@ def make(config: RunConfig, costs: Costs, spent: float, head_linear: bool, holdo
               "seconds_before_plan": round(spent, 1), "costs": {k: round(v, 3) for k, v in vars(costs).items()},
               "lines": [{"what": w, "epochs": e, "seconds": round(s, 1)} for w, e, s in found.lines],
               "estimated_total_seconds": round(spent + found.total, 1)}
+    earliest = _earliest_give_up(phases, train, holdout_images)
+    if earliest is not None:  # the never-worse rule may end fine-tuning after this epoch
+        record["estimated_if_given_up_seconds"] = round(spent + found.total - sum(
+            s for e, s in found.epoch_seconds.items() if e > earliest), 1)
+        record["earliest_give_up_epoch"] = earliest
     return Plan(chosen, phases, found, record)
+
+
+def _earliest_give_up(phases: list[Phase], train: TrainConfig, holdout_images: int) -> int | None:
+    """The first epoch after which the never-worse rule can end fine-tuning (``--never-worse-patience``
+    scored epochs in a row, the run's last not among them), or None where it cannot."""
+    if not (holdout_images and train.never_worse_patience) or phases[-1].body_frozen:
+        return None
+    first = sum(p.epochs for p in phases[:-1]) + 1  # the last phase trains the body (gradual)
+    earliest = first + train.never_worse_patience - 1
+    return earliest if earliest < sum(p.epochs for p in phases) else None
 
 
 def describe(chosen: Plan) -> str:
@@ -277,6 +297,11 @@ def describe(chosen: Plan) -> str:
         label = f"{what}, {epochs} epoch{'s' * (epochs != 1)}" if epochs else what
         lines.append(f"  {label:44s} {seconds / 60:6.1f} min")
     lines.append(f"  {'total (estimated)':44s} {chosen.record['estimated_total_seconds'] / 60:6.1f} min")
+    if "estimated_if_given_up_seconds" in chosen.record:
+        patience = chosen.config.train.never_worse_patience
+        lines.append(f"  {'or, fine-tuning given up after epoch ' + str(chosen.record['earliest_give_up_epoch']):44s} "
+                     f"{chosen.record['estimated_if_given_up_seconds'] / 60:6.1f} min  (if it has not beaten the "
+                     f"linear probe on the inner hold-out for {patience} epoch{'s' * (patience > 1)} in a row)")
     return "time plan (a few batches of each phase timed on this machine):\n" + "\n".join(lines)
 
 
@@ -303,11 +328,19 @@ def _clock(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
-def finish(record: dict, measured: float) -> dict:
-    """The plan's record with the measured wall time and its ratio to the estimate."""
-    estimated = record["estimated_total_seconds"]
-    return record | {"measured_total_seconds": round(measured, 1),
+def finish(chosen: Plan, measured: float, epochs_done: int | None = None) -> dict:
+    """The plan's record with the measured wall time and its ratio to the estimate. A run that ended before
+    its last epoch (``epochs_done``: the never-worse rule gave up on fine-tuning, or ``--early-stop``) also
+    gets the estimate of what ran: the plan's total less the epochs that did not run."""
+    record, estimated = chosen.record, chosen.record["estimated_total_seconds"]
+    done = record | {"measured_total_seconds": round(measured, 1),
                      "estimate_over_measured": round(estimated / measured, 3) if measured > 0 else None}
+    planned_epochs = max(chosen.estimate.epoch_seconds, default=0)
+    if epochs_done is not None and epochs_done < planned_epochs:
+        as_run = estimated - sum(s for e, s in chosen.estimate.epoch_seconds.items() if e > epochs_done)
+        done |= {"epochs_done": epochs_done, "estimated_as_run_seconds": round(as_run, 1),
+                 "estimate_as_run_over_measured": round(as_run / measured, 3) if measured > 0 else None}
+    return done
 
 
 def plan_run(setup, model, phases: list[Phase], loaders: Loaders, holdout_images: int, start: float) -> Plan:
@@ -327,10 +360,10 @@ def plan_run(setup, model, phases: list[Phase], loaders: Loaders, holdout_images
     return chosen
 
 
-def record_measured(out: Path, chosen: Plan | None, measured: float) -> None:
+def record_measured(out: Path, chosen: Plan | None, measured: float, epochs_done: int | None = None) -> None:
     """plan.json again, with the run's measured wall time beside the estimate."""
     if chosen is not None and distributed.current().is_main:
-        done = finish(chosen.record, measured)
+        done = finish(chosen, measured, epochs_done)
         artifact.write_json(out / PLAN_FILE, done)
         log.info("time plan: estimated %.1f min, took %.1f min", done["estimated_total_seconds"] / 60,
                  done["measured_total_seconds"] / 60)

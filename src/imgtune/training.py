@@ -137,13 +137,15 @@ def _check_resumable(found: checkpoint.Found, config: RunConfig, epochs: int | N
     payload = found.payload
     done = payload["epoch"] - (not payload["epoch_done"])
     if payload["stopped_early"] and epochs is not None:
-        raise UsageError(f"the run stopped early after epoch {done} (--early-stop): it is finished, and --epochs "
+        why = "the never-worse rule gave up on fine-tuning" if payload.get("gave_up") else "--early-stop"
+        raise UsageError(f"the run stopped early after epoch {done} ({why}): it is finished, and --epochs "
                          "does not continue it (--resume without --epochs writes its results again)")
     if done > config.train.epochs:
         raise DataError(f"{found.path} is past epoch {config.train.epochs}, the run's last: config.yaml does "
                         "not match the checkpoints")
     if payload["stopped_early"]:
-        log.warning("the run stopped early after epoch %d (--early-stop); writing its results again", done)
+        log.warning("the run stopped early after epoch %d (%s); writing its results again", done,
+                    "the never-worse rule gave up on fine-tuning" if payload.get("gave_up") else "--early-stop")
     elif payload["epoch_done"] and done == config.train.epochs:
         log.warning("the run has trained all its %d epochs; writing its results again (pass a higher --epochs "
                     "to train it further)", done)
@@ -186,7 +188,7 @@ class Materials:
     loaders: Loaders  # with the pseudo-labelled images of --unlabeled, without the inner hold-out
     weights: torch.Tensor | None  # class weights of the loss (--balance weights)
     semi: dict | None  # the semi-supervised report for metrics.json (None without --unlabeled)
-    hold: never_worse.HoldOut | None  # the never-worse rule's inner hold-out of the training split
+    judge: never_worse.Referee | None  # the never-worse rule, with its inner hold-out of the training split
 
 
 def materials(setup: Setup) -> Materials:
@@ -196,26 +198,29 @@ def materials(setup: Setup) -> Materials:
     model = distributed.sync_batchnorm(setup.built.model).to(device, memory_format=torch.channels_last)
     phases = plan(lr_find.provisional(config.train))
     hold = never_worse.carve(setup.source, config.train, phases, model.head)
-    never_worse.remember_body(hold, model)
+    never_worse.remember_body(hold, model, setup.built, config.model.body, setup.loader_options(), device)
     source, semi_report = with_pseudo_labels(hold.source if hold else setup.source, setup.unlabelled, config,
                                              setup.built, setup.loader_options(), device)
     loaders = build_loaders(source, setup.built, phases, config.data.augment, config.model.body,
                             setup.loader_options(), device)
     weights = balance.class_weights(loaders.train.dataset.targets(), len(setup.source.classes)) \
         if config.train.balance == "weights" else None
-    return Materials(model, phases, loaders, weights, semi_report, hold)
+    judge = never_worse.referee(hold, model, setup.built, loaders, setup.loader_options(), config.train, device,
+                                weights)
+    return Materials(model, phases, loaders, weights, semi_report, judge)
 
 
 def _train_and_save(setup: Setup, start: float, resume: dict | None = None) -> TrainResult:
     config, built, device = setup.config, setup.built, setup.device
     out, main = Path(config.out), distributed.current().is_main
     m = materials(setup)
-    model, phases, loaders, weights, hold = m.model, m.phases, m.loaders, m.weights, m.hold
+    model, phases, loaders, weights, judge = m.model, m.phases, m.loaders, m.weights, m.judge
     if config.train.lr == lr_find.AUTO:
         config, phases = _auto_lr(setup, model, phases, loaders, weights)
     log.info("training %s with strategy %s on %s (run folder %s)", built.spec, config.train.strategy, device, out)
-    planned = timeplan.plan_run(replace(setup, config=config), model, phases, loaders, hold.images if hold else 0,
-                                start) if config.train.plan and resume is None else None
+    held_out = judge.hold.images if judge else 0
+    planned = timeplan.plan_run(replace(setup, config=config), model, phases, loaders, held_out, start) \
+        if config.train.plan and resume is None else None
     if planned is not None:  # --time-budget may have chosen fewer epochs or linear-probe
         config, phases = planned.config, planned.phases
     first_epoch = len(resume["rows"]) + 1 if resume else 1
@@ -226,21 +231,23 @@ def _train_and_save(setup: Setup, start: float, resume: dict | None = None) -> T
                 extra(result.epoch, result.row())
 
         hooks = checkpoint.Checkpointer(out, config.train.checkpoint_every, stop)
-        stopper, diverged = None, None
+        progress, diverged = None, None
         try:
-            stopper = fit(model, phases, loaders, config.train, device, len(setup.source.classes), on_epoch,
-                          weights, hooks, resume, timeplan.TimeLeft(planned.estimate) if planned else None).stopper
+            progress = fit(model, phases, loaders, config.train, device, len(setup.source.classes), on_epoch,
+                           weights, hooks, resume, timeplan.TimeLeft(planned.estimate) if planned else None,
+                           referee=judge if judge is not None and judge.patience else None)
         except TrainingDiverged as exc:
-            if hold is None:  # nothing to fall back on
+            if judge is None:  # nothing to fall back on
                 raise _diverged(exc, out, config) from exc
             diverged = str(exc)  # the never-worse rule keeps the probe, which does not depend on this training
+    stopper = progress.stopper if progress is not None else None
     if stopper is not None and config.train.keep == "best" and stopper.best_state is not None:
         log.warning("keeping the weights of epoch %d, chosen on val %s: the val metrics below are optimistic; "
                     "trust the test split (--test-fraction) for an unbiased figure", stopper.best_epoch,
                     config.train.monitor)
         model.load_state_dict(stopper.best_state)
-    selection = never_worse.finish(hold, model, phases, built, loaders, setup.loader_options(), config.model.body,
-                                   config.train, device, weights, diverged)
+    selection = never_worse.finish(judge, model, phases, progress.epochs_done if progress else 0,
+                                   progress is not None and progress.gave_up, diverged, config.train.lr)
     final_frozen = phases[-1].body_frozen and loaders.frozen_val is not None and selection is None
     model.freeze_body(False)
     if main:
@@ -255,6 +262,6 @@ def _train_and_save(setup: Setup, start: float, resume: dict | None = None) -> T
         if metrics["calibration"] is not None:
             artifact.write_json(out / artifact.CALIBRATION, metrics["calibration"])
         artifact.write_json(out / artifact.METRICS_JSON, metrics)
-    timeplan.record_measured(out, planned, time.perf_counter() - start)
+    timeplan.record_measured(out, planned, time.perf_counter() - start, progress.epochs_done if progress else None)
     distributed.barrier()
     return TrainResult(out, metrics, setup.source.summary(), time.perf_counter() - start)
