@@ -16,7 +16,8 @@ with every new behaviour switched off: :data:`TODAY_FLAGS`, the one list of them
 L-BFGS: is it worth it now that the never-worse rule protects the end?), ``size-data`` (the default
 with ``--size-from data``), ``referee-watch`` (the default with the never-worse referee scoring every
 fine-tuning epoch on the hold-out without ever giving up: the trajectories behind
-``--never-worse-patience``), ``referee-off`` (the default without the referee); on hymenoptera also fastai's ``fine_tune(5)`` and the plain frozen PyTorch
+``--never-worse-patience``), ``referee-off`` (the default without the referee), ``top3`` (the default
+with ``--unfreeze top:3``: partial fine-tuning on cached activations); on hymenoptera also fastai's ``fine_tune(5)`` and the plain frozen PyTorch
 loop (bench/hymenoptera.py's paths), the reference of the speed target.
 
 Prints a table per dataset (val accuracy, wall time, ratio to today's ``gradual``, to the plain frozen
@@ -54,7 +55,8 @@ RUNS = {"today": ["--strategy", "gradual", *TODAY_FLAGS], "default": [],
         "default-lbfgs": ["--head-fit", "lbfgs"],  # gradual's frozen phase fitted by L-BFGS (not the default)
         "size-data": ["--size-from", "data"],  # the default at the input size chosen from the data (not the default)
         "referee-watch": ["--never-worse-patience", "1000"],  # scores every fine-tuning epoch, never gives up
-        "referee-off": ["--never-worse-patience", "0"]}
+        "referee-off": ["--never-worse-patience", "0"],
+        "top3": ["--unfreeze", "top:3"]}  # the default fine-tuning the top 3 blocks on cached activations
 SMALL_SIZES = (28, 48)
 
 

