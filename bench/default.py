@@ -28,7 +28,7 @@ beside the probe's. ``--quick``: small sizes, one draw, no fastai nor plain
 loop (a smoke run of the script).
 
     python bench/default.py [--quick] [--datasets hymenoptera few-shot digits small mnist] [--runs today default ...]
-                            [--first-draw 0] [--draws 3] [--json FILE]
+                            [--first-draw 0] [--draws 3] [--json FILE] [--no-references] [--seed N]
 """
 
 from __future__ import annotations
@@ -181,8 +181,12 @@ def main() -> None:
     parser.add_argument("--first-draw", type=int, default=0, help="few-shot: the first draw's seed")
     parser.add_argument("--json", type=Path, help="also write every row here")
     parser.add_argument("--no-references", action="store_true", help="leave out fastai and the plain loop")
+    parser.add_argument("--seed", type=int, help="imgtune's --seed for every run (its default, 0, when not given)")
     args = parser.parse_args()
     warm_imports()
+    if args.seed is not None:
+        for flags in RUNS.values():
+            flags += ["--seed", str(args.seed)]
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
