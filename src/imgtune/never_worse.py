@@ -140,11 +140,15 @@ class Referee:
                                 "inner hold-out, probe") | {"C": fitted["C"]}
         return self.probe
 
-    def score(self, model: Classifier, epoch: int) -> dict:
-        """The row's extra columns: ``model`` (fine-tuning) on the hold-out's images."""
+    def figures(self, model: Classifier) -> dict:
+        """``model`` (fine-tuning) on the hold-out's images: accuracy and log loss."""
         pre = self.built.preprocessing
         images = self.hold.source.images(INNER, eval_transform(pre), False, self.options, pre, True)
-        figures = _score(model, images, self.device, self.num_classes, "inner hold-out, fine-tuned")
+        return _score(model, images, self.device, self.num_classes, "inner hold-out, fine-tuned")
+
+    def score(self, model: Classifier, epoch: int) -> dict:
+        """The row's extra columns: :meth:`figures` of ``model`` after ``epoch``."""
+        figures = self.figures(model)
         self.probe_figures()
         self.scored = (epoch, figures)
         return {"inner_accuracy": figures["accuracy"], "inner_loss": figures["loss"]}
@@ -206,12 +210,7 @@ def _choose(judge: Referee, model: Classifier, epochs_done: int, gave_up: bool) 
     """Score the fine-tuned ``model`` (unless the referee just did) and the probe on the hold-out; keep the
     better."""
     hold = judge.hold
-    if judge.scored is not None and judge.scored[0] == epochs_done:
-        tuned = judge.scored[1]
-    else:
-        pre = judge.built.preprocessing
-        images = hold.source.images(INNER, eval_transform(pre), False, judge.options, pre, True)
-        tuned = _score(model, images, judge.device, judge.num_classes, "inner hold-out, fine-tuned")
+    tuned = judge.scored[1] if judge.scored is not None and judge.scored[0] == epochs_done else judge.figures(model)
     probed = judge.probe_figures()
     wins = beats(tuned, probed)
     record = {"fine_tuned": tuned, "probe": probed, "kept": "fine-tuned" if wins else "probe",
