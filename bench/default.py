@@ -16,8 +16,10 @@ with every new behaviour switched off: :data:`TODAY_FLAGS`, the one list of them
 L-BFGS: is it worth it now that the never-worse rule protects the end?), ``size-data`` (the default
 with ``--size-from data``), ``referee-watch`` (the default with the never-worse referee scoring every
 fine-tuning epoch on the hold-out without ever giving up: the trajectories behind
-``--never-worse-patience``), ``referee-off`` (the default without the referee), ``top3`` (the default
-with ``--unfreeze top:3``: partial fine-tuning on cached activations); on hymenoptera also fastai's ``fine_tune(5)`` and the plain frozen PyTorch
+``--never-worse-patience``), ``referee-off`` (the default without the referee), ``img-160`` (the default
+at 160 px: what the size rule would pick for images under 54 px with a floor of 160), ``unfreeze-all`` (the
+default with ``--unfreeze all``: the whole body fine-tunes, where the default on a CPU, ``auto``, trains
+the top 3 blocks on cached activations); on hymenoptera also fastai's ``fine_tune(5)`` and the plain frozen PyTorch
 loop (bench/hymenoptera.py's paths), the reference of the speed target.
 
 Prints a table per dataset (val accuracy, wall time, ratio to today's ``gradual``, to the plain frozen
@@ -49,14 +51,15 @@ from rank import digits_folder, shapes_folder
 
 # Today's `gradual`: the default strategy with every new behaviour of issue 13 switched off. The one list
 # of off switches: each engineer's flags go here at merge.
-TODAY_FLAGS = ["--no-never-worse", "--no-plan"]
+TODAY_FLAGS = ["--no-never-worse", "--no-plan", "--unfreeze", "all"]
 RUNS = {"today": ["--strategy", "gradual", *TODAY_FLAGS], "default": [],
         "linear-probe": ["--strategy", "linear-probe"], "finetune": ["--strategy", "finetune"],
         "default-lbfgs": ["--head-fit", "lbfgs"],  # gradual's frozen phase fitted by L-BFGS (not the default)
         "size-data": ["--size-from", "data"],  # the default at the input size chosen from the data (not the default)
         "referee-watch": ["--never-worse-patience", "1000"],  # scores every fine-tuning epoch, never gives up
         "referee-off": ["--never-worse-patience", "0"],
-        "top3": ["--unfreeze", "top:3"]}  # the default fine-tuning the top 3 blocks on cached activations
+        "img-160": ["--img-size", "160"],  # the default at 160 px (a floor of the size rule under test)
+        "unfreeze-all": ["--unfreeze", "all"]}  # the default fine-tuning every block (the default until top:3)
 SMALL_SIZES = (28, 48)
 
 

@@ -1,5 +1,5 @@
 """Partial fine-tuning on cached activations (imgtune.partial, imgtune.activations): block splitting of
-the offline and generic models, gradients equal to the full path's for the same views (fp32 cache), the
+the offline and generic models, what ``--unfreeze auto`` chooses, gradients equal to the full path's for the same views (fp32 cache), the
 effect of float16 storage, the cache reused, its size bound, and a run that leaves the lower blocks
 untouched. Tiny generated images at 64 px."""
 
@@ -47,6 +47,30 @@ def test_unfreeze_values_are_checked():
             partial.top_blocks(bad)
     with pytest.raises(UsageError, match="19 blocks"):
         partial.split(built_model(pretrained=False).model.body, 19, SIZE)
+
+
+def _choose(unfreeze="auto", strategy="gradual", body=None, device="cpu", streamed=False, images=100):
+    train = SimpleNamespace(unfreeze=unfreeze, strategy=strategy)
+    body = body if body is not None else built_model(pretrained=False).model.body
+    return partial.choose(train, body, SIZE, torch.device(device), streamed, images)
+
+
+def test_auto_is_top_3_for_gradual_on_a_cpu_and_all_where_that_is_not_measured_or_cannot_run(monkeypatch):
+    chosen = _choose()
+    assert (chosen.unfreeze, chosen.method) == (f"top:{partial.AUTO_TOP}", "auto")
+    assert _choose(unfreeze="top:2").to_dict() == {"unfreeze": "top:2", "method": "flag", "reason": "--unfreeze top:2"}
+    assert _choose(unfreeze="all").unfreeze == "all"
+    fallbacks = {"the strategy is not gradual": _choose(strategy="finetune"),
+                 "not a CPU": _choose(device="cuda"),  # the choice only reads the device's type
+                 "shards": _choose(streamed=True),
+                 "cannot run top:3": _choose(body=torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())),
+                 "would not fit": _choose(images=10**9)}
+    for why, chosen in fallbacks.items():
+        assert (chosen.unfreeze, chosen.method) == ("all", "auto") and why in chosen.reason, chosen
+    monkeypatch.setattr("imgtune.distributed.current", lambda: SimpleNamespace(enabled=True))
+    assert "torchrun" in _choose().reason
+    with pytest.raises(UsageError, match="linear-probe never unfreezes"):  # a given value is still checked
+        _choose(unfreeze="top:2", strategy="linear-probe")
 
 
 def _views(count: int = 6) -> torch.Tensor:
@@ -144,6 +168,19 @@ def test_gradual_top_k_trains_only_the_top_blocks(data, tmp_path):
                  "--no-plan"]) == 0
     again = load_file(unplanned / artifact.WEIGHTS)
     assert all(torch.equal(trained[k], again[k]) for k in trained)
+
+
+@pytest.mark.slow
+def test_the_default_fine_tunes_the_top_3_blocks_on_a_cpu_and_records_why(data, tmp_path):
+    out = tmp_path / "run"
+    assert main(["-q", "train", str(data), "--workers", "0", "--out", str(out), *PRETRAINED_ARGS, "--epochs", "2",
+                 "--freeze-epochs", "1", "--no-never-worse", "--no-plan"]) == 0
+    meta = json.loads((out / artifact.META).read_text())
+    assert meta["unfreeze"]["unfreeze"] == "top:3" and meta["unfreeze"]["method"] == "auto"
+    assert meta["config"]["train"]["unfreeze"] == "top:3"  # config.yaml repeats what ran, not "auto"
+    trained, start = load_file(out / artifact.WEIGHTS), built_model().model.state_dict()
+    assert all(torch.equal(trained[k], start[k]) for k in start if k.startswith("body.features.0."))
+    assert any(not torch.equal(trained[k], start[k]) for k in start if k.startswith("body.features.18."))
 
 
 def test_view_sampler_draws_every_image_once_with_one_view():

@@ -179,11 +179,15 @@ def partial_loaders(source, built: BuiltModel, body: str, options, limit: int = 
                           f"{name} activations") for name, samples, count in (("train", train, views), ("val", val, 1))}
     n, targets = len(sets["train"].targets), sets["train"].targets
     balanced = balanced_sampler(targets, len(source.classes), options.seed) if options.balanced else None
+    # private generators: iterating a loader then never draws from the global torch RNG, which a resumed
+    # epoch restores to where it stopped (dropout's draws would shift by one otherwise)
     train_loader = torch.utils.data.DataLoader(sets["train"], batch_size=options.batch_size,
                                                sampler=ViewSampler(n, views, options.seed, balanced),
-                                               drop_last=drop_last_batch(n, options.batch_size))
+                                               drop_last=drop_last_batch(n, options.batch_size),
+                                               generator=torch.Generator().manual_seed(options.seed))
     val_loader = torch.utils.data.DataLoader(sets["val"], batch_size=options.batch_size,
-                                             sampler=evaluation_sampler(len(sets["val"])))
+                                             sampler=evaluation_sampler(len(sets["val"])),
+                                             generator=torch.Generator().manual_seed(options.seed))
     return PartialLoaders(found, train_loader, val_loader)
 
 

@@ -121,9 +121,10 @@ class TrainConfig:
                                    "for the frozen epochs; auto: lbfgs when the frozen phase is the last "
                                    "(linear-probe), sgd before fine-tuning (docs/training.md)", choices=HEAD_FITS)
     freeze_epochs: int | None = option(None, "gradual: epochs with the backbone frozen", unset="half of --epochs")
-    unfreeze: str = option("all", "what trains when the backbone is unfrozen (finetune, gradual): all, or top:K, the "
-                                  "top K blocks, on cached activations of the frozen lower blocks "
-                                  "(docs/training.md)", metavar="all|top:K")
+    unfreeze: str = option("auto", "what trains when the backbone is unfrozen (finetune, gradual): all, or top:K, the "
+                                   "top K blocks, on cached activations of the frozen lower blocks; auto: top:3 for "
+                                   "gradual on a CPU where it can run, else all (docs/training.md)",
+                           metavar="auto|all|top:K")
     never_worse: bool = option(True, "gradual: keep the fine-tuned model only if it beats the linear probe on an inner "
                                      "hold-out of the training split, else the probe refitted on the whole training "
                                      "split (docs/training.md)")

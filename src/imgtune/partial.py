@@ -7,6 +7,13 @@ computed once and stored (float16, in the cache folder, keyed like the feature c
 preprocessing, cut, views; bounded in size); the top ``K`` blocks and the head then train on those
 activations, each epoch drawing one stored view per image. ``--unfreeze all`` is the full path.
 
+``--unfreeze auto`` (the default) is :data:`AUTO_TOP` blocks for ``gradual`` on a CPU, where the
+benchmark shows it as accurate as the full path and faster (docs/benchmarks.md), and ``all`` wherever
+that evidence does not reach or ``top:K`` cannot run: another strategy, a GPU, torchrun, shards, a body
+this module cannot cut below that many blocks, or a training split whose activations would not fit two
+views within :data:`MAX_BYTES` (:func:`choose`). The choice is logged, saved in the run's config (so
+a resume and ``--config RUN/config.yaml`` repeat it) and recorded in meta.json's ``unfreeze``.
+
 The views: the evaluation view, its mirror image, then random resized crops (35-100% of the area, as
 ``--augment light``), each randomly mirrored, seeded by the file's content digest so that the same
 image gives the same views in every run (that is what makes them cacheable).
@@ -33,17 +40,64 @@ log = logging.getLogger(__name__)
 
 VIEWS = 4  # stored views per training image (the first two: the evaluation view and its mirror)
 MAX_BYTES = 2 << 30  # the training split's activations, on disk and in memory, at most this (fewer views else)
+AUTO = "auto"
+AUTO_TOP = 3  # --unfreeze auto: the blocks that train (docs/benchmarks.md, "top:3 as the default")
+AUTO_MIN_VIEWS = 2  # --unfreeze auto: top:K only where at least this many views of each image fit MAX_BYTES
 
 
 def top_blocks(unfreeze: str) -> int | None:
-    """``--unfreeze``: None for ``all``, K for ``top:K``."""
+    """``--unfreeze`` as it runs (``auto`` resolved by :func:`choose`): None for ``all``, K for ``top:K``."""
     if unfreeze == "all":
         return None
     kind, _, count = unfreeze.partition(":")
     if kind != "top" or not count.isdigit() or int(count) < 1:
-        raise UsageError(f"--unfreeze {unfreeze!r}: use all (every block trains) or top:K (the top K blocks train "
-                         "on cached activations of the frozen lower blocks, K at least 1), e.g. top:3")
+        raise UsageError(f"--unfreeze {unfreeze!r}: use auto (the default), all (every block trains) or top:K (the "
+                         "top K blocks train on cached activations of the frozen lower blocks, K at least 1), e.g. "
+                         "top:3")
     return int(count)
+
+
+@dataclass(frozen=True)
+class UnfreezeChoice:
+    """What ``--unfreeze`` runs and why, for the log and meta.json."""
+
+    unfreeze: str  # all or top:K
+    method: str  # "flag" (given), "auto"
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"unfreeze": self.unfreeze, "method": self.method, "reason": self.reason}
+
+
+def choose(train, body: nn.Module, img_size: int, device: torch.device, streamed: bool,
+           train_images: int) -> UnfreezeChoice:
+    """``--unfreeze`` as it will run: a given value checked (:func:`check`), ``auto`` resolved (see the
+    module's docstring). ``streamed``: the data is read as a stream (shards)."""
+    if train.unfreeze != AUTO:
+        check(train, body, img_size)
+        return UnfreezeChoice(train.unfreeze, "flag", f"--unfreeze {train.unfreeze}")
+    from .distributed import current
+
+    top = f"top:{AUTO_TOP}"
+    against = ("the strategy is not gradual" if train.strategy != "gradual" else
+               f"the device is {device.type}, not a CPU" if device.type != "cpu" else
+               "torchrun runs several processes" if current().enabled else
+               "shards are read as a stream" if streamed else None)
+    if against is None:
+        try:
+            found = split(body, AUTO_TOP, img_size)
+        except (ModelError, UsageError) as error:
+            against = f"the body cannot run {top} ({error})"
+        else:
+            from .activations import activation_shape, views_within
+
+            if views_within(train_images, activation_shape(found), AUTO_MIN_VIEWS, MAX_BYTES) < AUTO_MIN_VIEWS:
+                against = (f"{AUTO_MIN_VIEWS} views of {train_images} training images' activations would not fit "
+                           f"{MAX_BYTES / 2**30:.0f} GiB")
+    if against is not None:
+        return UnfreezeChoice("all", AUTO, f"--unfreeze auto: all ({against})")
+    return UnfreezeChoice(top, AUTO, f"--unfreeze auto: {top} (gradual on a CPU: the top {AUTO_TOP} blocks "
+                                     "fine-tune on cached activations of the frozen lower blocks)")
 
 
 def check(train, body: nn.Module, img_size: int) -> None:

@@ -24,7 +24,7 @@ from .cache import check_store, default_cache_dir
 from .config import RunConfig, to_dict
 from .config_checks import validate
 from .data import content
-from .data.sources import DataSource, LoaderOptions, open_source, total_images
+from .data.sources import DataSource, LoaderOptions, ShardSource, open_source, total_images
 from .data.unlabelled import Unlabelled
 from .errors import DataError, UsageError
 from .inference import select_device
@@ -44,6 +44,7 @@ class Setup:
     ranking: Ranking | None = None  # --model auto: the ranking the model was chosen from (rank.py)
     unlabelled: Unlabelled | None = None  # --unlabeled: the checked unlabelled images (semi_train.py)
     size: sizing.SizeChoice | None = None  # how the input size was chosen (sizing.py)
+    unfreeze: partial.UnfreezeChoice | None = None  # what trains once the body is unfrozen, and why (partial.py)
 
     def loader_options(self) -> LoaderOptions:
         data = self.config.data
@@ -81,9 +82,14 @@ def prepare(config: RunConfig, progress: bool = True, started_with: dict | None 
         seed_everything(config.train.seed + distributed.current().rank)  # as if the model had been named
     built = models.create(config.model, len(source.classes), offline=config.offline)
     built, size = sizing.apply(config, source.image_sides(), built)
-    partial.check(config.train, built.model.body, built.preprocessing.img_size)
     device = distributed.device_for(distributed.current(), select_device(config.train.device))
-    return Setup(finalize(config, source, built, device), source, built, device, ranking, unlabelled, size)
+    unfreeze = partial.choose(config.train, built.model.body, built.preprocessing.img_size, device,
+                              isinstance(source, ShardSource), source.size("train"))
+    if unfreeze.method == partial.AUTO:
+        log.info("fine-tuning: %s", unfreeze.reason)
+    config = replace(config, train=replace(config.train, unfreeze=unfreeze.unfreeze))
+    return Setup(finalize(config, source, built, device), source, built, device, ranking, unlabelled, size,
+                 unfreeze)
 
 
 def finalize(config: RunConfig, source: DataSource, built: models.BuiltModel, device: torch.device) -> RunConfig:
@@ -173,6 +179,8 @@ def run_meta(setup: Setup, requested: RunConfig | None = None) -> dict:
         meta["requested_config"] = to_dict(requested)
     if setup.size is not None:
         meta["input_size"] = setup.size.to_dict()
+    if setup.unfreeze is not None:
+        meta["unfreeze"] = setup.unfreeze.to_dict()
     if setup.ranking is not None:
         meta["model"].update(requested=AUTO, chosen_by=chosen_by(setup.ranking))
     return meta

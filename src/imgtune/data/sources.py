@@ -145,7 +145,7 @@ class ShardSource(_Source):
         if config.train.balance == "sampler":
             raise UsageError("--balance sampler needs random access to the images; shards are read as a stream: "
                              "use --balance weights (class weights from the manifest's counts)")
-        if config.train.unfreeze != "all":
+        if config.train.unfreeze not in ("all", "auto"):
             raise UsageError("--unfreeze top:K caches activations by file; shards are read as a stream: use "
                              "--unfreeze all")
         if config.train.checkpoint_every:

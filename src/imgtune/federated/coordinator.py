@@ -25,7 +25,7 @@ from ..errors import DataError, UsageError
 from ..metrics import matrix_report
 from ..inference import select_device
 from ..prepare import Setup, finalize, run_meta, seed_everything
-from .site import FROZEN, UNFROZEN
+from .site import FROZEN, UNFROZEN, whole_model
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,10 @@ def check_settings(settings: Settings) -> RunConfig:
     if config.train.strategy not in FEDERATED_STRATEGIES:
         raise UsageError(f"--strategy {config.train.strategy}: a federation runs linear-probe or gradual (each site "
                          "starts from the same pretrained backbone)")
+    if config.train.unfreeze not in ("auto", "all"):
+        raise UsageError(f"--unfreeze {config.train.unfreeze}: a federation's sites fine-tune every block (each "
+                         "round averages the whole model); leave --unfreeze out or give all")
+    config = whole_model(config)
     if config.model.name == "auto":
         raise UsageError("--model auto ranks models on the training images, which the coordinator does not hold: "
                          "name the model (imgtune rank DATA at one site suggests one)")

@@ -19,7 +19,7 @@ import torch
 
 from .. import balance, models
 from ..cache import check_store
-from ..config import from_dict, resolve
+from ..config import RunConfig, from_dict, resolve
 from ..data.scan import DataSplits, check_files, find_samples, split_readable
 from ..data.sources import FolderSource, build_loaders
 from ..engine import fit
@@ -67,7 +67,7 @@ def open_splits(data: str, classes: list[str], seed: int, checks=None) -> DataSp
 def open_site(data: str, options: dict, classes: list[str]) -> Setup:
     """The coordinator's training options applied to this site's folder, model built and device chosen."""
     config = resolve(replace(from_dict(options, origin="the coordinator's options"), out=None))
-    config = replace(config, data=replace(config.data, source=data))
+    config = whole_model(replace(config, data=replace(config.data, source=data)))
     seed_everything(config.train.seed)
     checks = check_store(cache_folder(config)) if config.data.cache else None
     source = FolderSource(open_splits(data, classes, config.train.seed, checks), data)
@@ -78,6 +78,11 @@ def open_site(data: str, options: dict, classes: list[str]) -> Setup:
     built = models.create(config.model, len(classes), offline=config.offline)
     device = select_device(config.train.device)
     return Setup(finalize(replace(config, out=""), source, built, device), source, built, device)
+
+
+def whole_model(config: RunConfig) -> RunConfig:
+    """``--unfreeze auto`` in a federation: every block fine-tunes (a round averages the whole model)."""
+    return replace(config, train=replace(config.train, unfreeze="all")) if config.train.unfreeze == "auto" else config
 
 
 def travelling(model: models.Classifier, phase: str) -> dict[str, torch.Tensor]:
