@@ -16,8 +16,8 @@ with every new behaviour switched off: :data:`TODAY_FLAGS`, the one list of them
 L-BFGS: is it worth it now that the never-worse rule protects the end?), ``size-data`` (the default
 with ``--size-from data``), ``referee-watch`` (the default with the never-worse referee scoring every
 fine-tuning epoch on the hold-out without ever giving up: the trajectories behind
-``--never-worse-patience``), ``referee-off`` (the default without the referee), ``img-160`` (the default
-at 160 px: what the size rule would pick for images under 54 px with a floor of 160), ``unfreeze-all`` (the
+``--never-worse-patience``), ``referee-off`` (the default without the referee), ``img-128`` and ``img-160``
+(the default at 128 and 160 px: what the size rule picks for images under 43 and 54 px with a floor of 128 or 160), ``unfreeze-all`` (the
 default with ``--unfreeze all``: the whole body fine-tunes, where the default on a CPU, ``auto``, trains
 the top 3 blocks on cached activations); on hymenoptera also fastai's ``fine_tune(5)`` and the plain frozen PyTorch
 loop (bench/hymenoptera.py's paths), the reference of the speed target.
@@ -58,7 +58,7 @@ RUNS = {"today": ["--strategy", "gradual", *TODAY_FLAGS], "default": [],
         "size-data": ["--size-from", "data"],  # the default at the input size chosen from the data (not the default)
         "referee-watch": ["--never-worse-patience", "1000"],  # scores every fine-tuning epoch, never gives up
         "referee-off": ["--never-worse-patience", "0"],
-        "img-160": ["--img-size", "160"],  # the default at 160 px (a floor of the size rule under test)
+        "img-128": ["--img-size", "128"], "img-160": ["--img-size", "160"],  # floors of the size rule under test
         "unfreeze-all": ["--unfreeze", "all"]}  # the default fine-tuning every block (the default until top:3)
 SMALL_SIZES = (28, 48)
 

@@ -244,7 +244,17 @@ def test_bad_settings_fail_before_any_process(tmp_path, capsys):
     assert "missing" in capsys.readouterr().err
     assert main(["federate", "simulate", str(data), "--strategy", "finetune", "--out", str(tmp_path / "r"),
                  *PRETRAINED_ARGS]) == 2
+    assert main(["federate", "simulate", str(data), "--unfreeze", "top:2", "--out", str(tmp_path / "r"),
+                 *PRETRAINED_ARGS]) == 2
+    assert "a federation's sites fine-tune every block" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_federation_fine_tunes_every_block_under_unfreeze_auto():
+    from imgtune.config import RunConfig
+
+    assert RunConfig().train.unfreeze == "auto"
+    assert site.whole_model(RunConfig()).train.unfreeze == "all"
 
 
 def test_certificates_chain_to_their_authority(tmp_path):

@@ -311,6 +311,22 @@ def test_interrupted_gradual_run_resumes_across_phases(data, cache, reference, t
     assert [r["phase"] for r in metrics_rows(run)] == ["frozen", "unfrozen", "unfrozen"]
 
 
+def test_a_run_saved_before_unfreeze_existed_resumes_fine_tuning_every_block(data, cache, reference, tmp_path,
+                                                                             monkeypatch):
+    """A config.yaml without ``unfreeze`` (written before the option, when the whole body always
+    trained) resumes as ``--unfreeze all``, not as today's default (``auto``: top:3 on a CPU)."""
+    run = tmp_path / "run"
+    stop_at(monkeypatch, epoch=1)
+    assert main(["-q", *train_args(data, run, cache, *GRADUAL, "--unfreeze", "all")]) == 143
+    saved = (run / "config.yaml").read_text()
+    assert "unfreeze: all" in saved
+    (run / "config.yaml").write_text("".join(line for line in saved.splitlines(keepends=True)
+                                             if not line.strip().startswith("unfreeze:")))
+    monkeypatch.undo()
+    assert main(["-q", "train", "--resume", str(run)]) == 0
+    assert_same_run(run, reference(*GRADUAL, "--unfreeze", "all"))
+
+
 def test_balanced_sampler_and_best_weights_resume_exactly(data, cache, reference, tmp_path, monkeypatch):
     """Stopped in epoch 3 after the best epoch (val accuracy reaches 1 early and cannot beat itself):
     the resumed run must remember the best weights and keep them, not epoch 3's."""

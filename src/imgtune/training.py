@@ -125,6 +125,8 @@ def _resumed_config(run_dir: Path, epochs: int | None) -> RunConfig:
         raise DataError(f"{run_dir} is not an imgtune run folder (no {artifact.CONFIG} or {artifact.META}); pass "
                         "the --out folder of the run to continue")
     config = replace(load_yaml(path), out=str(run_dir))
+    if config.train.unfreeze == "auto":  # saved before --unfreeze existed (a run saves what ran): the whole body
+        config = replace(config, train=replace(config.train, unfreeze="all"))
     if epochs is not None:
         if epochs < config.train.epochs:
             raise UsageError(f"--epochs {epochs}: {run_dir} was set to train {config.train.epochs} epochs; with "
