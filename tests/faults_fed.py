@@ -32,6 +32,12 @@ def _finetune(tmp: Path) -> Outcome:
                           *PRETRAINED_ARGS), out)
 
 
+def _partial_fine_tuning(tmp: Path) -> Outcome:
+    out = tmp / "run"
+    return _untouched(cli("federate", "simulate", str(_site(tmp)), "--unfreeze", "top:2", "--out", str(out),
+                          *PRETRAINED_ARGS), out)
+
+
 def _out_not_empty(tmp: Path) -> Outcome:
     out = tmp / "run"
     out.mkdir()
@@ -61,6 +67,8 @@ def _dp_with_fedadam(tmp: Path) -> Outcome:
 FAULTS = [
     Fault("federate simulate with a site folder that does not exist", "federated", 3, _missing_site),
     Fault("federate simulate --strategy finetune (the body would travel untrained)", "federated", 2, _finetune),
+    Fault("federate simulate --unfreeze top:2 (a round averages the whole model)", "federated", 2,
+          _partial_fine_tuning),
     Fault("federate simulate into a non-empty --out", "federated", 2, _out_not_empty),
     Fault("federate server --tls DIR without the certificates", "federated", 2, _tls_folder_empty),
     Fault("federate site DATA where DATA does not exist", "federated", 3, _site_without_data),
