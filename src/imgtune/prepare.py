@@ -85,7 +85,7 @@ def prepare(config: RunConfig, progress: bool = True, started_with: dict | None 
     device = distributed.device_for(distributed.current(), select_device(config.train.device))
     unfreeze = partial.choose(config.train, built.model.body, built.preprocessing.img_size, device,
                               isinstance(source, ShardSource), source.size("train"))
-    if unfreeze.method == partial.AUTO:
+    if unfreeze.method == partial.AUTO and config.train.strategy != "linear-probe":  # the body never trains there
         log.info("fine-tuning: %s", unfreeze.reason)
     config = replace(config, train=replace(config.train, unfreeze=unfreeze.unfreeze))
     return Setup(finalize(config, source, built, device), source, built, device, ranking, unlabelled, size,

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from . import artifact, balance, checkpoint, distributed, experiment_log, lr_find, never_worse, runlock, timeplan
+from . import (artifact, balance, checkpoint, distributed, experiment_log, lr_find, never_worse, partial, runlock,
+               timeplan)
 from .config import RunConfig, load_yaml, resolve, save_yaml, to_dict
 from .data import content
 from .data.sources import build_loaders
@@ -125,7 +126,7 @@ def _resumed_config(run_dir: Path, epochs: int | None) -> RunConfig:
         raise DataError(f"{run_dir} is not an imgtune run folder (no {artifact.CONFIG} or {artifact.META}); pass "
                         "the --out folder of the run to continue")
     config = replace(load_yaml(path), out=str(run_dir))
-    if config.train.unfreeze == "auto":  # saved before --unfreeze existed (a run saves what ran): the whole body
+    if config.train.unfreeze == partial.AUTO:  # saved before --unfreeze existed (a run saves what ran): the whole body
         config = replace(config, train=replace(config.train, unfreeze="all"))
     if epochs is not None:
         if epochs < config.train.epochs:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .. import balance, distributed, features
+from .. import balance, distributed, features, partial
 from ..cache import ArrayStore, pixel_store
 from ..config import RunConfig
 from ..engine import Loaders
@@ -145,7 +145,7 @@ class ShardSource(_Source):
         if config.train.balance == "sampler":
             raise UsageError("--balance sampler needs random access to the images; shards are read as a stream: "
                              "use --balance weights (class weights from the manifest's counts)")
-        if config.train.unfreeze not in ("all", "auto"):
+        if config.train.unfreeze not in ("all", partial.AUTO):
             raise UsageError("--unfreeze top:K caches activations by file; shards are read as a stream: use "
                              "--unfreeze all")
         if config.train.checkpoint_every:

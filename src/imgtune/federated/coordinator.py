@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from .. import artifact, models
+from .. import artifact, models, partial
 from ..config import RunConfig, from_dict, resolve, save_yaml
 from ..errors import DataError, UsageError
 from ..metrics import matrix_report
@@ -80,7 +80,7 @@ def check_settings(settings: Settings) -> RunConfig:
     if config.train.strategy not in FEDERATED_STRATEGIES:
         raise UsageError(f"--strategy {config.train.strategy}: a federation runs linear-probe or gradual (each site "
                          "starts from the same pretrained backbone)")
-    if config.train.unfreeze not in ("auto", "all"):
+    if config.train.unfreeze not in (partial.AUTO, "all"):
         raise UsageError(f"--unfreeze {config.train.unfreeze}: a federation's sites fine-tune every block (each "
                          "round averages the whole model); leave --unfreeze out or give all")
     config = whole_model(config)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from .. import balance, models
+from .. import balance, models, partial
 from ..cache import check_store
 from ..config import RunConfig, from_dict, resolve
 from ..data.scan import DataSplits, check_files, find_samples, split_readable
@@ -82,7 +82,8 @@ def open_site(data: str, options: dict, classes: list[str]) -> Setup:
 
 def whole_model(config: RunConfig) -> RunConfig:
     """``--unfreeze auto`` in a federation: every block fine-tunes (a round averages the whole model)."""
-    return replace(config, train=replace(config.train, unfreeze="all")) if config.train.unfreeze == "auto" else config
+    return replace(config, train=replace(config.train, unfreeze="all")) if config.train.unfreeze == partial.AUTO \
+        else config
 
 
 def travelling(model: models.Classifier, phase: str) -> dict[str, torch.Tensor]:
