@@ -110,8 +110,9 @@ def _time_eval(net: torch.nn.Module, loader, device) -> tuple[float, float]:
 
 def _time_lbfgs(model, loaders: Loaders, num_classes: int, seed: int) -> float:
     """The head fit timed on all the training features when they are at most :data:`LBFGS_SAMPLE`, else
-    on samples of half and all of that many (after one untimed fit), and extrapolated to all of them as a fixed part (the
-    cross-validation's folds and starts) plus a part per image, never below the larger sample's time.
+    on samples of half and all of that many (after one untimed fit), and extrapolated to all of them
+    as a fixed part (the cross-validation's folds and starts) plus a part per image, never below the
+    larger sample's time.
     (Scaling one sample's time in proportion to the images counted the fixed part again for each
     sample's worth: 12.4 s planned for a 1.8 s fit of 2,000 images.)"""
     features, targets = loaders.frozen_train.dataset.tensors[:2]
