@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -18,6 +19,7 @@ from datagen import CLASSES, PRETRAINED_ARGS, make_split_dataset
 from imgtune import activations, artifact, models, partial
 from imgtune.cli import main
 from imgtune.config import ModelConfig
+from imgtune.data.decode import load_rgb
 from imgtune.data.scan import load_splits
 from imgtune.errors import UsageError
 
@@ -38,6 +40,9 @@ def test_blocks_are_found_and_the_parts_give_the_body_output(name, blocks):
     assert len(found.blocks) == blocks
     assert found.cut == blocks - 4
     assert all(not any(m is b for m in found.lower_modules) for b in found.blocks[found.cut + 1:])
+    # the upper part runs its lower blocks on a small stand-in where that gives the same output (a ViT's patch
+    # embedding takes only its own size)
+    assert found.stand_in == (0 if "vit" in name else partial.STAND_IN)
 
 
 def test_unfreeze_values_are_checked():
@@ -126,25 +131,60 @@ def data(tmp_path_factory) -> Path:
     return make_split_dataset(tmp_path_factory.mktemp("data"), train=6, val=3)
 
 
-def test_cache_is_reused_and_its_size_bounded(data, tmp_path, monkeypatch, caplog):
+def test_cache_is_reused_and_its_size_bounded(data, tmp_path, monkeypatch):
     built = built_model()
     splits = load_splits(data, progress=False)
     source = SimpleNamespace(splits=splits, classes=splits.classes)
-    options = SimpleNamespace(unfreeze_top=3, batch_size=8, cache_dir=tmp_path, seed=0, balanced=False)
+    options = SimpleNamespace(unfreeze_top=3, batch_size=8, cache_dir=tmp_path, seed=0, balanced=False,
+                              feature_engine="auto")
     computed, compute = [], activations._compute
-    monkeypatch.setattr(activations, "_compute", lambda *args: computed.append(len(args[3])) or compute(*args))
+    monkeypatch.setattr(activations, "_compute", lambda *args: computed.append(len(args[4])) or compute(*args))
     first = activations.partial_loaders(source, built, "penultimate", options)
     assert computed == [18, 9]  # train, then val
     again = activations.partial_loaders(source, built, "penultimate", options)
     assert computed == [18, 9]  # the second run computed nothing: every view came from the cache
     assert torch.equal(first.train.dataset.activations, again.train.dataset.activations)
     assert first.train.dataset.views == partial.VIEWS and first.val.dataset.views == 1
+    assert len(list(tmp_path.rglob("body-*.onnx"))) == 1  # the lower blocks, exported once into the cache
     assert first.train.dataset.activations.dtype == torch.float16
     per_view = first.train.dataset.activations[0, 0].numel() * 2
     bounded = activations.partial_loaders(source, built, "penultimate", options, limit=18 * 2 * per_view)
     assert bounded.train.dataset.views == 2  # 18 images x 2 views fit the bound, 4 views do not
     with pytest.raises(UsageError, match="--unfreeze all"):
         activations.partial_loaders(source, built, "penultimate", options, limit=per_view)
+
+
+def test_onnxruntime_lower_blocks_and_the_features_they_give_equal_torch(data, tmp_path):
+    """The lower blocks exported to ONNX Runtime give torch's activations, and the features stored on the way
+    (the top blocks on the evaluation view) equal the body's own features, to the feature cache's tolerance;
+    the hold-out's activations kept in float32 score the model as its images do."""
+    from imgtune import body_runtime, features
+    from imgtune.data.transforms import eval_transform
+    from imgtune.inference import forward
+
+    built = built_model()
+    splits = load_splits(data, progress=False)
+    options = SimpleNamespace(unfreeze_top=3, batch_size=8, cache_dir=tmp_path / "cache", seed=0, balanced=False,
+                              feature_engine="onnxruntime")
+    lower = activations.Lower(built, "penultimate", options)
+    images = torch.randn(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    built.model.body.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(lower.run()(images), lower.found.lower(images), rtol=1e-4, atol=1e-4)
+    val = splits.split("val")
+    kept = lower.extract(val, splits.classes, 1, "val activations", stored=False)
+    assert kept.activations.dtype == torch.float32 and kept.views == 1
+    derived = [lower.features.get(s.digest) for s in val]
+    assert all(v is not None for v in derived)  # computed on the way, in the feature store
+    direct = features.extract(built, val, splits.classes, None, torch.device("cpu"), 8, 0, engine="torch")
+    scale = max(1.0, float(direct.features.abs().max()))
+    assert float((torch.from_numpy(np.stack(derived)) - direct.features).abs().max()) <= body_runtime.TOLERANCE * scale
+    pre = built.preprocessing
+    pixels = torch.stack([eval_transform(pre)(load_rgb(s.path)) for s in val])
+    model = built.model.eval()
+    on_images = forward(model, pixels, torch.device("cpu"))
+    on_activations = forward(partial.PartialNet(model, lower.found), kept.activations[:, 0], torch.device("cpu"))
+    torch.testing.assert_close(on_activations, on_images, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow

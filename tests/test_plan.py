@@ -143,10 +143,15 @@ def test_the_plan_fits_the_budget_fewer_epochs_first_then_linear_probe():
     # the referee scores the hold-out after fine-tuning epochs 5-7; the check scores epoch 8's model
     assert full.record["estimated_total_seconds"] == pytest.approx(10 + 4 * 0.15 + 4 * 35 + 3 * 20 * 0.01 + 5 +
                                                                    20 * 0.01 + 2, abs=0.06)
-    # given up at the earliest (after epoch 6, two scored epochs in a row): epochs 7 and 8 do not run
+    # given up at the earliest (after epoch 6, two scored epochs in a row): epochs 7 and 8 do not run, and the
+    # kept probe's final metrics run on the val features (0.05 s), not on the images (5 s)
     assert full.record["earliest_give_up_epoch"] == 6
     assert full.record["estimated_if_given_up_seconds"] == pytest.approx(
-        full.record["estimated_total_seconds"] - 2 * 35 - 20 * 0.01, abs=0.06)
+        full.record["estimated_total_seconds"] - 2 * 35 - 20 * 0.01 - (5 - 0.05), abs=0.06)
+    # the probe fitted before the plan (its fit timed the head fit): the check no longer counts that fit
+    fitted_before = timeplan.make(config, _costs(), 10.0, True, 20, False, probe_fitted=True)
+    assert full.record["estimated_total_seconds"] - fitted_before.record["estimated_total_seconds"] == \
+        pytest.approx(1.0, abs=0.06)
     unrefereed = timeplan.make(replace(config, train=replace(config.train, never_worse_patience=0)), _costs(), 10.0,
                                True, 20, False)
     assert full.record["estimated_total_seconds"] - unrefereed.record["estimated_total_seconds"] == \

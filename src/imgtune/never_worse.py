@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -56,6 +57,7 @@ class HoldOut:
     per_class: dict[str, int]
     body_state: dict | None = None
     features: object = None  # the hold-out's features through the pretrained body (features.FeatureSet)
+    activations: object = None  # with --unfreeze top:K, its lower blocks' float32 output (activations.ActivationSet)
 
 
 def holdout_size(count: int) -> int:
@@ -93,11 +95,17 @@ def carve(source, train: TrainConfig, phases: list[Phase], head) -> HoldOut | No
 
 
 def remember_body(hold: HoldOut | None, model: Classifier, built: BuiltModel, body: str, options,
-                  device: torch.device) -> None:
+                  device: torch.device, lower=None) -> None:
     """What the rule needs of the pretrained body before training changes it: its weights, to come back
-    to if the probe wins, and the hold-out's features (which the feature cache keeps, if one is used)."""
+    to if the probe wins, and the hold-out's features (which the feature cache keeps, if one is used).
+    With ``--unfreeze top:K`` (``lower``, an :class:`activations.Lower`), also the hold-out's activations
+    at the cut, kept in float32: fine-tuning never changes the lower blocks, so the fine-tuned model is
+    scored on them as on the images (and computing them gives the features on the way)."""
     if hold is not None:
         hold.body_state = {k: v.detach().clone() for k, v in model.body.state_dict().items()}
+        if lower is not None:
+            hold.activations = lower.extract(hold.source.splits.split(INNER), hold.source.classes, 1,
+                                             f"{INNER} activations", stored=False)
         hold.features = hold.source.features(INNER, built, body, options, device)
 
 
@@ -122,26 +130,36 @@ class Referee:
     ``patience`` epochs in a row. The probe is fitted once, when it is first needed."""
 
     def __init__(self, hold: HoldOut, head: torch.nn.Module, built: BuiltModel, fit: tuple, options,
-                 train: TrainConfig, device: torch.device, weight):
-        self.hold, self.built, self.fit, self.options = hold, built, fit, options
+                 train: TrainConfig, device: torch.device, weight, cut=None):
+        self.hold, self.built, self.fit, self.options, self.cut = hold, built, fit, options, cut
         self.template = copy.deepcopy(head).cpu()  # the probe's layout (the fit replaces its weights)
         self.patience, self.seed, self.device, self.weight = train.never_worse_patience, train.seed, device, weight
         self.num_classes = len(hold.source.classes)
         self.probe: dict | None = None  # {"accuracy", "loss", "C"} of the probe on the hold-out
+        self.fit_seconds: float | None = None  # the probe's fit (the time plan's head-fit cost)
         self.scored: tuple[int, dict] | None = None  # (epoch, figures) of the last epoch scored
 
     def probe_figures(self) -> dict:
         if self.probe is None:
-            head = copy.deepcopy(self.template)
+            head, since = copy.deepcopy(self.template), time.perf_counter()
             fitted = fit_linear_head(linear_layer(head), self.fit[0], self.fit[1], self.num_classes, self.weight,
                                      self.seed, self.fit[2])
+            self.fit_seconds = time.perf_counter() - since
             loader = self.hold.features.loader(self.options.batch_size, False, self.seed)
             self.probe = _score(head.to(self.device), loader, self.device, self.num_classes,
                                 "inner hold-out, probe") | {"C": fitted["C"]}
         return self.probe
 
     def figures(self, model: Classifier) -> dict:
-        """``model`` (fine-tuning) on the hold-out's images: accuracy and log loss."""
+        """``model`` (fine-tuning) on the hold-out's images (with ``cut``, the lower blocks' frozen output on
+        them, :attr:`HoldOut.activations`): accuracy and log loss."""
+        if self.cut is not None:
+            from .activations import evaluation_loader
+            from .partial import PartialNet
+
+            loader = evaluation_loader(self.hold.activations, self.options)
+            return _score(PartialNet(model, self.cut), loader, self.device, self.num_classes,
+                          "inner hold-out, fine-tuned")
         pre = self.built.preprocessing
         images = self.hold.source.images(INNER, eval_transform(pre), False, self.options, pre, True)
         return _score(model, images, self.device, self.num_classes, "inner hold-out, fine-tuned")
@@ -172,8 +190,9 @@ def referee(hold: HoldOut | None, model: Classifier, built: BuiltModel, loaders,
     if hold is None:
         return None
     fit_x, fit_y = loaders.frozen_train.dataset.tensors[:2]
+    cut = loaders.partial.found if loaders.partial is not None and hold.activations is not None else None
     return Referee(hold, model.head, built, (fit_x, fit_y, loaders.frozen_train_weights), options, train, device,
-                   sklearn_class_weight(train.balance, class_weights))
+                   sklearn_class_weight(train.balance, class_weights), cut)
 
 
 def finish(judge: Referee | None, model: Classifier, phases: list[Phase], epochs_done: int, gave_up: bool = False,

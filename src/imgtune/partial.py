@@ -21,8 +21,9 @@ image gives the same views in every run (that is what makes them cacheable).
 Blocks, in the order they run: timm's ``model.blocks`` (stages flattened), torchvision's ``features``,
 else the stages timm's ``feature_info`` names (``layer1`` ... of a ResNet). The lower part is run by
 calling the body and stopping at the cut; the upper part by calling it on a one-image stand-in whose
-activation at the cut is replaced by the stored one; a model for which that does not reproduce its own
-output is refused (:func:`split`).
+activation at the cut is replaced by the stored one (a stand-in of :data:`STAND_IN` pixels a side, or of the
+model's own size where the small one does not reproduce the output); a model for which neither does is
+refused (:func:`split`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ MAX_BYTES = 2 << 30  # the training split's activations, on disk and in memory, 
 AUTO = "auto"
 AUTO_TOP = 3  # --unfreeze auto: the blocks that train (docs/benchmarks.md, "top:3 as the default")
 AUTO_MIN_VIEWS = 2  # --unfreeze auto: top:K only where at least this many views of each image fit MAX_BYTES
+STAND_IN = 32  # the side of the one-image stand-in the upper part runs the lower blocks on (Split.upper)
 
 
 def top_blocks(unfreeze: str) -> int | None:
@@ -151,6 +153,7 @@ class Split:
     cut: int
     img_size: int
     lower_modules: list[nn.Module]
+    stand_in: int = 0  # the side of the image :meth:`upper` runs the lower part on (0: img_size)
 
     def lower(self, images: torch.Tensor) -> torch.Tensor:
         def stop(module, inputs, output):
@@ -166,17 +169,44 @@ class Split:
         raise ModelError("the body never ran the block it is cut after")
 
     def upper(self, activations: torch.Tensor) -> torch.Tensor:
-        stand_in = torch.zeros(1, 3, self.img_size, self.img_size, device=activations.device)
+        side = self.stand_in or self.img_size
+        stand_in = torch.zeros(1, 3, side, side, device=activations.device)
         handle = self.blocks[self.cut].register_forward_hook(lambda module, inputs, output: activations)
         try:
             return self.body(stand_in)
         finally:
             handle.remove()
 
+    def lower_module(self) -> "LowerPart":
+        """:meth:`lower` as a module that a tracer can follow (e.g. to export it to ONNX)."""
+        return LowerPart(self)
+
     def freeze_lower(self) -> None:
         for module in self.lower_modules:
             module.requires_grad_(False)
             module.eval()
+
+
+class LowerPart(nn.Module):
+    """:meth:`Split.lower` as a module. Traced (an ONNX export), the body runs whole and a hook keeps the
+    activation at the cut: a tracer cannot follow the exception that stops the body early, and the
+    exporter drops the unused upper part."""
+
+    def __init__(self, found: Split):
+        super().__init__()
+        self.body, self.found = found.body, found
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_tracing():
+            return self.found.lower(images)
+        kept: list[torch.Tensor] = []
+        handle = self.found.blocks[self.found.cut].register_forward_hook(
+            lambda module, inputs, output: kept.append(output))
+        try:
+            self.body(images)
+        finally:
+            handle.remove()
+        return kept[0]
 
 
 def split(body: nn.Module, top: int, img_size: int) -> Split:
@@ -190,8 +220,12 @@ def split(body: nn.Module, top: int, img_size: int) -> Split:
         raise UsageError(f"--unfreeze top:{top}: the body has {len(blocks)} blocks; K must be below that "
                          f"(top:{len(blocks) - 1} leaves only the first frozen), or use --unfreeze all")
     cut = len(blocks) - top - 1
-    found = Split(body, blocks, cut, img_size, _modules_before(body, blocks[cut], img_size))
-    _check(found)
+    found = Split(body, blocks, cut, img_size, _modules_before(body, blocks[cut], img_size), STAND_IN)
+    try:  # a small stand-in makes every call of upper() cheaper; a model that needs its own size gets it
+        _check(found)
+    except Exception:  # noqa: BLE001 - e.g. a ViT's patch embedding refuses another size
+        found.stand_in = 0
+        _check(found)
     return found
 
 
@@ -216,8 +250,10 @@ def _check(found: Split) -> None:
     was = found.body.training
     found.body.eval()
     images = torch.randn(2, 3, found.img_size, found.img_size, generator=torch.Generator().manual_seed(0))
-    whole, parts = found.body(images), found.upper(found.lower(images))
-    found.body.train(was)
+    try:
+        whole, parts = found.body(images), found.upper(found.lower(images))
+    finally:
+        found.body.train(was)
     if whole.shape != parts.shape or not torch.allclose(whole, parts, rtol=1e-4, atol=1e-4):
         raise ModelError("--unfreeze top:K: this model's body does not run as its blocks one after another; "
                          "use --unfreeze all")

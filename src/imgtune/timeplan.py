@@ -97,15 +97,17 @@ def _time_training(loader, phase: Phase, model, on_features: bool, train: TrainC
     return one_pass(), one_pass()
 
 
-def _time_eval(net: torch.nn.Module, loader, device) -> tuple[float, float]:
-    """Seconds per validation batch, first pass and second (as :func:`_time_training`)."""
+def _time_eval(net: torch.nn.Module, loader, device, passes: int = 2) -> tuple[float, float]:
+    """Seconds per validation batch, first pass and second (as :func:`_time_training`); with ``passes=1``
+    (the images were read before), the one pass stands for both."""
     def one_pass() -> float:
         start, stamps = time.perf_counter(), []
         for _ in batched_outputs(net, _Few(loader, TIMED_BATCHES + 1), device, "timing validation"):
             stamps.append(time.perf_counter() - start)
         return _per_batch(stamps) if stamps else 0.0
 
-    return one_pass(), one_pass()
+    first = one_pass()
+    return first, one_pass() if passes > 1 else first
 
 
 def _time_lbfgs(model, loaders: Loaders, num_classes: int, seed: int) -> float:
@@ -145,21 +147,24 @@ class Costs:
     val_features: float = 0.0  # a validation pass of the head on cached features
     val_first_read: float = 0.0  # a validation pass through the whole model, images read the first time
     test_images: float = 0.0  # a pass over the test split, first read
-    per_image: float = 0.0  # one image through the whole model, first read (the never-worse hold-out)
+    per_image: float = 0.0  # one image of the never-worse hold-out: through the whole model, first read (with a
+    # cut, the top blocks and head on its activations)
     lbfgs: float = 0.0
 
 
 def measure(model, phases: list[Phase], loaders: Loaders, train: TrainConfig, device, loss_fn,
-            num_classes: int) -> Costs:
+            num_classes: int, lbfgs: float | None = None) -> Costs:
     """Time a few batches of what each phase runs, through the real loaders; the random generators (global
-    and the loaders' own) are as before afterwards. Under torchrun, the mean over the ranks."""
+    and the loaders' own) are as before afterwards. Under torchrun, the mean over the ranks. ``lbfgs``: the
+    head fit's seconds where a fit on the frozen phase's features already ran (the never-worse probe's),
+    else it is timed."""
     rng = checkpoint.capture_rng()
     partial_train = loaders.partial.train if loaders.partial is not None else None
     generators = [(g, g.get_state()) for g in (getattr(x, "generator", None) for x in (loaders.train,
                   loaders.frozen_train, partial_train)) if g is not None]
     costs = Costs()
     try:
-        _measure_into(costs, model, phases, loaders, train, device, loss_fn, num_classes)
+        _measure_into(costs, model, phases, loaders, train, device, loss_fn, num_classes, lbfgs)
     finally:
         checkpoint.restore_rng(rng)
         for generator, state in generators:
@@ -168,7 +173,8 @@ def measure(model, phases: list[Phase], loaders: Loaders, train: TrainConfig, de
     return Costs(*(v / world for v in distributed.sum_across(list(vars(costs).values()))))
 
 
-def _measure_into(costs: Costs, model, phases, loaders: Loaders, train, device, loss_fn, num_classes) -> None:
+def _measure_into(costs: Costs, model, phases, loaders: Loaders, train, device, loss_fn, num_classes,
+                  lbfgs: float | None) -> None:
     body = next((p for p in phases if not p.body_frozen), None)
     cut = loaders.partial.found if body is not None and loaders.partial is not None else None
     if body is not None:  # first: under glibc's default malloc, inference ran twice as fast after the
@@ -177,24 +183,26 @@ def _measure_into(costs: Costs, model, phases, loaders: Loaders, train, device, 
         first, again = _time_training(batches, body, model, False, train, device, loss_fn, cut)
         costs.body_epoch = again * len(batches)
         costs.first_extra += max(0.0, first - again) * len(batches)
-    if body is not None or loaders.frozen_val is None:
-        first, again = _time_eval(model, loaders.val, device)
+    if body is not None or loaders.frozen_val is None:  # with a cut, the activations read the val images
+        first, again = _time_eval(model, loaders.val, device, 1 if cut is not None else 2)
         costs.val_images = again * len(loaders.val)
         costs.first_extra += max(0.0, first - again) * len(loaders.val) if cut is None else 0.0
         costs.val_first_read = first * len(loaders.val)
         costs.per_image = first / max(1, loaders.val.batch_size or 1)
         costs.test_images = first * len(loaders.test) if loaders.test is not None else 0.0
         costs.body_val = costs.val_images
-    if cut is not None:  # the epochs validate on the stored activations of the validation images
+    if cut is not None:  # the epochs validate on the stored activations of the validation images, and the
+        # never-worse rule scores its hold-out on their activations too
         copied, copied_cut = copy.deepcopy((model, cut))
-        costs.body_val = _time_eval(PartialNet(copied, copied_cut), loaders.partial.val, device)[1] * \
-            len(loaders.partial.val)
+        per_batch = _time_eval(PartialNet(copied, copied_cut), loaders.partial.val, device)[1]
+        costs.body_val = per_batch * len(loaders.partial.val)
+        costs.per_image = per_batch / max(1, loaders.partial.val.batch_size or 1)
     if loaders.frozen_train is not None:
         costs.val_features = _time_eval(model.head, loaders.frozen_val, device)[1] * len(loaders.frozen_val)
         costs.head_epoch = _time_training(loaders.frozen_train, phases[0], model, True, train, device,
                                           loss_fn)[1] * len(loaders.frozen_train)
         if linear_layer(model.head) is not None:
-            costs.lbfgs = _time_lbfgs(model, loaders, num_classes, train.seed)
+            costs.lbfgs = lbfgs if lbfgs is not None else _time_lbfgs(model, loaders, num_classes, train.seed)
 
 
 @dataclass
@@ -204,6 +212,7 @@ class Estimate:
     lines: list[tuple[str, int, float]] = field(default_factory=list)  # (what, epochs, seconds)
     epoch_seconds: dict[int, float] = field(default_factory=dict)
     tail: float = 0.0  # after the last epoch: final metrics, the never-worse check
+    probe_saves: float = 0.0  # less in the final metrics when the never-worse rule keeps the probe (features)
 
     @property
     def total(self) -> float:
@@ -211,7 +220,7 @@ class Estimate:
 
 
 def estimate(phases: list[Phase], costs: Costs, train: TrainConfig, head_linear: bool,
-             holdout_images: int, test: bool) -> Estimate:
+             holdout_images: int, test: bool, probe_fitted: bool = False) -> Estimate:
     """What each phase will cost from the measured costs; the final metrics and the never-worse check (its
     hold-out features were computed before the plan; with ``--never-worse-patience``, the fine-tuned model
     is scored on the hold-out after each epoch but the last, which the check scores)."""
@@ -240,9 +249,12 @@ def estimate(phases: list[Phase], costs: Costs, train: TrainConfig, head_linear:
     final += costs.test_images if test and images else 0.0
     out.lines.append(("final metrics", 0, final))
     out.tail = final
+    if holdout_images and images:  # a kept probe is scored on the val features (the test split's images)
+        out.probe_saves = max(0.0, final - costs.val_features - (costs.test_images if test else 0.0))
     if holdout_images:
         check = costs.lbfgs  # the probe refitted on the whole training split
-        check += holdout_images * costs.per_image + costs.lbfgs if first_read else 0.0  # fine-tuned, probe scored
+        if first_read:  # the fine-tuned model scored, and the probe fitted unless that ran before the plan
+            check += holdout_images * costs.per_image + (0.0 if probe_fitted else costs.lbfgs)
         out.lines.append((f"never-worse check ({holdout_images} held-out images)", 0, check))
         out.tail += check
     return out
@@ -276,14 +288,14 @@ class Plan:
 
 
 def make(config: RunConfig, costs: Costs, spent: float, head_linear: bool, holdout_images: int,
-         test: bool) -> Plan:
+         test: bool, probe_fitted: bool = False) -> Plan:
     """The plan asked for, or under ``--time-budget`` the best candidate whose estimated total (with the
     ``spent`` seconds so far) fits; the cheapest when none does."""
     budget = parse_duration(config.train.time_budget) if config.train.time_budget else None
     tried = []
     for reason, train in candidates(config.train):
         phases = plan(train)
-        found = estimate(phases, costs, train, head_linear, holdout_images, test)
+        found = estimate(phases, costs, train, head_linear, holdout_images, test, probe_fitted)
         tried.append({"plan": reason, "estimated_seconds": round(spent + found.total, 1)})
         if budget is None or spent + found.total <= budget:
             break
@@ -299,8 +311,8 @@ def make(config: RunConfig, costs: Costs, spent: float, head_linear: bool, holdo
               "estimated_total_seconds": round(spent + found.total, 1)}
     earliest = _earliest_give_up(phases, train, holdout_images)
     if earliest is not None:  # the never-worse rule may end fine-tuning after this epoch
-        record["estimated_if_given_up_seconds"] = round(spent + found.total - sum(
-            s for e, s in found.epoch_seconds.items() if e > earliest), 1)
+        record["estimated_if_given_up_seconds"] = round(spent + found.total - found.probe_saves - sum(
+            s for e, s in found.epoch_seconds.items() if e > earliest), 1)  # given up: the probe is kept
         record["earliest_give_up_epoch"] = earliest
     return Plan(chosen, phases, found, record)
 
@@ -353,29 +365,33 @@ def _clock(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
-def finish(chosen: Plan, measured: float, epochs_done: int | None = None) -> dict:
+def finish(chosen: Plan, measured: float, epochs_done: int | None = None, kept_probe: bool = False) -> dict:
     """The plan's record with the measured wall time and its ratio to the estimate. A run that ended before
-    its last epoch (``epochs_done``: the never-worse rule gave up on fine-tuning, or ``--early-stop``) also
-    gets the estimate of what ran: the plan's total less the epochs that did not run."""
+    its last epoch (``epochs_done``: the never-worse rule gave up on fine-tuning, or ``--early-stop``) or
+    whose never-worse rule kept the probe (``kept_probe``) also gets the estimate of what ran: the plan's
+    total less the epochs that did not run and the final metrics' saving on features."""
     record, estimated = chosen.record, chosen.record["estimated_total_seconds"]
     done = record | {"measured_total_seconds": round(measured, 1),
                      "estimate_over_measured": round(estimated / measured, 3) if measured > 0 else None}
     planned_epochs = max(chosen.estimate.epoch_seconds, default=0)
-    if epochs_done is not None and epochs_done < planned_epochs:
-        as_run = estimated - sum(s for e, s in chosen.estimate.epoch_seconds.items() if e > epochs_done)
+    saved = chosen.estimate.probe_saves if kept_probe else 0.0
+    if epochs_done is not None and (epochs_done < planned_epochs or saved):
+        as_run = estimated - saved - sum(s for e, s in chosen.estimate.epoch_seconds.items() if e > epochs_done)
         done |= {"epochs_done": epochs_done, "estimated_as_run_seconds": round(as_run, 1),
                  "estimate_as_run_over_measured": round(as_run / measured, 3) if measured > 0 else None}
     return done
 
 
-def plan_run(setup, model, phases: list[Phase], loaders: Loaders, holdout_images: int, start: float) -> Plan:
+def plan_run(setup, model, phases: list[Phase], loaders: Loaders, holdout_images: int, start: float,
+             probe_seconds: float | None = None) -> Plan:
     """Measure, choose (under ``--time-budget``), log the plan and store it (plan.json; config.yaml again
-    when the budget changed what runs, so that it still repeats the run)."""
+    when the budget changed what runs, so that it still repeats the run). ``probe_seconds``: the
+    never-worse probe's fit, where it ran before the plan (it then times the head fit)."""
     config = setup.config
     costs = measure(model, phases, loaders, config.train, setup.device, nn.CrossEntropyLoss(),
-                    len(setup.source.classes))
+                    len(setup.source.classes), probe_seconds)
     chosen = make(config, costs, time.perf_counter() - start, linear_layer(model.head) is not None, holdout_images,
-                  loaders.test is not None)
+                  loaders.test is not None, probe_seconds is not None)
     log.info(describe(chosen))
     if distributed.current().is_main:
         out = Path(config.out)
@@ -385,12 +401,13 @@ def plan_run(setup, model, phases: list[Phase], loaders: Loaders, holdout_images
     return chosen
 
 
-def record_measured(out: Path, chosen: Plan | None, measured: float, epochs_done: int | None = None) -> None:
+def record_measured(out: Path, chosen: Plan | None, measured: float, epochs_done: int | None = None,
+                    kept_probe: bool = False) -> None:
     """plan.json again, with the run's measured wall time beside the estimate."""
     if chosen is not None and distributed.current().is_main:
-        done = finish(chosen, measured, epochs_done)
+        done = finish(chosen, measured, epochs_done, kept_probe)
         artifact.write_json(out / PLAN_FILE, done)
-        as_run = f" ({done['estimated_as_run_seconds'] / 60:.1f} min for the {done['epochs_done']} epochs that ran)" \
-            if "estimated_as_run_seconds" in done else ""
+        as_run = f" ({done['estimated_as_run_seconds'] / 60:.1f} min as it ran: {done['epochs_done']} epochs" \
+            f"{', the probe kept' if kept_probe else ''})" if "estimated_as_run_seconds" in done else ""
         log.info("time plan: estimated %.1f min%s, took %.1f min", done["estimated_total_seconds"] / 60, as_run,
                  done["measured_total_seconds"] / 60)

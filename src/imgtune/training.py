@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import (artifact, balance, checkpoint, distributed, experiment_log, lr_find, never_worse, partial, runlock,
+from . import (activations, artifact, balance, checkpoint, distributed, experiment_log, lr_find, never_worse, partial, runlock,
                timeplan)
 from .config import RunConfig, load_yaml, resolve, save_yaml, to_dict
 from .data import content
@@ -200,16 +200,18 @@ def materials(setup: Setup) -> Materials:
     config, device = setup.config, setup.device
     model = distributed.sync_batchnorm(setup.built.model).to(device, memory_format=torch.channels_last)
     phases = plan(lr_find.provisional(config.train))
+    options = setup.loader_options()
+    lower = activations.Lower(setup.built, config.model.body, options) \
+        if options.unfreeze_top is not None and not all(p.body_frozen for p in phases) else None
     hold = never_worse.carve(setup.source, config.train, phases, model.head)
-    never_worse.remember_body(hold, model, setup.built, config.model.body, setup.loader_options(), device)
+    never_worse.remember_body(hold, model, setup.built, config.model.body, options, device, lower)
     source, semi_report = with_pseudo_labels(hold.source if hold else setup.source, setup.unlabelled, config,
-                                             setup.built, setup.loader_options(), device)
-    loaders = build_loaders(source, setup.built, phases, config.data.augment, config.model.body,
-                            setup.loader_options(), device)
+                                             setup.built, options, device)
+    loaders = build_loaders(source, setup.built, phases, config.data.augment, config.model.body, options, device,
+                            lower)
     weights = balance.class_weights(loaders.train.dataset.targets(), len(setup.source.classes)) \
         if config.train.balance == "weights" else None
-    judge = never_worse.referee(hold, model, setup.built, loaders, setup.loader_options(), config.train, device,
-                                weights)
+    judge = never_worse.referee(hold, model, setup.built, loaders, options, config.train, device, weights)
     return Materials(model, phases, loaders, weights, semi_report, judge)
 
 
@@ -222,8 +224,12 @@ def _train_and_save(setup: Setup, start: float, resume: dict | None = None) -> T
         config, phases = _auto_lr(setup, model, phases, loaders, weights)
     log.info("training %s with strategy %s on %s (run folder %s)", built.spec, config.train.strategy, device, out)
     held_out = judge.hold.images if judge else 0
-    planned = timeplan.plan_run(replace(setup, config=config), model, phases, loaders, held_out, start) \
-        if config.train.plan and resume is None else None
+    planned = None
+    if config.train.plan and resume is None:
+        if judge is not None:  # the probe fitted now times the head fit for the plan
+            judge.probe_figures()
+        planned = timeplan.plan_run(replace(setup, config=config), model, phases, loaders, held_out, start,
+                                    judge.fit_seconds if judge is not None else None)
     if planned is not None:  # --time-budget may have chosen fewer epochs or linear-probe
         config, phases = planned.config, planned.phases
     first_epoch = len(resume["rows"]) + 1 if resume else 1
@@ -251,7 +257,8 @@ def _train_and_save(setup: Setup, start: float, resume: dict | None = None) -> T
         model.load_state_dict(stopper.best_state)
     selection = never_worse.finish(judge, model, phases, progress.epochs_done if progress else 0,
                                    progress is not None and progress.gave_up, diverged, config.train.lr)
-    final_frozen = phases[-1].body_frozen and loaders.frozen_val is not None and selection is None
+    kept_probe = selection is not None and selection["kept"] == "probe"  # the pretrained body, a refitted head
+    final_frozen = (phases[-1].body_frozen or kept_probe) and loaders.frozen_val is not None
     model.freeze_body(False)
     if main:
         artifact.save_weights(model.cpu(), out / artifact.WEIGHTS)
@@ -265,6 +272,7 @@ def _train_and_save(setup: Setup, start: float, resume: dict | None = None) -> T
         if metrics["calibration"] is not None:
             artifact.write_json(out / artifact.CALIBRATION, metrics["calibration"])
         artifact.write_json(out / artifact.METRICS_JSON, metrics)
-    timeplan.record_measured(out, planned, time.perf_counter() - start, progress.epochs_done if progress else None)
+    timeplan.record_measured(out, planned, time.perf_counter() - start, progress.epochs_done if progress else None,
+                             kept_probe)
     distributed.barrier()
     return TrainResult(out, metrics, setup.source.summary(), time.perf_counter() - start)

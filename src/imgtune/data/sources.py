@@ -188,9 +188,11 @@ def total_images(source: DataSource) -> int:
 
 
 def build_loaders(source: DataSource, built: BuiltModel, phases: list[Phase], augment: str, body: str,
-                  options: LoaderOptions, device: torch.device) -> Loaders:
+                  options: LoaderOptions, device: torch.device, lower=None) -> Loaders:
     """Image loaders for every split, plus loaders of the frozen backbone's features for the phases
-    where it is frozen (test features only when the last phase is frozen: the final metrics)."""
+    where it is frozen (test features only when the last phase is frozen: the final metrics), and with
+    ``--unfreeze top:K`` of the lower blocks' activations (``lower``: an :class:`activations.Lower` made
+    before, else one is made)."""
     pre = built.preprocessing
     body_trains = not all(p.body_frozen for p in phases)
 
@@ -199,6 +201,8 @@ def build_loaders(source: DataSource, built: BuiltModel, phases: list[Phase], au
 
     loaders = Loaders(images("train", train_transform(pre, augment), True), images("val", eval_transform(pre), False),
                       images("test", eval_transform(pre), False))
+    if options.unfreeze_top is not None and body_trains:  # first: it gives the features of what it computes
+        loaders.partial = partial_loaders(source, built, body, options, lower=lower)
     if any(p.body_frozen for p in phases):
         names = ("train", "val", "test") if phases[-1].body_frozen else ("train", "val")
         sets = {name: source.features(name, built, body, options, device) for name in names if source.size(name)}
@@ -210,8 +214,6 @@ def build_loaders(source: DataSource, built: BuiltModel, phases: list[Phase], au
             loaders.frozen_train_weights = source.train_weights[positions]
         loaders.frozen_val = _frozen_eval(sets["val"], options)
         loaders.frozen_test = _frozen_eval(sets["test"], options) if "test" in sets else None
-    if options.unfreeze_top is not None and body_trains:
-        loaders.partial = partial_loaders(source, built, body, options)
     return loaders
 
 
