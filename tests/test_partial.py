@@ -146,6 +146,16 @@ def test_cache_is_reused_and_its_size_bounded(data, tmp_path, monkeypatch):
     assert torch.equal(first.train.dataset.activations, again.train.dataset.activations)
     assert first.train.dataset.views == partial.VIEWS and first.val.dataset.views == 1
     assert len(list(tmp_path.rglob("body-*.onnx"))) == 1  # the lower blocks, exported once into the cache
+    # before training only the evaluation views; an epoch draws one view per image and makes the new ones
+    drawn = first.train.dataset
+    assert not drawn.missing[:, 0].any() and drawn.missing[:, 1:].all()
+    for _ in first.train:
+        pass
+    made = int((~drawn.missing[:, 1:]).sum())
+    assert sum(computed[2:]) == made and 0 < made < 18  # 18 draws, about a quarter of them the evaluation view
+    cached = activations.partial_loaders(source, built, "penultimate", options).train.dataset
+    assert len(computed) == 2 + (-(-18 // 8)) and torch.equal(cached.missing, drawn.missing)  # stored when made
+    assert torch.equal(cached.activations, drawn.activations)
     assert first.train.dataset.activations.dtype == torch.float16
     per_view = first.train.dataset.activations[0, 0].numel() * 2
     bounded = activations.partial_loaders(source, built, "penultimate", options, limit=18 * 2 * per_view)

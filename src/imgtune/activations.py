@@ -3,11 +3,17 @@ image and view and cached on disk as float16 (``imgtune.cache``, beside the feat
 them), and the loaders the top blocks train and validate on.
 
 Training images get :data:`partial.VIEWS` views (fewer when the split's activations would pass
-:data:`partial.MAX_BYTES`); validation images one, the evaluation view.
+:data:`partial.MAX_BYTES`); validation images one, the evaluation view. A training image's evaluation
+view is computed before training (it also gives the image's features); its other views when an epoch
+first draws them (:class:`ActivationSet`): each epoch draws one view per image, so a view that no epoch
+draws is never computed (with 4 views, 4 fine-tuning epochs compute about 2 of the other 3, and a
+fine-tuning given up after 2 epochs about 1.3). Each view is seeded by the file's content digest and
+its number, so it is the same whenever it is computed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -41,7 +47,7 @@ def view_transforms(pre: Preprocessing, views: int) -> tuple[list[T.Compose], T.
     run once on the stacked views (the same numbers as per view, for a fraction of the calls)."""
     base, normalize = _split_normalization(eval_transform(pre))
     crop, _ = _split_normalization(train_transform(pre, "light"))
-    mirror = T.Compose([T.RandomHorizontalFlip(p=1.0), *base.transforms])
+    mirror = T.Compose([*base.transforms, T.RandomHorizontalFlip(p=1.0)])  # the crop mirrored
     return [base, mirror, *[crop] * max(0, views - 2)][:views], normalize
 
 
@@ -51,18 +57,26 @@ def _split_normalization(transform: T.Compose) -> tuple[T.Compose, T.Compose]:
     return T.Compose(steps[:cut]), T.Compose(steps[cut:])
 
 
-def image_views(image, transforms: list, digest: str) -> torch.Tensor:
-    """(views, 3, S, S): the same for the same file content in every run, whatever else draws random numbers."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(digest[:15], 16) if digest else 0)
-        return torch.stack([transform(image) for transform in transforms])
+def image_views(image, transforms: list, digest: str, which: list[int]) -> torch.Tensor:
+    """(len(which), 3, S, S): view ``v`` of the image for each ``v`` in ``which``, each seeded by the file's
+    content digest and ``v``: the same in every run and whichever other views are made, whatever else
+    draws random numbers."""
+    seed = int(digest[:15], 16) if digest else 0
+    made = []
+    for v in which:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + v)
+            made.append(transforms[v](image))
+    return torch.stack(made)
 
 
 @dataclass
 class ActivationSet:
-    activations: torch.Tensor  # (n, views, ...) in the storage dtype
+    activations: torch.Tensor  # (n, views, ...)
     targets: torch.Tensor  # (n,)
     positions: torch.Tensor  # (n,) index of each row in the split's sample list
+    missing: torch.Tensor | None = None  # (n, views) bool: views not computed yet, made by ``fill`` when drawn
+    fill: Callable[[ActivationSet, list[tuple[int, int]]], None] | None = None
 
     @property
     def views(self) -> int:
@@ -74,7 +88,18 @@ class ActivationSet:
     def __getitem__(self, item: int):
         """Item ``i * views + v``: view ``v`` of image ``i``, as float32."""
         i, v = divmod(item, self.views)
+        if self.missing is not None and self.missing[i, v]:
+            self.fill(self, [(i, v)])
         return self.activations[i, v].float(), self.targets[i], self.positions[i]
+
+    def __getitems__(self, items: list[int]) -> list:
+        """A batch (the DataLoader's call): the views it draws that were never computed, made in one pass."""
+        if self.missing is not None:
+            pairs = sorted({divmod(item, self.views) for item in items})
+            pairs = [(i, v) for i, v in pairs if self.missing[i, v]]
+            if pairs:
+                self.fill(self, pairs)
+        return [self[item] for item in items]
 
 
 class ViewSampler(EpochSampler):
@@ -92,79 +117,150 @@ class ViewSampler(EpochSampler):
         return [i * self.views + v for i, v in zip(images, chosen)]
 
 
-def store_for(built: BuiltModel, body: str, found: partial.Split, views: int, cache_dir,
-              ndim: int) -> ArrayStore | None:
+def store_for(built: BuiltModel, body: str, found: partial.Split, cache_dir, ndim: int) -> ArrayStore | None:
+    """Each view its own entry (:func:`entry`), of ``ndim`` axes."""
     if cache_dir is None or built.weights is None:
         return None
     description = {**features.describe_model(built, body), "cut_after_block": found.cut, "blocks": len(found.blocks),
-                   "views": views, "view_recipe": "eval, mirror, light crops seeded by digest", "dtype": STORAGE}
+                   "view_recipe": "0: eval, 1: its mirror, 2+: light crops; each seeded by digest and number",
+                   "entry": "one view", "dtype": STORAGE}
     return activation_store(cache_dir, description, ndim)
+
+
+def entry(digest: str, view: int) -> str:
+    return f"{digest}-{view}"
 
 
 @torch.no_grad()
 def extract(found: partial.Split, pre: Preprocessing, samples: list[Sample], classes: list[str], views: int,
             store: ArrayStore | None, batch_size: int, pixels: ArrayStore | None = None,
             description: str = "activations", lower: Callable[[], Run] | None = None,
-            feature_store: ArrayStore | None = None, dtype: str = STORAGE) -> ActivationSet:
+            feature_store: ArrayStore | None = None, dtype: str = STORAGE, lazy: bool = False) -> ActivationSet:
     """The lower blocks' output for ``views`` views of each sample: from ``store`` where present,
-    computed (and stored) otherwise, by ``lower()``'s function (default: torch). ``feature_store``: the
-    feature store, given the evaluation view's features of each computed sample on the way (the top
-    blocks run on its activation; :mod:`imgtune.features` then finds them cached). ``dtype``: of the
-    computed activations in memory (the store keeps :data:`STORAGE`). Files that fail to load are left
-    out."""
-    rows = {i: a for i, s in enumerate(samples) if store is not None and s.digest
-            and (a := store.get(s.digest)) is not None and a.shape[0] == views}
-    todo = [i for i in range(len(samples)) if i not in rows]
-    if todo:
-        log.info("computing %s of %d image(s), %d view(s) each (%d cached)", description, len(todo), views,
-                 len(samples) - len(todo))
-        rows.update(_compute(found, lower, pre, samples, todo, classes, views, store, batch_size, pixels,
-                             description, feature_store, dtype))
-    positions = sorted(rows)
+    computed (and stored) otherwise, by ``lower()``'s function (default: torch); with ``lazy``, only the
+    evaluation view now, the others when first drawn (:class:`ActivationSet`). ``feature_store``: given
+    the evaluation view's features of each computed sample on the way (the top blocks run on its
+    activation; :mod:`imgtune.features` then finds them cached). ``dtype``: of the activations in memory
+    (the store keeps :data:`STORAGE`). Files that fail to load are left out."""
+    have: dict[tuple[int, int], np.ndarray] = {}
+    if store is not None:
+        for i, sample in enumerate(samples):
+            for v in range(views) if sample.digest else ():
+                if (found_entry := store.get(entry(sample.digest, v))) is not None:
+                    have[i, v] = found_entry
+    wanted = {i: [v for v in range(views if not lazy else 1) if (i, v) not in have] for i in range(len(samples))}
+    wanted = {i: which for i, which in wanted.items() if which}
+    if wanted:
+        log.info("computing %s of %d image(s), %d view(s) each%s (%d cached)", description, len(wanted),
+                 views if not lazy else 1, f" (the other {views - 1} when an epoch first draws them)" if lazy and
+                 views > 1 else "", len(samples) - len(wanted))
+        made, _ = _compute(found, lower() if lower is not None else found.lower, pre, samples, wanted, store,
+                           batch_size, pixels, description, feature_store)
+        have.update(made)
+    rows = [i for i in range(len(samples)) if (i, 0) in have and (lazy or all((i, v) in have for v in range(views)))]
+    stacked = torch.zeros(len(rows), views, *have[rows[0], 0].shape, dtype=getattr(torch, dtype)) if rows else \
+        torch.zeros(0, views, dtype=getattr(torch, dtype))
+    missing = torch.ones(len(rows), views, dtype=torch.bool) if lazy else None
+    for row, i in enumerate(rows):
+        for v in range(views):
+            if (i, v) in have:
+                stacked[row, v] = torch.from_numpy(have[i, v])
+                if missing is not None:
+                    missing[row, v] = False
     index = {c: i for i, c in enumerate(classes)}
-    stacked = torch.from_numpy(np.stack([rows[i] for i in positions]))
-    targets = torch.tensor([index.get(samples[i].label, -1) for i in positions], dtype=torch.long)
-    return ActivationSet(stacked, targets, torch.tensor(positions, dtype=torch.long))
+    targets = torch.tensor([index.get(samples[i].label, -1) for i in rows], dtype=torch.long)
+    found_set = ActivationSet(stacked, targets, torch.tensor(rows, dtype=torch.long), missing)
+    if lazy:
+        def fill(target: ActivationSet, pairs: list[tuple[int, int]]) -> None:
+            _fill(target, pairs, found, lower() if lower is not None else found.lower, pre, samples, store,
+                  batch_size, pixels)
+        found_set.fill = fill
+    return found_set
 
 
-def _compute(found, lower, pre, samples, todo, classes, views, store, batch_size, pixels, description,
-             feature_store, dtype):
-    """Files are decoded by threads a few batches ahead (Pillow releases the GIL); the views are drawn in
-    this thread (their seeded draws use the global generator, which threads must not share)."""
+def _fill(target: ActivationSet, pairs: list[tuple[int, int]], found, run, pre, samples, store, batch_size,
+          pixels) -> None:
+    """``pairs`` of (row, view) of ``target`` computed (and stored); a file that no longer loads gets its
+    evaluation view's activation in their place, with a warning."""
+    wanted: dict[int, list[int]] = {}
+    for row, v in pairs:
+        wanted.setdefault(int(target.positions[row]), []).append(v)
+    made, failed = _compute(found, run, pre, samples, wanted, store, batch_size, pixels, None, None)
+    rows = {int(i): row for row, i in enumerate(target.positions)}
+    for i in failed:
+        log.warning("%s no longer loads: its evaluation view stands in for its other views", samples[i].path)
+    for i, which in wanted.items():
+        for v in which:
+            row = rows[i]
+            value = made.get((i, v))
+            target.activations[row, v] = torch.from_numpy(value) if value is not None else target.activations[row, 0]
+            target.missing[row, v] = False
+
+
+def _compute(found, run, pre, samples, wanted: dict[int, list[int]], store, batch_size, pixels,
+             description: str | None, feature_store) -> tuple[dict[tuple[int, int], np.ndarray], set[int]]:
+    """The views ``wanted[i]`` of each sample ``i``: ``({(i, v): activation (float32 when not stored)},
+    samples whose file failed to load)``. Files are decoded by threads a few batches ahead (Pillow
+    releases the GIL); the views are drawn in this thread (their seeded draws use the global generator,
+    which threads must not share). ``description``: a progress bar's (None: none)."""
+    device = next(found.body.parameters()).device
+    with modes_kept(found.body):  # a fill runs mid-epoch, the top blocks training and the lower ones not
+        found.body.eval()
+        return _compute_views(found, run, pre, samples, wanted, store, batch_size, pixels, description,
+                              feature_store, device)
+
+
+def _compute_views(found, run, pre, samples, wanted, store, batch_size, pixels, description, feature_store, device):
     from .predictions import read_ahead
 
-    dataset = ImageDataset([samples[i] for i in todo], classes, lambda image: image,
-                           draft_size=pre.resize_size, pixels=pixels, preprocessing=pre)
-    transforms, normalize = view_transforms(pre, views)
-    was, device = found.body.training, next(found.body.parameters()).device
-    run = lower() if lower is not None else found.lower
-    found.body.eval()
-    out: dict[int, np.ndarray] = {}
+    order = list(wanted)
+    dataset = ImageDataset([samples[i] for i in order], [], lambda image: image, draft_size=pre.resize_size,
+                           pixels=pixels, preprocessing=pre)
+    transforms, normalize = view_transforms(pre, 1 + max(v for which in wanted.values() for v in which))
+    made: dict[tuple[int, int], np.ndarray] = {}
+    failed: set[int] = set()
     pending: list[tuple[str, torch.Tensor]] = []  # (digest, evaluation view's activation) awaiting features
-    bar = tqdm(total=len(todo), desc=description, unit="img", leave=False, disable=quiet_rank())
-    for start, loaded in read_ahead(range(len(todo)), dataset.__getitem__, max(1, batch_size // views), 2):
-        items = [(start + j, item[0]) for j, item in enumerate(loaded) if item is not None]
+    most = max(len(which) for which in wanted.values())
+    bar = tqdm(total=len(order), desc=description, unit="img", leave=False,
+               disable=description is None or quiet_rank())
+    for start, loaded in read_ahead(range(len(order)), dataset.__getitem__, max(1, batch_size // most), 2):
+        items = [(order[start + j], item[0]) for j, item in enumerate(loaded) if item is not None]
+        failed.update(order[start + j] for j, item in enumerate(loaded) if item is None)
         if items:
-            images = torch.cat([image_views(image, transforms, samples[todo[k]].digest) for k, image in items])
-            acts = run(normalize(images).to(device)).float().cpu()
-            acts = acts.reshape(len(items), views, *acts.shape[1:])
-            if feature_store is not None:  # view 0 is the evaluation view: the features' own input
-                pending += [(samples[todo[k]].digest, act) for (k, _), act in zip(items, acts[:, 0])
-                            if samples[todo[k]].digest]
-                if len(pending) >= FEATURE_BATCH:
-                    _put_features(found, pending, feature_store, device)
-            values = acts.to(getattr(torch, STORAGE)).numpy()
-            kept = values if dtype == STORAGE else acts.to(getattr(torch, dtype)).numpy()
-            for (k, _), value, in_memory in zip(items, values, kept):
-                out[todo[k]] = in_memory
-                if store is not None and samples[todo[k]].digest:
-                    store.put(samples[todo[k]].digest, value)
+            images = normalize(torch.cat([image_views(image, transforms, samples[i].digest, wanted[i])
+                                          for i, image in items])).to(device)
+            # one view at a time: a view's numbers then never depend on which views share its batch (the
+            # plan's timing, a resume and an uninterrupted run compute them in different company), and
+            # ONNX Runtime runs this body as fast per image at a batch of 1 as of 32
+            acts = torch.cat([run(images[k:k + 1]) for k in range(len(images))]).float().cpu()
+            keys = [(i, v) for i, _ in items for v in wanted[i]]
+            for (i, v), act in zip(keys, acts):
+                digest = samples[i].digest
+                if v == 0 and feature_store is not None and digest:
+                    pending.append((digest, act))
+                value = act.to(getattr(torch, STORAGE)).numpy()
+                made[i, v] = value if store is not None else act.numpy()
+                if store is not None and digest:
+                    store.put(entry(digest, v), value)
+            if len(pending) >= FEATURE_BATCH:
+                _put_features(found, pending, feature_store, device)
         bar.update(len(loaded))
     if pending:
         _put_features(found, pending, feature_store, device)
     bar.close()
-    found.body.train(was)
-    return out
+    return made, failed
+
+
+@contextlib.contextmanager
+def modes_kept(module: torch.nn.Module):
+    """Every submodule's train/eval mode as it was afterwards (``module.train(was)`` would also put the
+    frozen lower blocks, kept in eval mode, back in training mode)."""
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _put_features(found: partial.Split, pending: list, feature_store: ArrayStore, device) -> None:
@@ -213,24 +309,25 @@ class Lower:
         self.features = features.store_for(built, body, cache) if cache is not None and built.weights else None
         self._run: Run | None = None
 
-    def store(self, views: int) -> ArrayStore | None:
-        return store_for(self.built, self.body, self.found, views, self.options.cache_dir, len(self.shape) + 1)
+    def store(self) -> ArrayStore | None:
+        return store_for(self.built, self.body, self.found, self.options.cache_dir, len(self.shape))
 
     def run(self) -> Run:
-        if self._run is None:
+        if self._run is None:  # made mid-epoch when every evaluation view was cached: the modes kept
             device = next(self.found.body.parameters()).device
-            name, self._run = body_engine(self.found.lower_module(), self.found.img_size, device,
-                                          self.options.feature_engine, self.store(1))
+            with modes_kept(self.found.body):
+                name, self._run = body_engine(self.found.lower_module(), self.found.img_size, device,
+                                              self.options.feature_engine, self.store())
             log.info("activations: the lower blocks run on %s", name)
         return self._run
 
     def extract(self, samples: list[Sample], classes: list[str], views: int, description: str,
-                stored: bool = True) -> ActivationSet:
+                stored: bool = True, lazy: bool = False) -> ActivationSet:
         """:func:`extract` of ``samples``; ``stored=False``: computed every time and kept in float32 (the
         never-worse hold-out, scored as exactly as on its images)."""
         return extract(self.found, self.built.preprocessing, samples, classes, views,
-                       self.store(views) if stored else None, self.options.batch_size, self.pixels, description,
-                       self.run, self.features, STORAGE if stored else "float32")
+                       self.store() if stored else None, self.options.batch_size, self.pixels, description,
+                       self.run, self.features, STORAGE if stored else "float32", lazy)
 
 
 def partial_loaders(source, built: BuiltModel, body: str, options, limit: int = partial.MAX_BYTES,
@@ -249,8 +346,8 @@ def partial_loaders(source, built: BuiltModel, body: str, options, limit: int = 
     if views < partial.VIEWS:
         log.warning("--unfreeze top:%d: %d view(s) per training image (not %d) keep the cached activations within "
                     "%.1f GiB", options.unfreeze_top, views, partial.VIEWS, limit / 2**30)
-    sets = {name: lower.extract(samples, source.classes, count, f"{name} activations")
-            for name, samples, count in (("train", train, views), ("val", val, 1))}
+    sets = {"train": lower.extract(train, source.classes, views, "train activations", lazy=True),
+            "val": lower.extract(val, source.classes, 1, "val activations")}
     n, targets = len(sets["train"].targets), sets["train"].targets
     balanced = balanced_sampler(targets, len(source.classes), options.seed) if options.balanced else None
     # private generators: iterating a loader then never draws from the global torch RNG, which a resumed

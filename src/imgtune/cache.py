@@ -202,7 +202,7 @@ def feature_store(root: Path, model_description: dict, num_features: int | None 
 
 
 def activation_store(root: Path, model_description: dict, ndim: int) -> ArrayStore:
-    """A frozen lower part's activations (imgtune.activations): (views, ...) per image, float16."""
+    """A frozen lower part's activations (imgtune.activations): one view of an image per entry, float16."""
     description = {"kind": "activations", "version": FORMAT_VERSION, **model_description}
     open_cache(root)
     return ArrayStore(root / "activations" / key_of(description), description, Expect("float16", (None,) * ndim))

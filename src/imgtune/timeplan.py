@@ -150,6 +150,7 @@ class Costs:
     per_image: float = 0.0  # one image of the never-worse hold-out: through the whole model, first read (with a
     # cut, the top blocks and head on its activations)
     lbfgs: float = 0.0
+    view_decay: float = 0.0  # with views computed when first drawn: each later epoch's share of first_extra
 
 
 def measure(model, phases: list[Phase], loaders: Loaders, train: TrainConfig, device, loss_fn,
@@ -183,6 +184,9 @@ def _measure_into(costs: Costs, model, phases, loaders: Loaders, train, device, 
         first, again = _time_training(batches, body, model, False, train, device, loss_fn, cut)
         costs.body_epoch = again * len(batches)
         costs.first_extra += max(0.0, first - again) * len(batches)
+        views = batches.dataset if cut is not None else None
+        if views is not None and views.missing is not None:  # an epoch draws one of V views per image: a view
+            costs.view_decay = (views.views - 1) / views.views  # is new with probability ((V-1)/V)^epoch
     if body is not None or loaders.frozen_val is None:  # with a cut, the activations read the val images
         first, again = _time_eval(model, loaders.val, device, 1 if cut is not None else 2)
         costs.val_images = again * len(loaders.val)
@@ -237,7 +241,9 @@ def estimate(phases: list[Phase], costs: Costs, train: TrainConfig, head_linear:
         else:
             per_epoch = [costs.body_epoch + costs.body_val + (refereed if epoch + e < total_epochs else 0.0)
                          for e in range(1, phase.epochs + 1)]
-            per_epoch[0] += costs.first_extra if not first_read else 0.0
+            if not first_read:  # the first epoch reads the images; views computed when first drawn cost
+                for e in range(phase.epochs):  # each later epoch less (view_decay 0: the first epoch only)
+                    per_epoch[e] += costs.first_extra * costs.view_decay ** e
             first_read, seconds = True, sum(per_epoch)
         for offset, value in enumerate(per_epoch):
             out.epoch_seconds[epoch + offset + 1] = value
