@@ -1,7 +1,8 @@
 """Partial fine-tuning on cached activations (imgtune.partial, imgtune.activations): block splitting of
-the offline and generic models, what ``--unfreeze auto`` chooses, gradients equal to the full path's for the same views (fp32 cache), the
-effect of float16 storage, the cache reused, its size bound, and a run that leaves the lower blocks
-untouched. Tiny generated images at 64 px."""
+the offline and generic models, what ``--unfreeze auto`` chooses, gradients equal to the full path's for
+the same views (fp32 cache), the effect of float16 storage, the views made when first drawn, the cache
+reused, its size bound, ONNX Runtime's lower blocks and the features they give, and a run that leaves
+the lower blocks untouched. Tiny generated images at 64 px."""
 
 from __future__ import annotations
 

@@ -102,7 +102,7 @@ def test_the_referee_gives_up_after_patience_epochs_in_a_row_that_lose_to_the_pr
 
 
 @pytest.mark.slow
-def test_failing_fine_tuning_is_given_up_early_and_the_probe_uses_the_pretrained_features(tmp_path):
+def test_failing_fine_tuning_is_given_up_early_and_the_probe_uses_the_pretrained_features(tmp_path, capsys):
     """--never-worse-patience 1: fine-tuning that loses to the probe on the hold-out after its first epoch
     ends there. With the torch feature engine, whose features of the hold-out are computed from the body
     it is handed, the probe is still the pretrained body's: the same as linear-probe's, from its own cache."""
@@ -126,6 +126,12 @@ def test_failing_fine_tuning_is_given_up_early_and_the_probe_uses_the_pretrained
     probe_metrics = json.loads((probe / "metrics.json").read_text())
     assert metrics["accuracy"] == probe_metrics["accuracy"]
     assert metrics["loss"] == pytest.approx(probe_metrics["loss"], rel=1e-4, abs=1e-6)
+    # the kept probe's final metrics came from the cached features: the whole saved model on the images agrees
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--split", "val", "--device", "cpu", "--format", "json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["accuracy"] == metrics["accuracy"]
+    assert evaluated["loss"] == pytest.approx(metrics["loss"], rel=1e-4, abs=1e-6)
     assert main(["-q", "train", "--resume", str(out)]) == 0  # finished: its results written again, the same
     assert json.loads((out / "metrics.json").read_text())["selection"]["kept"] == "probe"
     assert main(["-q", "train", "--resume", str(out), "--epochs", "5"]) == 2  # given up: it does not go on

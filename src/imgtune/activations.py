@@ -65,8 +65,8 @@ def image_views(image, transforms: list, digest: str, which: list[int]) -> torch
     made = []
     for v in which:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + v)
-            made.append(transforms[v](image))
+            torch.default_generator.manual_seed(seed + v)  # the CPU's, which the transforms draw from (torch.
+            made.append(transforms[v](image))  # manual_seed also seeds every accelerator's, formatting a stack each)
     return torch.stack(made)
 
 

@@ -74,9 +74,9 @@ class DataConfig:
     augment: str = option("light", "training augmentation (docs/training.md)", choices=AUGMENTS)
     cache: bool = option(True, "cache backbone features and decoded pixels on disk (imgtune.cache)")
     cache_dir: str | None = option(None, "cache folder", unset="$IMGTUNE_CACHE, else ~/.cache/imgtune")
-    feature_engine: str = option("auto", "what runs the frozen backbone to compute its features: auto (ONNX Runtime "
-                                         "on a CPU when installed, else torch), torch or onnxruntime "
-                                         "(docs/performance.md)", choices=FEATURE_ENGINES)
+    feature_engine: str = option("auto", "what runs the frozen backbone (its features; with --unfreeze top:K its "
+                                         "lower blocks): auto (ONNX Runtime on a CPU when installed, else torch), "
+                                         "torch or onnxruntime (docs/performance.md)", choices=FEATURE_ENGINES)
     allow_leakage: bool = option(False, "train even when the same file is in two splits (leakage) or under two "
                                         "classes (a label conflict); imgtune doctor DATA lists them")
     extra_labels: str | None = option(None, "a CSV of more training images (path,label; rows with an empty label are "

@@ -20,6 +20,12 @@ picked by their hold-out figures, so the final comparison stays a fair one.
 
 The probe is refitted from cached features rather than kept from the frozen phase, so the decision
 needs nothing from the checkpoints and a resumed run reaches the same one.
+
+With ``--unfreeze top:K`` the lower blocks never change, so the fine-tuned model is scored on the
+hold-out's activations at the cut, computed once before training and kept in float32 (not the cache's
+float16): the same figures as on its images, to float tolerance, for the cost of the top blocks. A
+kept probe's final metrics are those of the pretrained body, so they are computed on the cached
+features (results.py), as linear-probe's are.
 """
 
 from __future__ import annotations
@@ -127,7 +133,8 @@ def lost_in_a_row(rows: list[dict], probe: dict, patience: int) -> bool:
 class Referee:
     """The rule's test after each fine-tuning epoch (``engine.fit`` calls it): :meth:`score` puts the model's
     hold-out figures into the epoch's row, :meth:`gives_up` says when fine-tuning has lost to the probe
-    ``patience`` epochs in a row. The probe is fitted once, when it is first needed."""
+    ``patience`` epochs in a row. The probe is fitted once: before the time plan (its fit is the plan's
+    head-fit cost), else when first needed."""
 
     def __init__(self, hold: HoldOut, head: torch.nn.Module, built: BuiltModel, fit: tuple, options,
                  train: TrainConfig, device: torch.device, weight, cut=None):

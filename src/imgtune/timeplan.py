@@ -181,12 +181,16 @@ def _measure_into(costs: Costs, model, phases, loaders: Loaders, train, device, 
     if body is not None:  # first: under glibc's default malloc, inference ran twice as fast after the
         # process's first backward pass (imgtune.allocator; in-process users of imgtune.train get no tuning)
         batches = loaders.partial.train if cut is not None else loaders.train
+        views = batches.dataset if cut is not None and batches.dataset.missing is not None else None
+        before = int(views.missing.sum()) if views is not None else 0
         first, again = _time_training(batches, body, model, False, train, device, loss_fn, cut)
         costs.body_epoch = again * len(batches)
         costs.first_extra += max(0.0, first - again) * len(batches)
-        views = batches.dataset if cut is not None else None
-        if views is not None and views.missing is not None:  # an epoch draws one of V views per image: a view
-            costs.view_decay = (views.views - 1) / views.views  # is new with probability ((V-1)/V)^epoch
+        if views is not None and before:  # views made when first drawn: an epoch draws one of V per image, so a
+            # view not made yet is drawn first in epoch k with probability (1/V)((V-1)/V)^(k-1); the timing's
+            # first pass made some, which the epochs will not make again
+            costs.view_decay = (views.views - 1) / views.views
+            costs.first_extra *= int(views.missing.sum()) / before
     if body is not None or loaders.frozen_val is None:  # with a cut, the activations read the val images
         first, again = _time_eval(model, loaders.val, device, 1 if cut is not None else 2)
         costs.val_images = again * len(loaders.val)

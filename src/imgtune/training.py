@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from . import (activations, artifact, balance, checkpoint, distributed, experiment_log, lr_find, never_worse, partial, runlock,
-               timeplan)
+from . import (activations, artifact, balance, checkpoint, distributed, experiment_log, lr_find, never_worse, partial,
+               runlock, timeplan)
 from .config import RunConfig, load_yaml, resolve, save_yaml, to_dict
 from .data import content
 from .data.sources import build_loaders
