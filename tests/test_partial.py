@@ -158,6 +158,7 @@ def test_cache_is_reused_and_its_size_bounded(data, tmp_path, monkeypatch):
     assert len(computed) == 2 + (-(-18 // 8)) and torch.equal(cached.missing, drawn.missing)  # stored when made
     assert torch.equal(cached.activations, drawn.activations)
     assert first.train.dataset.activations.dtype == torch.float16
+    assert first.val.dataset.activations.dtype == torch.float32 and first.exact_val  # the final metrics' input
     per_view = first.train.dataset.activations[0, 0].numel() * 2
     bounded = activations.partial_loaders(source, built, "penultimate", options, limit=18 * 2 * per_view)
     assert bounded.train.dataset.views == 2  # 18 images x 2 views fit the bound, 4 views do not
@@ -183,7 +184,7 @@ def test_onnxruntime_lower_blocks_and_the_features_they_give_equal_torch(data, t
     with torch.no_grad():
         torch.testing.assert_close(lower.run()(images), lower.found.lower(images), rtol=1e-4, atol=1e-4)
     val = splits.split("val")
-    kept = lower.extract(val, splits.classes, 1, "val activations", stored=False)
+    kept = lower.extract(val, splits.classes, 1, "val activations", stored=False, dtype=activations.EXACT)
     assert kept.activations.dtype == torch.float32 and kept.views == 1
     derived = [lower.features.get(s.digest) for s in val]
     assert all(v is not None for v in derived)  # computed on the way, in the feature store
@@ -199,7 +200,7 @@ def test_onnxruntime_lower_blocks_and_the_features_they_give_equal_torch(data, t
 
 
 @pytest.mark.slow
-def test_gradual_top_k_trains_only_the_top_blocks(data, tmp_path):
+def test_gradual_top_k_trains_only_the_top_blocks(data, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["-q", "train", str(data), "--workers", "0", "--out", str(out), *PRETRAINED_ARGS, "--strategy",
                  "gradual", "--epochs", "2", "--freeze-epochs", "1", "--unfreeze", "top:2", "--no-never-worse"]) == 0
@@ -209,7 +210,14 @@ def test_gradual_top_k_trains_only_the_top_blocks(data, tmp_path):
     assert lower and top
     assert all(torch.equal(trained[k], start[k]) for k in lower)  # weights and batch-norm statistics
     assert any(not torch.equal(trained[k], start[k]) for k in top)
-    assert json.loads((out / "metrics.json").read_text())["accuracy"] >= 0.0
+    metrics = json.loads((out / "metrics.json").read_text())
+    # the final metrics ran the top blocks on the val images' float32 activations: the saved model on the
+    # images agrees (imgtune evaluate)
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--split", "val", "--device", "cpu", "--format", "json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["accuracy"] == metrics["accuracy"]
+    assert evaluated["loss"] == pytest.approx(metrics["loss"], rel=1e-4, abs=1e-5)
     # the plan timed the top blocks on stored activations, on copies: the run trains as an unplanned one
     costs = json.loads((out / "plan.json").read_text())["costs"]
     assert costs["body_epoch"] > 0 and costs["body_val"] > 0

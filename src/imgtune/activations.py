@@ -37,7 +37,9 @@ from .models import BuiltModel
 
 log = logging.getLogger(__name__)
 
-STORAGE = "float16"
+STORAGE = "float16"  # the training views' (bounded by partial.MAX_BYTES)
+EXACT = "float32"  # the validation images', up to EXACT_MAX_BYTES: the final metrics of a fine-tuned model
+EXACT_MAX_BYTES = 1 << 30  # run on them as on the images (to float tolerance); float16 above, and images then
 FEATURE_BATCH = 64  # evaluation views' activations gathered before the top blocks give their features
 
 
@@ -117,14 +119,15 @@ class ViewSampler(EpochSampler):
         return [i * self.views + v for i, v in zip(images, chosen)]
 
 
-def store_for(built: BuiltModel, body: str, found: partial.Split, cache_dir, ndim: int) -> ArrayStore | None:
-    """Each view its own entry (:func:`entry`), of ``ndim`` axes."""
+def store_for(built: BuiltModel, body: str, found: partial.Split, cache_dir, ndim: int,
+              dtype: str = STORAGE) -> ArrayStore | None:
+    """Each view its own entry (:func:`entry`), of ``ndim`` axes, in ``dtype``."""
     if cache_dir is None or built.weights is None:
         return None
     description = {**features.describe_model(built, body), "cut_after_block": found.cut, "blocks": len(found.blocks),
                    "view_recipe": "0: eval, 1: its mirror, 2+: light crops; each seeded by digest and number",
-                   "entry": "one view", "dtype": STORAGE}
-    return activation_store(cache_dir, description, ndim)
+                   "entry": "one view", "dtype": dtype}
+    return activation_store(cache_dir, description, ndim, dtype)
 
 
 def entry(digest: str, view: int) -> str:
@@ -140,8 +143,8 @@ def extract(found: partial.Split, pre: Preprocessing, samples: list[Sample], cla
     computed (and stored) otherwise, by ``lower()``'s function (default: torch); with ``lazy``, only the
     evaluation view now, the others when first drawn (:class:`ActivationSet`). ``feature_store``: given
     the evaluation view's features of each computed sample on the way (the top blocks run on its
-    activation; :mod:`imgtune.features` then finds them cached). ``dtype``: of the activations in memory
-    (the store keeps :data:`STORAGE`). Files that fail to load are left out."""
+    activation; :mod:`imgtune.features` then finds them cached). ``dtype``: of the activations, in memory
+    and in ``store``. Files that fail to load are left out."""
     have: dict[tuple[int, int], np.ndarray] = {}
     if store is not None:
         for i, sample in enumerate(samples):
@@ -155,7 +158,7 @@ def extract(found: partial.Split, pre: Preprocessing, samples: list[Sample], cla
                  views if not lazy else 1, f" (the other {views - 1} when an epoch first draws them)" if lazy and
                  views > 1 else "", len(samples) - len(wanted))
         made, _ = _compute(found, lower() if lower is not None else found.lower, pre, samples, wanted, store,
-                           batch_size, pixels, description, feature_store)
+                           batch_size, pixels, description, feature_store, dtype)
         have.update(made)
     rows = [i for i in range(len(samples)) if (i, 0) in have and (lazy or all((i, v) in have for v in range(views)))]
     stacked = torch.zeros(len(rows), views, *have[rows[0], 0].shape, dtype=getattr(torch, dtype)) if rows else \
@@ -173,19 +176,19 @@ def extract(found: partial.Split, pre: Preprocessing, samples: list[Sample], cla
     if lazy:
         def fill(target: ActivationSet, pairs: list[tuple[int, int]]) -> None:
             _fill(target, pairs, found, lower() if lower is not None else found.lower, pre, samples, store,
-                  batch_size, pixels)
+                  batch_size, pixels, dtype)
         found_set.fill = fill
     return found_set
 
 
 def _fill(target: ActivationSet, pairs: list[tuple[int, int]], found, run, pre, samples, store, batch_size,
-          pixels) -> None:
+          pixels, dtype: str) -> None:
     """``pairs`` of (row, view) of ``target`` computed (and stored); a file that no longer loads gets its
     evaluation view's activation in their place, with a warning."""
     wanted: dict[int, list[int]] = {}
     for row, v in pairs:
         wanted.setdefault(int(target.positions[row]), []).append(v)
-    made, failed = _compute(found, run, pre, samples, wanted, store, batch_size, pixels, None, None)
+    made, failed = _compute(found, run, pre, samples, wanted, store, batch_size, pixels, None, None, dtype)
     rows = {int(i): row for row, i in enumerate(target.positions)}
     for i in failed:
         log.warning("%s no longer loads: its evaluation view stands in for its other views", samples[i].path)
@@ -198,19 +201,20 @@ def _fill(target: ActivationSet, pairs: list[tuple[int, int]], found, run, pre, 
 
 
 def _compute(found, run, pre, samples, wanted: dict[int, list[int]], store, batch_size, pixels,
-             description: str | None, feature_store) -> tuple[dict[tuple[int, int], np.ndarray], set[int]]:
-    """The views ``wanted[i]`` of each sample ``i``: ``({(i, v): activation (float32 when not stored)},
-    samples whose file failed to load)``. Files are decoded by threads a few batches ahead (Pillow
+             description: str | None, feature_store, dtype: str) -> tuple[dict[tuple[int, int], np.ndarray], set[int]]:
+    """The views ``wanted[i]`` of each sample ``i``: ``({(i, v): activation in dtype}, samples whose file
+    failed to load)``. Files are decoded by threads a few batches ahead (Pillow
     releases the GIL); the views are drawn in this thread (their seeded draws use the global generator,
     which threads must not share). ``description``: a progress bar's (None: none)."""
     device = next(found.body.parameters()).device
     with modes_kept(found.body):  # a fill runs mid-epoch, the top blocks training and the lower ones not
         found.body.eval()
         return _compute_views(found, run, pre, samples, wanted, store, batch_size, pixels, description,
-                              feature_store, device)
+                              feature_store, device, dtype)
 
 
-def _compute_views(found, run, pre, samples, wanted, store, batch_size, pixels, description, feature_store, device):
+def _compute_views(found, run, pre, samples, wanted, store, batch_size, pixels, description, feature_store, device,
+                   dtype):
     from .predictions import read_ahead
 
     order = list(wanted)
@@ -238,8 +242,8 @@ def _compute_views(found, run, pre, samples, wanted, store, batch_size, pixels, 
                 digest = samples[i].digest
                 if v == 0 and feature_store is not None and digest:
                     pending.append((digest, act))
-                value = act.to(getattr(torch, STORAGE)).numpy()
-                made[i, v] = value if store is not None else act.numpy()
+                value = act.to(getattr(torch, dtype)).numpy()
+                made[i, v] = value
                 if store is not None and digest:
                     store.put(entry(digest, v), value)
             if len(pending) >= FEATURE_BATCH:
@@ -289,6 +293,11 @@ class PartialLoaders:
     def net(self, model) -> partial.PartialNet:
         return partial.PartialNet(model, self.found)
 
+    @property
+    def exact_val(self) -> bool:
+        """The validation activations are float32: a fine-tuned model's final metrics can run on them."""
+        return self.val.dataset.activations.dtype == getattr(torch, EXACT)
+
 
 class Lower:
     """A run's frozen lower blocks (``--unfreeze top:K``): the cut, the engine that runs them (ONNX Runtime
@@ -309,8 +318,8 @@ class Lower:
         self.features = features.store_for(built, body, cache) if cache is not None and built.weights else None
         self._run: Run | None = None
 
-    def store(self) -> ArrayStore | None:
-        return store_for(self.built, self.body, self.found, self.options.cache_dir, len(self.shape))
+    def store(self, dtype: str = STORAGE) -> ArrayStore | None:
+        return store_for(self.built, self.body, self.found, self.options.cache_dir, len(self.shape), dtype)
 
     def run(self) -> Run:
         if self._run is None:  # made mid-epoch when every evaluation view was cached: the modes kept
@@ -322,12 +331,12 @@ class Lower:
         return self._run
 
     def extract(self, samples: list[Sample], classes: list[str], views: int, description: str,
-                stored: bool = True, lazy: bool = False) -> ActivationSet:
-        """:func:`extract` of ``samples``; ``stored=False``: computed every time and kept in float32 (the
-        never-worse hold-out, scored as exactly as on its images)."""
+                stored: bool = True, lazy: bool = False, dtype: str = STORAGE) -> ActivationSet:
+        """:func:`extract` of ``samples``; ``stored=False``: computed every time (the never-worse hold-out).
+        In float32 a split is scored as exactly as on its images (to float tolerance)."""
         return extract(self.found, self.built.preprocessing, samples, classes, views,
-                       self.store() if stored else None, self.options.batch_size, self.pixels, description,
-                       self.run, self.features, STORAGE if stored else "float32", lazy)
+                       self.store(dtype) if stored else None, self.options.batch_size, self.pixels, description,
+                       self.run, self.features, dtype, lazy)
 
 
 def partial_loaders(source, built: BuiltModel, body: str, options, limit: int = partial.MAX_BYTES,
@@ -346,8 +355,9 @@ def partial_loaders(source, built: BuiltModel, body: str, options, limit: int = 
     if views < partial.VIEWS:
         log.warning("--unfreeze top:%d: %d view(s) per training image (not %d) keep the cached activations within "
                     "%.1f GiB", options.unfreeze_top, views, partial.VIEWS, limit / 2**30)
+    exact = len(val) * math.prod(lower.shape) * np.dtype(EXACT).itemsize <= EXACT_MAX_BYTES
     sets = {"train": lower.extract(train, source.classes, views, "train activations", lazy=True),
-            "val": lower.extract(val, source.classes, 1, "val activations")}
+            "val": lower.extract(val, source.classes, 1, "val activations", dtype=EXACT if exact else STORAGE)}
     n, targets = len(sets["train"].targets), sets["train"].targets
     balanced = balanced_sampler(targets, len(source.classes), options.seed) if options.balanced else None
     # private generators: iterating a loader then never draws from the global torch RNG, which a resumed

@@ -201,11 +201,12 @@ def feature_store(root: Path, model_description: dict, num_features: int | None 
     return ArrayStore(root / "features" / key_of(description), description, expect)
 
 
-def activation_store(root: Path, model_description: dict, ndim: int) -> ArrayStore:
-    """A frozen lower part's activations (imgtune.activations): one view of an image per entry, float16."""
+def activation_store(root: Path, model_description: dict, ndim: int, dtype: str = "float16") -> ArrayStore:
+    """A frozen lower part's activations (imgtune.activations): one view of an image per entry, float16
+    (the training views) or float32 (the validation images')."""
     description = {"kind": "activations", "version": FORMAT_VERSION, **model_description}
     open_cache(root)
-    return ArrayStore(root / "activations" / key_of(description), description, Expect("float16", (None,) * ndim))
+    return ArrayStore(root / "activations" / key_of(description), description, Expect(dtype, (None,) * ndim))
 
 
 def check_store(root: Path) -> ArrayStore:

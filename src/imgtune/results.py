@@ -17,13 +17,17 @@ log = logging.getLogger(__name__)
 def final_metrics(model, loaders: Loaders, classes: list[str], device, config: RunConfig, stopper,
                   final_frozen: bool) -> dict:
     """Validation (and test) metrics of the saved model; from cached features when the backbone
-    was frozen throughout the last phase (the same numbers, without running the backbone again).
+    was frozen throughout the last phase (the same numbers, without running the backbone again), and
+    with ``--unfreeze top:K`` from the validation images' float32 activations at the cut (the lower
+    blocks never train: the same numbers, to float tolerance, without running them again).
     Also the temperature fitted on val and its effect on calibration (``metrics["calibration"]``)."""
     metrics: dict = {}
     predictions: dict[str, tuple] = {}
     sources = {"val": (loaders.frozen_val, loaders.val), "test": (loaders.frozen_test, loaders.test)}
     for name, (frozen, images) in sources.items():
         net, loader = (model.head, frozen) if final_frozen and frozen is not None else (model, images)
+        if name == "val" and not final_frozen and loaders.partial is not None and loaders.partial.exact_val:
+            net, loader = loaders.partial.net(model), loaders.partial.val
         if loader is None:
             continue
         probs, targets, _ = predict_probs(net, loader, device, f"evaluating {name}")

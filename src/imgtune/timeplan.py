@@ -151,6 +151,7 @@ class Costs:
     # cut, the top blocks and head on its activations)
     lbfgs: float = 0.0
     view_decay: float = 0.0  # with views computed when first drawn: each later epoch's share of first_extra
+    final_on_activations: float = 0.0  # 1: a fine-tuned model's final metrics run on the val activations
 
 
 def measure(model, phases: list[Phase], loaders: Loaders, train: TrainConfig, device, loss_fn,
@@ -191,8 +192,9 @@ def _measure_into(costs: Costs, model, phases, loaders: Loaders, train, device, 
             # first pass made some, which the epochs will not make again
             costs.view_decay = (views.views - 1) / views.views
             costs.first_extra *= int(views.missing.sum()) / before
-    if body is not None or loaders.frozen_val is None:  # with a cut, the activations read the val images
-        first, again = _time_eval(model, loaders.val, device, 1 if cut is not None else 2)
+    on_activations = cut is not None and loaders.partial.exact_val  # the final metrics too (results.py)
+    if (body is not None or loaders.frozen_val is None) and not (on_activations and loaders.test is None):
+        first, again = _time_eval(model, loaders.val, device, 1 if cut is not None else 2)  # a cut: read before
         costs.val_images = again * len(loaders.val)
         costs.first_extra += max(0.0, first - again) * len(loaders.val) if cut is None else 0.0
         costs.val_first_read = first * len(loaders.val)
@@ -205,6 +207,7 @@ def _measure_into(costs: Costs, model, phases, loaders: Loaders, train, device, 
         per_batch = _time_eval(PartialNet(copied, copied_cut), loaders.partial.val, device)[1]
         costs.body_val = per_batch * len(loaders.partial.val)
         costs.per_image = per_batch / max(1, loaders.partial.val.batch_size or 1)
+        costs.final_on_activations = float(on_activations)
     if loaders.frozen_train is not None:
         costs.val_features = _time_eval(model.head, loaders.frozen_val, device)[1] * len(loaders.frozen_val)
         costs.head_epoch = _time_training(loaders.frozen_train, phases[0], model, True, train, device,
@@ -254,8 +257,9 @@ def estimate(phases: list[Phase], costs: Costs, train: TrainConfig, head_linear:
         epoch += phase.epochs
         out.lines.append((f"{phase.name} ({'head fitted by L-BFGS' if not any(per_epoch) else 'epochs'})",
                           phase.epochs, seconds))
-    images = not phases[-1].body_frozen or holdout_images  # the final model runs on images
-    final = (costs.val_images if first_read else costs.val_first_read) if images else costs.val_features
+    images = not phases[-1].body_frozen or holdout_images  # the final model runs on images (or activations)
+    on_images = costs.val_images if first_read else costs.val_first_read
+    final = (costs.body_val if costs.final_on_activations else on_images) if images else costs.val_features
     final += costs.test_images if test and images else 0.0
     out.lines.append(("final metrics", 0, final))
     out.tail = final
