@@ -1,9 +1,11 @@
 """The frozen lower blocks' activations for ``--unfreeze top:K`` (imgtune.partial), computed once per
-image and view and cached on disk as float16 (``imgtune.cache``, beside the features and keyed like
-them), and the loaders the top blocks train and validate on.
+image and view and cached on disk (``imgtune.cache``, beside the features and keyed like them), and the
+loaders the top blocks train and validate on.
 
 Training images get :data:`partial.VIEWS` views (fewer when the split's activations would pass
-:data:`partial.MAX_BYTES`); validation images one, the evaluation view. A training image's evaluation
+:data:`partial.MAX_BYTES`), stored as float16; validation images one, the evaluation view, in float32
+(up to :data:`EXACT_MAX_BYTES`), so that a fine-tuned model's final metrics run on them as on the
+images (results.py). A training image's evaluation
 view is computed before training (it also gives the image's features); its other views when an epoch
 first draws them (:class:`ActivationSet`): each epoch draws one view per image, so a view that no epoch
 draws is never computed (with 4 views, 4 fine-tuning epochs compute about 2 of the other 3, and a
@@ -234,8 +236,8 @@ def _compute_views(found, run, pre, samples, wanted, store, batch_size, pixels, 
             images = normalize(torch.cat([image_views(image, transforms, samples[i].digest, wanted[i])
                                           for i, image in items])).to(device)
             # one view at a time: a view's numbers then never depend on which views share its batch (the
-            # plan's timing, a resume and an uninterrupted run compute them in different company), and
-            # ONNX Runtime runs this body as fast per image at a batch of 1 as of 32
+            # plan's timing, a resume and an uninterrupted run compute them in different company); ONNX
+            # Runtime is no slower per image at a batch of 1 here (docs/benchmarks.md, bench/lower_batch.py)
             acts = torch.cat([run(images[k:k + 1]) for k in range(len(images))]).float().cpu()
             keys = [(i, v) for i, _ in items for v in wanted[i]]
             for (i, v), act in zip(keys, acts):
