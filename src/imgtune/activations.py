@@ -380,8 +380,7 @@ def evaluation_loader(found: ActivationSet, options) -> torch.utils.data.DataLoa
 
 @torch.no_grad()
 def activation_shape(found: partial.Split) -> tuple[int, ...]:
-    was, device = found.body.training, next(found.body.parameters()).device
-    found.body.eval()
-    shape = tuple(found.lower(torch.zeros(1, 3, found.img_size, found.img_size, device=device)).shape[1:])
-    found.body.train(was)
-    return shape
+    device = next(found.body.parameters()).device
+    with modes_kept(found.body):
+        found.body.eval()
+        return tuple(found.lower(torch.zeros(1, 3, found.img_size, found.img_size, device=device)).shape[1:])
