@@ -354,3 +354,59 @@ def test_fingerprint_holds_hashes_and_a_thumbnail():
     prints = stack([raw, fingerprint(image.resize((40, 40)))])
     assert prints.hashes.shape == (2, ROWS, WORDS) and prints.thumbs.shape == (2, THUMB * THUMB)
     assert len(stack([])) == 0 and near_pairs(stack([])) == []
+
+
+# ---- the fast paths equal the plain ones -------------------------------------------------------------
+
+
+def _scipy_hashes(image: Image.Image) -> np.ndarray:
+    """The hashes as the full 64x64 DCT (scipy) gives them: what ``fingerprint``'s product must equal."""
+    from scipy.fft import dctn
+
+    from imgtune.data.fingerprint import WINDOWS, _fit
+
+    grey = image.convert("L")
+    if max(grey.size) > 128:
+        grey = grey.resize(_fit(grey.size, 128), Image.LANCZOS, reducing_gap=2.0)
+    w, h = grey.size
+    views = [grey] + [grey.crop((round(ox * w), round(oy * h), round((ox + frac) * w), round((oy + frac) * h)))
+                      for frac, ox, oy in WINDOWS]
+    dct = dctn(np.stack([np.asarray(v.resize((64, 64), Image.LANCZOS), dtype=np.float64) for v in views]),
+               type=2, axes=(1, 2))
+    out = np.empty((ROWS, WORDS), dtype=np.uint64)
+    for size, columns in ((8, slice(0, 1)), (16, slice(1, WORDS))):
+        low = dct[:, :size, :size].reshape(ROWS, -1)
+        bits = low > np.median(low, axis=1, keepdims=True)
+        out[:, columns] = np.frombuffer(np.packbits(bits, axis=1).tobytes(), dtype=">u8").reshape(ROWS, -1)
+    return out
+
+
+def test_fingerprint_hashes_equal_the_full_dct():
+    scans, _ = lookalike.digits()
+    mirrored = Image.fromarray(np.hstack([np.arange(32), np.arange(32)[::-1]]).astype(np.uint8)[None].repeat(64, 0))
+    images = [*photos(6, seed=5), *scans[:40], Image.new("RGB", (50, 40), (90, 90, 90)), mirrored.convert("RGB"),
+              photos(1, seed=6, size=300)[0]]
+    for k, image in enumerate(images):
+        got = np.frombuffer(fingerprint(image)[:ROWS * WORDS * 8], dtype=np.uint64).reshape(ROWS, WORDS)
+        assert np.array_equal(got, _scipy_hashes(image)), f"image {k}"
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_hash_pairs_equal_the_pairwise_check(digit_samples, same):
+    """Digit scans: many first-pass candidates; every pair checked one by one gives the same list."""
+    from imgtune.data.fingerprint import FIRST_PASS_BITS
+
+    prints = stack([s.fingerprint for s in digit_samples[:300]]).hashes
+    queries = prints if same else stack([s.fingerprint for s in digit_samples[300:450]]).hashes
+    expected = []
+    for i, x in enumerate(queries):
+        for j, y in enumerate(prints):
+            if same and j <= i:
+                continue
+            first = min(int(np.bitwise_count(x[0, 0] ^ y[:, 0]).min()), int(np.bitwise_count(y[0, 0] ^ x[:, 0]).min()))
+            full = min(int(np.bitwise_count(x[0, 1:][None] ^ y[:, 1:]).sum(-1).min()),
+                       int(np.bitwise_count(y[0, 1:][None] ^ x[:, 1:]).sum(-1).min()))
+            if first <= FIRST_PASS_BITS and full <= NEAR_BITS:
+                expected.append((i, j, full))
+    assert len(expected) > 20
+    assert _hash_pairs(prints, queries, same, 64) == expected

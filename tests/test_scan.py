@@ -318,3 +318,21 @@ def test_file_unreadable_after_scan_is_skipped_by_dataset(tmp_path):
     assert images.shape == (len(train) - 1, 3, 16, 16)
     assert indices.tolist() == list(range(1, len(train)))
     assert collate_skipping_none([None, None]) is None
+
+
+@pytest.mark.parametrize("times", [(0.0, 1.0, 0.0, 2.0), (0.0, 2.0, 0.0, 1.0)], ids=["this-thread", "threads"])
+def test_inspect_files_gives_every_check_in_order_either_way(tmp_path, monkeypatch, times):
+    """The first files are checked in this thread, the next in threads; the faster way (here a fake clock
+    decides) checks the rest, and the checks come back in the samples' order, unreadable files included."""
+    from imgtune.data import scan
+
+    write_class_tree(tmp_path, {"a": 9, "b": 9})
+    write_text(tmp_path / "a" / "broken.png", "not an image")
+    samples, _ = scan.find_samples(tmp_path)
+    expected = [scan.inspect_file(s) for s in samples]
+    monkeypatch.setattr(scan, "TRIAL", 3)
+    clock = iter(times)
+    monkeypatch.setattr(scan.time, "perf_counter", lambda: next(clock))
+    got = scan.inspect_files(samples, progress=False)
+    assert [(c.sample, c.info, c.problem) for c in got] == [(c.sample, c.info, c.problem) for c in expected]
+    assert sum(c.problem is not None for c in got) == 1 and next(clock, None) is None  # both ways were timed

@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import random
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -258,14 +259,40 @@ def inspect_file(sample: Sample, checks: ArrayStore | None = None) -> FileCheck:
                      info, size=len(data))
 
 
+TRIAL = 64  # files checked each way (this thread, threads) before the faster way checks the rest
+
+
 def inspect_files(samples: list[Sample], progress: bool = True, min_for_bar: int = 2000,
                   description: str = "checking images", checks: ArrayStore | None = None) -> list[FileCheck]:
-    """:func:`inspect_file` for every sample, in threads (decoding releases the GIL), in order."""
+    """:func:`inspect_file` for every sample, in order: in threads or in this thread, whichever checked
+    its share of the first ``2 * TRIAL`` files faster. Decoding a photo releases the GIL, so threads
+    overlap photos; a tiny image's many short steps hold it, and threads then queue for it (28 px PNGs
+    on 2 cores: 1.9 ms an image in this thread, 3.7 ms in four threads; hymenoptera's photos 5.3 ms
+    and 3.9 ms)."""
     workers = min(8, (os.cpu_count() or 1) * 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(lambda sample: inspect_file(sample, checks), samples)
-        return list(tqdm(results, total=len(samples), desc=description, unit="img", leave=False,
-                         disable=not progress or len(samples) < min_for_bar))
+        return list(tqdm(_inspected(samples, checks, pool), total=len(samples), desc=description, unit="img",
+                         leave=False, disable=not progress or len(samples) < min_for_bar))
+
+
+def _inspected(samples: list[Sample], checks: ArrayStore | None, pool: ThreadPoolExecutor):
+    def threaded(part: list[Sample]):
+        return pool.map(lambda sample: inspect_file(sample, checks), part)
+
+    if len(samples) < 4 * TRIAL:
+        yield from threaded(samples)
+        return
+    start = time.perf_counter()
+    for sample in samples[:TRIAL]:
+        yield inspect_file(sample, checks)
+    alone = time.perf_counter() - start
+    start = time.perf_counter()
+    yield from list(threaded(samples[TRIAL:2 * TRIAL]))
+    in_threads = time.perf_counter() - start
+    log.debug("checking files: %.2f ms a file in this thread, %.2f ms in threads", alone / TRIAL * 1e3,
+              in_threads / TRIAL * 1e3)
+    rest = samples[2 * TRIAL:]
+    yield from threaded(rest) if in_threads < alone else (inspect_file(sample, checks) for sample in rest)
 
 
 def check_files(samples: list[Sample], progress: bool = True, checks: ArrayStore | None = None
