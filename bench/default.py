@@ -13,11 +13,12 @@ Datasets (built in a temporary folder; hymenoptera from /work/shared/datasets):
 Runs, each a fresh ``imgtune train`` process with an empty cache (cold): ``today`` (the default strategy
 with every new behaviour switched off: :data:`TODAY_FLAGS`, the one list of them), ``default``,
 ``linear-probe``, ``finetune``, ``default-lbfgs`` (the default with gradual's frozen phase fitted by
-L-BFGS: is it worth it now that the never-worse rule protects the end?), ``size-data`` (the default
-with ``--size-from data``), ``referee-watch`` (the default with the never-worse referee scoring every
+L-BFGS: is it worth it now that the never-worse rule protects the end?), ``size-pretrained`` and
+``lp-pretrained`` (the default and ``linear-probe`` with ``--size-from pretrained``: at the weights' own
+size, where the default sizes small images to the data), ``referee-watch`` (the default with the never-worse referee scoring every
 fine-tuning epoch on the hold-out without ever giving up: the trajectories behind
 ``--never-worse-patience``), ``referee-off`` (the default without the referee), ``img-128`` and ``img-160``
-(the default at 128 and 160 px: what the size rule picks for images under 43 and 54 px with a floor of 128 or 160), ``unfreeze-all`` (the
+(the default at 128 and 160 px), ``unfreeze-all`` (the
 default with ``--unfreeze all``: the whole body fine-tunes, where the default on a CPU, ``auto``, trains
 the top 3 blocks on cached activations); on hymenoptera also fastai's ``fine_tune(5)`` and the plain frozen PyTorch
 loop (bench/hymenoptera.py's paths), the reference of the speed target.
@@ -51,11 +52,12 @@ from rank import digits_folder, shapes_folder
 
 # Today's `gradual`: the default strategy with every new behaviour of issue 13 switched off. The one list
 # of off switches: each engineer's flags go here at merge.
-TODAY_FLAGS = ["--no-never-worse", "--no-plan", "--unfreeze", "all"]
+TODAY_FLAGS = ["--no-never-worse", "--no-plan", "--unfreeze", "all", "--size-from", "pretrained"]
 RUNS = {"today": ["--strategy", "gradual", *TODAY_FLAGS], "default": [],
         "linear-probe": ["--strategy", "linear-probe"], "finetune": ["--strategy", "finetune"],
         "default-lbfgs": ["--head-fit", "lbfgs"],  # gradual's frozen phase fitted by L-BFGS (not the default)
-        "size-data": ["--size-from", "data"],  # the default at the input size chosen from the data (not the default)
+        "size-pretrained": ["--size-from", "pretrained"],  # the default at the weights' own size (not the default)
+        "lp-pretrained": ["--strategy", "linear-probe", "--size-from", "pretrained"],
         "referee-watch": ["--never-worse-patience", "1000"],  # scores every fine-tuning epoch, never gives up
         "referee-off": ["--never-worse-patience", "0"],
         "img-128": ["--img-size", "128"], "img-160": ["--img-size", "160"],  # floors of the size rule under test

@@ -17,10 +17,11 @@ from imgtune.predict import Predictor
 
 
 @pytest.mark.parametrize("sides, expected", [
-    ([40, 40, 38, 44], 128),  # median 40: 3 x 40 = 120, rounded up to 128
-    ([20] * 5, 96),  # 60 px is below the floor
-    ([32] * 9 + [500], 96),  # the median, not the mean: one large photo does not move it
-    ([64, 70, 72], 224),  # 3 x 70 = 210 -> 224, capped at the pretrained size
+    ([60, 60, 58, 64], 160),  # median 60: 2.5 x 60 = 150, rounded up to 160
+    ([64] * 5, 160),  # scikit-learn's digits upscaled to 64 px (the benchmark's): 160
+    ([28] * 5, 128),  # MNIST's 28 px: 70 px is below the floor
+    ([32] * 9 + [500], 128),  # the median, not the mean: one large photo does not move it
+    ([80, 84, 90], 224),  # 2.5 x 84 = 210 -> 224, capped at the pretrained size
     ([150, 300, 400], 224),  # not much smaller than 224: the pretrained size
     ([], 224),  # sizes unknown (shards): the pretrained size
 ])
@@ -31,7 +32,7 @@ def test_rule_picks_the_documented_size(sides, expected):
 def test_sizes_are_multiples_the_architecture_takes():
     assert sizing.multiple_for(224) == 32
     assert sizing.multiple_for(518) == 14  # DINOv2's patch grid
-    assert sizing.rule_size([50] * 3, 518)[0] == 154  # 150 rounded up to a multiple of 14
+    assert sizing.rule_size([60] * 3, 518)[0] == 154  # 150 rounded up to a multiple of 14
 
 
 def test_a_transformer_built_for_its_grid_keeps_its_pretrained_size():
@@ -60,7 +61,7 @@ def data(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_run_records_the_size_and_predict_uses_it(data, tmp_path):
     run = tmp_path / "run"
-    train(data, run, "--size-from", "data")
+    train(data, run)  # the default: --size-from data
     meta = json.loads((run / "meta.json").read_text())
     assert meta["input_size"]["method"] == "data"
     assert meta["input_size"]["median_side"] == 40
@@ -73,8 +74,9 @@ def test_run_records_the_size_and_predict_uses_it(data, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flags, size, method", [(["--img-size", "64", "--size-from", "data"], 64, "flag"),
-                                                 ([], 224, "pretrained")])  # the default: the pretrained size
+@pytest.mark.parametrize("flags, size, method", [(["--img-size", "64"], 64, "flag"),
+                                                 (["--size-from", "pretrained"], 224, "pretrained"),
+                                                 ([], 128, "data")])  # the default: the rule
 def test_flags_override_the_rule(data, tmp_path, flags, size, method):
     train(data, tmp_path / "run", *flags)
     meta = json.loads((tmp_path / "run" / "meta.json").read_text())

@@ -100,9 +100,9 @@ class ModelConfig:
     weights: str | None = option(None, "a local weights file, tried before any cache, package or download",
                                  metavar="FILE")
     img_size: int | None = option(None, "input size in pixels", unset="per --size-from")
-    size_from: str = option("pretrained", "the input size when --img-size is not given: pretrained (the weights' own) "
-                                          "or data (matched to the training images when most are much smaller than "
-                                          "the pretrained size; docs/training.md)", choices=SIZE_SOURCES)
+    size_from: str = option("data", "the input size when --img-size is not given: data (matched to the training "
+                                    "images when most are much smaller than the pretrained size; docs/training.md) "
+                                    "or pretrained (the weights' own)", choices=SIZE_SOURCES)
     body: str = option("penultimate", "penultimate: all but the last layer; conv: convolutional trunk + global "
                                       "average pooling", choices=BODIES)
     head: str = option("linear", "linear, mlp (hidden layer + ReLU) or fused (old logits beside features)",
