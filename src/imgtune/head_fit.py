@@ -87,7 +87,7 @@ def choose_c(z: np.ndarray, y: np.ndarray, class_weight, seed: int,
     many as the smallest class allows, at most 5), the path of Cs warm-started in each fold
     (``LogisticRegressionCV``). Differences within the folds' noise then do not pick a weaker
     regularisation: on hymenoptera the best mean picked C 0.316 with every seed (0.954 on val), the rule
-    0.03 to 0.1 (0.961); elsewhere within two val images (docs/benchmarks.md)."""
+    0.03 to 0.1 (0.961); elsewhere level on average, within two val images (docs/benchmarks.md, bench/c_choice.py)."""
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.model_selection import StratifiedKFold, train_test_split
 

@@ -131,4 +131,3 @@ def _distances256(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     xy = np.bitwise_count(x[:, None, 0, 1:] ^ y[:, :, 1:]).sum(-1, dtype=np.int64).min(-1)
     yx = np.bitwise_count(y[:, None, 0, 1:] ^ x[:, :, 1:]).sum(-1, dtype=np.int64).min(-1)
     return np.minimum(xy, yx)
-
