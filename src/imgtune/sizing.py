@@ -7,13 +7,13 @@ them instead: the median shorter side of the training images, times :data:`UPSCA
 multiple the architecture accepts, at least :data:`FLOOR` and at most the pretrained size. The scan
 already decoded every file once (``data/scan.py`` keeps each image's width and height), so the rule
 costs nothing. The figures behind the constants are in docs/benchmarks.md ("The size rule as the
-default"): on 28 px digits, 128 px costs about a point against 224 px and takes 0.64 of its time; on
-64 px digits and 28-48 px shapes it costs nothing.
+default"): on 28 px MNIST digits 128 px cost 0.5 to 1.4 points against 224 px, in 0.62 of its time;
+on 64 px digits (160 px) and 28-48 px shapes (128 px) nothing.
 
 The chosen size becomes ``model.img_size`` in the saved config and the run's one preprocessing
 definition (meta.json), which predict, export and serve read; how it was chosen is meta.json's
 ``input_size``. ``--img-size N`` always wins; ``--size-from pretrained`` keeps the pretrained size
-(the choice when every tenth of a point counts more than time).
+(the choice when a point of accuracy counts more than time).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 SMALL = 0.5  # images count as "much smaller" when their median shorter side is below this share of the pretrained size
 UPSCALE = 2.5  # the matched size: this many times the median shorter side (64 px digits: 160 px)
-FLOOR = 128  # and never below this many pixels (96 cost 28 px digits 1.5 points, 128 about one)
+FLOOR = 128  # and never below this many pixels (on 28 px MNIST, 96 px cost 1.5 points, 128 px 0.5 to 1.4)
 
 
 @dataclass(frozen=True)
