@@ -91,8 +91,10 @@ def test_self_training_stops_when_the_hold_out_stops_improving():
     assert set(by_threshold) == set(semi.THRESHOLDS)  # one kept setting per threshold
 
 
-def test_head_fit_sample_weights_count_as_repeats():
-    """A weight of 2 on a row fits the same head as that row given twice."""
+def test_head_fit_sample_weights_count_as_repeats(monkeypatch):
+    """A weight of 2 on a row fits (and standardises) the same head as that row given twice, at the same C
+    (one C to choose from: the folds that choose it differ between 24 weighted rows and 27 rows)."""
+    monkeypatch.setattr(head_fit, "CS", np.array([1.0]))
     rng = np.random.default_rng(0)
     x = torch.tensor(np.vstack([rng.normal(-1, 1, (12, 5)), rng.normal(1, 1, (12, 5))]))
     y = torch.tensor(np.repeat([0, 1], 12))
@@ -105,7 +107,7 @@ def test_head_fit_sample_weights_count_as_repeats():
     probe = torch.tensor(rng.normal(0, 1, (10, 5)))
     with torch.no_grad():
         assert torch.allclose(torch.softmax(weighted(probe.float()), 1), torch.softmax(twice(probe.float()), 1),
-                              atol=0.05)
+                              atol=1e-3)  # ignoring the weights differs by 0.02
 
 
 def test_semi_options_are_checked():

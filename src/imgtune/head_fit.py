@@ -62,7 +62,8 @@ def fit_linear_head(layer: nn.Linear, features: torch.Tensor, targets: torch.Ten
     keep = y >= 0
     x, y = x[keep], y[keep]
     w = sample_weight.double().numpy()[keep] if sample_weight is not None else None
-    mean, scale = x.mean(axis=0), x.std(axis=0)
+    mean = np.average(x, axis=0, weights=w)  # weighted, so that a weight of 2 standardises as the row twice
+    scale = np.sqrt(np.average((x - mean) ** 2, axis=0, weights=w))
     scale[scale < 1e-12] = 1.0
     z = (x - mean) / scale
     present = np.unique(y)
