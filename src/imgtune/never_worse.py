@@ -48,7 +48,6 @@ from .strategies import Phase
 
 log = logging.getLogger(__name__)
 
-EXACT = "float32"  # the hold-out's activations: scored as on its images
 INNER = "inner"  # the hold-out's split name (the feature cache is keyed by file, so it is shared)
 FRACTION = 0.15  # of each training class
 MIN_PER_CLASS = 3  # a hold-out below this is too noisy to decide on; capped at a third of the class
@@ -111,6 +110,8 @@ def remember_body(hold: HoldOut | None, model: Classifier, built: BuiltModel, bo
     if hold is not None:
         hold.body_state = {k: v.detach().clone() for k, v in model.body.state_dict().items()}
         if lower is not None:
+            from .activations import EXACT
+
             hold.activations = lower.extract(hold.source.splits.split(INNER), hold.source.classes, 1,
                                              f"{INNER} activations", stored=False, dtype=EXACT)
         hold.features = hold.source.features(INNER, built, body, options, device)
