@@ -142,6 +142,25 @@ def test_model_auto_trains_the_chosen_model_and_records_why(data, tmp_path):
 
 @pytest.mark.slow
 @needs_weights
+def test_rank_uses_the_size_training_would_and_auto_reuses_its_features(data, tmp_path):
+    """No --img-size: the 40 px images are ranked at the size rule's 128 px (sizing.py), the size `imgtune
+    train` runs at, so `--model auto` after `rank` computes no feature again."""
+    cache = ("--cache-dir", str(tmp_path / "cache"))
+    code, _, err = run_cli("rank", str(data), "--models", "torchvision:mobilenet_v2", "--offline", "--folds", "4",
+                           *cache, "--out", str(tmp_path / "rank"))
+    assert code == 0, err
+    row = json.loads((tmp_path / "rank" / "rank.json").read_text())["ranked"][0]
+    assert row["img_size"] == 128 and "computing train features" in err
+    run = tmp_path / "run"
+    code, _, err = run_cli("train", str(data), "--model", "auto", "--candidates", "torchvision:mobilenet_v2",
+                           "--offline", "--strategy", "linear-probe", *cache, "--out", str(run))
+    assert code == 0, err
+    assert json.loads((run / "meta.json").read_text())["input_size"]["img_size"] == 128
+    assert "computing train features" not in err and "computing val features" not in err
+
+
+@pytest.mark.slow
+@needs_weights
 def test_model_auto_with_no_candidate_in_budget_exits_2_naming_the_fastest(data, tmp_path):
     run = tmp_path / "run"
     code, _, err = run_cli("train", str(data), "--model", "auto", "--candidates", REAL, "--offline",

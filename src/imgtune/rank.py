@@ -1,7 +1,8 @@
 """Which pretrained backbone for these images? ``imgtune rank`` and ``imgtune train --model auto``.
 
 For each candidate: build it with its pretrained weights (the documented weight-source order, honouring
-``--offline``), measure its cost on this machine (``costs.py``), take the frozen features of the train and
+``--offline``), at the input size ``imgtune train`` would give it (``sizing.py``: ``--img-size``, else the
+size rule of ``--size-from``), measure its cost on this machine (``costs.py``), take the frozen features of the train and
 val images from the feature cache (``DataSource.features``: the same cache training's frozen phase reads,
 so a later ``imgtune train`` of the chosen model computes nothing again), then score them with a nested
 cross-validated logistic-regression probe and LogME (``probe.py``). Candidates are ranked best first by the
@@ -21,7 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from . import costs, distributed, models
+from . import costs, distributed, models, sizing
 from .cache import check_store, probe_store
 from .config import RunConfig
 from .data.sources import DataSource, LoaderOptions, open_source
@@ -178,6 +179,7 @@ def _candidate(name: str, config: RunConfig, settings: RankSettings, source: Dat
         model_config = replace(config.model, name=name, pretrained=True, weights=None, budget_ms=None,
                                candidates=None)
         built = models.create(model_config, len(source.classes), offline=config.offline)
+        built, _ = sizing.apply(config, source.image_sides(), built)  # the size `imgtune train` would run it at
         spent = costs.measure(built.model, built.preprocessing.img_size, device)
         label = str(built.spec)
         if settings.budget_ms is not None and spent.latency_ms_b1 > settings.budget_ms:
