@@ -12,7 +12,7 @@ images per class; ``shapes``: generated (circles, squares, triangles, stars in r
 cluttered backgrounds, so only the shape tells the class; tests/plantgen.py's drawing). The 1,000-image
 timing uses 100 digits per class (800 train, 200 val).
 
-    python bench/rank.py [--epochs 4] [--datasets hymenoptera,digits,shapes] [--work DIR]
+    python bench/rank.py [--epochs N] [--datasets hymenoptera,digits,shapes] [--work DIR]
 """
 
 from __future__ import annotations
@@ -79,15 +79,19 @@ def ranked(data: Path, cache: Path, models=OFFLINE):
     return result, time.perf_counter() - started
 
 
-def trained_accuracy(data: Path, model: str, epochs: int, out: Path, cache: Path) -> tuple[float, float]:
-    """Val accuracy of ``imgtune train DATA --model MODEL`` (strategy gradual), and its wall time."""
+def trained_accuracy(data: Path, model: str, epochs: int | None, out: Path, cache: Path
+                     ) -> tuple[float, float, str | None]:
+    """Val accuracy of ``imgtune train DATA --model MODEL`` (strategy gradual; ``epochs`` None: imgtune's
+    default), its wall time, and which model the never-worse rule kept (None where it did not judge)."""
     from imgtune import config as cfg
     from imgtune.training import train
 
-    config = cfg.build(str(data), model=model, epochs=epochs, out=str(out), offline=True, cache_dir=str(cache))
+    settings = {"epochs": epochs} if epochs is not None else {}
+    config = cfg.build(str(data), model=model, out=str(out), offline=True, cache_dir=str(cache), **settings)
     started = time.perf_counter()
     result = train(config, progress=False)
-    return result.metrics["accuracy"], time.perf_counter() - started
+    selection = result.metrics.get("selection") or {}
+    return result.metrics["accuracy"], time.perf_counter() - started, selection.get("kept")
 
 
 def evaluate_dataset(name: str, data: Path, epochs: int, work: Path) -> dict:
@@ -97,11 +101,13 @@ def evaluate_dataset(name: str, data: Path, epochs: int, work: Path) -> dict:
     ranking, seconds = ranked(data, cache)
     rows = []
     for r in ranking.ranked:
-        accuracy, train_s = trained_accuracy(data, r.model, epochs, work / f"run-{name}-{r.model.replace(':', '-')}",
+        accuracy, train_s, kept = trained_accuracy(data, r.model, epochs, work / f"run-{name}-{r.model.replace(':', '-')}",
                                              cache)
         rows.append({"model": r.model, "probe_accuracy": r.accuracy, "logme": r.score, "trained_accuracy": accuracy,
-                     "latency_ms_b1": r.latency_ms_b1, "train_s": train_s})
-        print(f"  {name} {r.model}: probe {r.accuracy:.4f}, trained {accuracy:.4f} ({train_s:.0f} s)", flush=True)
+                     "latency_ms_b1": r.latency_ms_b1, "train_s": train_s, "kept": kept, "img_size": r.img_size,
+                     "probe_val_accuracy": r.val_accuracy})
+        print(f"  {name} {r.model}: probe {r.accuracy:.4f}, trained {accuracy:.4f} ({train_s:.0f} s, kept {kept})",
+              flush=True)
     probe = [row["probe_accuracy"] for row in rows]
     trained = [row["trained_accuracy"] for row in rows]
     best = max(trained)
@@ -131,7 +137,8 @@ def timing(work: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=4, help="epochs of each gradual training (half frozen)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs of each gradual training (default: "
+                        "imgtune's own)")
     parser.add_argument("--datasets", default="hymenoptera,digits,shapes")
     parser.add_argument("--per-class", type=int, default=30, help="digits and shapes: train images per class")
     parser.add_argument("--no-timing", action="store_true")
