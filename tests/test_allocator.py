@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 import sys
 
 import pytest
@@ -38,3 +39,35 @@ def test_the_command_tunes_the_allocator(monkeypatch, tmp_path):
     monkeypatch.setattr(allocator, "tune", lambda: calls.append(1) or True)
     assert main(["cache", "--cache-dir", str(tmp_path), "info"]) == 0
     assert calls == [1]
+
+
+def test_the_console_script_sets_the_collector_for_a_process_that_ends(monkeypatch):
+    """``imgtune`` (``cli.run``): fewer young collections, and what is alive frozen once the command returned, so
+    the interpreter's shutdown does not walk it; ``main``, which tests and programs call in their own
+    processes, leaves the collector alone."""
+    from importlib.metadata import entry_points
+
+    from imgtune import cli
+
+    assert [e.value for e in entry_points(group="console_scripts", name="imgtune")] == ["imgtune.cli:run"]
+    before = gc.get_threshold()
+    seen = []
+    monkeypatch.setattr(cli, "main", lambda argv=None: seen.append((gc.get_threshold()[0], gc.get_freeze_count())) or 3)
+    gc.unfreeze()
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            cli.run()
+        assert stopped.value.code == 3  # main's exit code
+        assert seen == [(allocator.GEN0_THRESHOLD, 0)]  # set before the command runs, nothing frozen yet
+        assert gc.get_freeze_count() > 1000  # frozen after it
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+
+
+def test_the_command_exits_through_run_with_its_exit_code():
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "imgtune", "train", "/no/such/folder"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 3 and "/no/such/folder" in done.stderr, done.stderr

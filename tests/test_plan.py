@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 import yaml
 from safetensors.torch import load_file
+import torch
 from torch import nn
 
 from datagen import PRETRAINED_ARGS, make_split_dataset
@@ -206,3 +207,57 @@ def test_a_tight_budget_trains_linear_probe_and_says_so(tmp_path, capsys):
     assert record["budget_seconds"] == 1 and record["chosen"].startswith("linear-probe")
     assert record["measured_total_seconds"] > 0 and record["estimate_over_measured"] > 0
     assert metrics["selection"]["kept"] == "probe" and metrics["selection"]["refitted_on_whole_training_split"]
+
+
+def test_views_made_when_first_drawn_are_timed_apart_in_one_pass(monkeypatch):
+    """Batches of activations whose views are made when drawn: one timed pass, the time spent making views
+    measured apart (first pass: the step and the making; the rest: the steady batch, which a second pass
+    over the same batches used to measure)."""
+    clock = [0.0]
+    monkeypatch.setattr(timeplan.time, "perf_counter", lambda: clock[0])
+
+    class Views:  # what the timing sees of an ActivationSet with views not made yet
+        missing = object()
+
+        def fill(self, target, pairs):
+            clock[0] += 0.3  # making the batch's new views
+
+    class Loader:
+        dataset = Views()
+
+        def __iter__(self):
+            return iter(range(10))
+
+        def __len__(self):
+            return 10
+
+    passes = []
+
+    def epoch(net, loader, *args, after_step, **kwargs):  # engine.train_one_epoch as far as timing goes
+        passes.append(loader)
+        for _ in loader:
+            loader.loader.dataset.fill(None, [])
+            clock[0] += 0.2  # the training step
+            after_step()
+        return 0.0, 0.0
+
+    class Model:
+        def freeze_body(self, frozen):
+            pass
+
+    monkeypatch.setattr(timeplan, "train_one_epoch", epoch)
+    monkeypatch.setattr(timeplan, "make_optimizer", lambda model, phase, train: torch.optim.SGD([torch.zeros(1)], 0.1))
+    monkeypatch.setattr(timeplan, "PartialNet", lambda model, found: model)
+    unfrozen = plan(resolve(RunConfig(train=TrainConfig())).train)[-1]
+    loader = Loader()
+    fill = loader.dataset.fill
+    first, again = timeplan._time_training(loader, unfrozen, Model(), False, TrainConfig(),
+                                           "cpu", None, found=object())
+    assert len(passes) == 1 and first == pytest.approx(0.5) and again == pytest.approx(0.2)
+    assert loader.dataset.fill == fill  # the timing's wrapper is gone
+
+    Loader.dataset.missing = None  # every view made (or images): two passes, as before
+    passes.clear()
+    first, again = timeplan._time_training(loader, unfrozen, Model(), False, TrainConfig(),
+                                           "cpu", None, found=object())
+    assert len(passes) == 2

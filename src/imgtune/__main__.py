@@ -1,3 +1,3 @@
-from imgtune.cli import main
+from imgtune.cli import run
 
-raise SystemExit(main())
+run()

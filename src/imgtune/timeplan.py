@@ -77,24 +77,44 @@ def _time_training(loader, phase: Phase, model, on_features: bool, train: TrainC
     """Seconds per batch of the real training step (``engine.train_one_epoch``) on a copy of ``model``
     (its head alone on cached features; with ``found``, ``--unfreeze top:K``'s cut, the top blocks and
     head on stored activations; else the whole model on images): on the first pass over the batches
-    (images decoded, the pixel cache filled, kernels chosen) and on a second over the same ones."""
+    (images decoded, the pixel cache filled, kernels chosen) and on a second over the same ones. Where the
+    batches are activations whose views are made when first drawn (``ActivationSet.fill``), one pass
+    does: the time its batches spent making views is timed apart, and the rest is the second pass's."""
     model, found = copy.deepcopy((model, found))  # one copy: the cut's blocks are the copied model's
     model.freeze_body(phase.body_frozen)
     net = model.head if on_features else PartialNet(model, found) if found is not None else model
     optimizer = make_optimizer(model, phase, train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    views = loader.dataset if getattr(loader.dataset, "missing", None) is not None else None
+    making: list[float] = [0.0]  # seconds spent making views, so far in this pass
 
-    def one_pass() -> float:
-        start, stamps = time.perf_counter(), []
+    def one_pass() -> tuple[float, float]:
+        start, stamps, made = time.perf_counter(), [], []
         try:
             train_one_epoch(net, _Few(loader, TIMED_BATCHES + 1), optimizer,
                             scheduler, loss_fn, device, None, f"timing {phase.name}",
-                            after_step=lambda: stamps.append(time.perf_counter() - start))
+                            after_step=lambda: (stamps.append(time.perf_counter() - start), made.append(making[0])))
         except TrainingDiverged:  # the copy diverged (--lr 1e30): training itself will say where, not the timing
-            stamps = stamps or [time.perf_counter() - start]
-        return _per_batch(stamps)
+            stamps, made = (stamps, made) if stamps else ([time.perf_counter() - start], [making[0]])
+        return _per_batch(stamps), _per_batch(made)
 
-    return one_pass(), one_pass()
+    if views is None:
+        return one_pass()[0], one_pass()[0]
+    fill = views.fill
+
+    def timed_fill(target, pairs) -> None:
+        began = time.perf_counter()
+        try:
+            fill(target, pairs)
+        finally:
+            making[0] += time.perf_counter() - began
+
+    views.fill = timed_fill
+    try:
+        per_batch, per_batch_making = one_pass()
+    finally:
+        views.fill = fill
+    return per_batch, per_batch - per_batch_making
 
 
 def _time_eval(net: torch.nn.Module, loader, device, passes: int = 2) -> tuple[float, float]:

@@ -63,6 +63,17 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_UNEXPECTED
 
 
+def run() -> None:
+    """The ``imgtune`` console script (and ``python -m imgtune``): :func:`main` in a process of its own, with the
+    garbage collector set for a process that ends with the command (``imgtune.allocator``)."""
+    allocator.collect_for_command()
+    try:
+        code = main()
+    finally:
+        allocator.before_exit()
+    sys.exit(code)
+
+
 def _last_line() -> str:
     exc = sys.exc_info()[1]
     return f"{type(exc).__name__}: {exc}"
