@@ -150,8 +150,9 @@ def bench_dataset(name: str, data: Path, runs: list[str], work: Path, with_refer
 def print_table(name: str, rows: dict[str, dict]) -> None:
     today, plain = rows.get("today"), rows.get("plain loop, frozen")
     print(f"\n### {name}\n\n| run | val accuracy | wall time (s) | / today's gradual | / plain frozen loop | "
-          "plan estimate (s) | run's own time (s) | estimate / run time | kept |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "plan estimate (s) | run's own time (s) | estimate / run time | printed estimate for what ran / run time | "
+          "kept |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for run, row in rows.items():
         ratio = f"{row['seconds'] / today['seconds']:.2f}" if today else "—"
         frozen = f"1/{plain['seconds'] / row['seconds']:.1f}" if plain and run != "plain loop, frozen" else "—"
@@ -161,6 +162,8 @@ def print_table(name: str, rows: dict[str, dict]) -> None:
         if plan.get("estimated_as_run_seconds"):
             plan_cols += f" (as run, {plan['epochs_done']} epochs: {plan['estimated_as_run_seconds']}, " \
                          f"{plan['estimate_as_run_over_measured']})"
+        printed = plan.get("printed_estimate_over_measured")
+        plan_cols += f" | {printed}" if printed is not None else " | —"
         kept = (row.get("selection") or {}).get("kept", "—")
         print(f"| {run} | {row['accuracy']:.4f} | {row['seconds']:.1f} | {ratio} | {frozen} | {plan_cols} | {kept} |")
     for run, row in rows.items():

@@ -178,6 +178,19 @@ def test_the_plan_fits_the_budget_fewer_epochs_first_then_linear_probe():
     assert floor.record["estimated_total_seconds"] == pytest.approx(10 + 1.05 + 6 + 1, abs=0.06)
 
 
+def test_the_printed_total_that_matches_what_ran():
+    """finish: the total the plan printed for what happened (every epoch, or given up at the first chance),
+    and none for an end it printed no line for; the estimate of what ran in every early end."""
+    full = timeplan.make(resolve(RunConfig(train=TrainConfig(epochs=8))), _costs(), 10.0, True, 20, False)
+    whole, given_up = full.record["estimated_total_seconds"], full.record["estimated_if_given_up_seconds"]
+    ran = timeplan.finish(full, 200.0, epochs_done=8)
+    assert ran["printed_estimate_seconds"] == whole and ran["printed_estimate_over_measured"] == round(whole / 200, 3)
+    stopped = timeplan.finish(full, 100.0, epochs_done=6, kept_probe=True)
+    assert stopped["printed_estimate_seconds"] == given_up == stopped["estimated_as_run_seconds"]
+    later = timeplan.finish(full, 150.0, epochs_done=7, kept_probe=True)
+    assert "printed_estimate_seconds" not in later and given_up < later["estimated_as_run_seconds"] < whole
+
+
 def test_durations_and_the_time_left():
     assert [timeplan.parse_duration(t) for t in ("90s", "10m", "1.5h", "2")] == [90, 600, 5400, 120]
     for bad in ("", "-1m", "0", "ten minutes", "5d"):

@@ -142,14 +142,12 @@ def _time_lbfgs(model, loaders: Loaders, num_classes: int, seed: int) -> float:
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
     def timed(count: int) -> float:
-        pick, head = order[:count], copy.deepcopy(model.head)
-        since = time.perf_counter()
-        fit_linear_head(linear_layer(head), features[pick], targets[pick], num_classes, None, seed)
-        return time.perf_counter() - since
+        pick, head = order[:count], copy.deepcopy(model.head)  # the fit's own seconds: not its first imports
+        return fit_linear_head(linear_layer(head), features[pick], targets[pick], num_classes, None, seed)["seconds"]
 
     if n <= LBFGS_SAMPLE:
         return timed(n)
-    timed(LBFGS_SAMPLE // 2)  # a first fit pays imports and first calls, which the real fit does not pay again
+    timed(LBFGS_SAMPLE // 2)  # a first fit pays first calls, which the real fit does not pay again
     half, whole = timed(LBFGS_SAMPLE // 2), timed(LBFGS_SAMPLE)
     per_image = max(0.0, (whole - half) / (LBFGS_SAMPLE - LBFGS_SAMPLE // 2))
     return whole + per_image * (n - LBFGS_SAMPLE)
@@ -413,6 +411,13 @@ def finish(chosen: Plan, measured: float, epochs_done: int | None = None, kept_p
         as_run = estimated - saved - sum(s for e, s in chosen.estimate.epoch_seconds.items() if e > epochs_done)
         done |= {"epochs_done": epochs_done, "estimated_as_run_seconds": round(as_run, 1),
                  "estimate_as_run_over_measured": round(as_run / measured, 3) if measured > 0 else None}
+    # of the totals the plan printed before training, the one for what happened: every epoch ran, or
+    # fine-tuning was given up at its first chance (a later end, e.g. --early-stop, has no printed line)
+    printed = estimated if epochs_done is None or epochs_done >= planned_epochs else \
+        record.get("estimated_if_given_up_seconds") if epochs_done == record.get("earliest_give_up_epoch") else None
+    if printed is not None:
+        done |= {"printed_estimate_seconds": printed,
+                 "printed_estimate_over_measured": round(printed / measured, 3) if measured > 0 else None}
     return done
 
 
