@@ -30,7 +30,7 @@ the epochs that ran); then, for each run that scored fine-tuning on the hold-out
 beside the probe's. ``--quick``: small sizes, one draw, no fastai nor plain
 loop (a smoke run of the script).
 
-    python bench/default.py [--quick] [--datasets hymenoptera few-shot digits small mnist] [--runs today default ...]
+    python bench/default.py [--quick] [--datasets hymenoptera few-shot digits small mnist] [--runs today default ...] [--repeats N]
                             [--first-draw 0] [--draws 3] [--json FILE] [--no-references] [--seed N]
 """
 
@@ -41,6 +41,7 @@ import csv
 import importlib.util
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -133,18 +134,27 @@ def references(data: Path, work: Path) -> dict[str, dict]:
 
 
 def bench_dataset(name: str, data: Path, runs: list[str], work: Path, with_references: bool,
-                  rows: dict[str, dict], save) -> None:
-    """Every run on one dataset into ``rows``; ``save()`` after each (a long benchmark keeps what ran)."""
-    for run in runs:
-        rows[run] = run_imgtune(data, f"{name}-{run}".replace(" ", "_").replace("/", "_").replace(",", ""),
-                                RUNS[run], work)
-        print(f"{name} | {run}: accuracy {rows[run]['accuracy']:.4f}, {rows[run]['seconds']:.1f} s", flush=True)
+                  rows: dict[str, dict], save, repeats: int = 1) -> None:
+    """Every run on one dataset into ``rows``; ``save()`` after each (a long benchmark keeps what ran). With
+    ``repeats`` > 1, rounds of every run (and reference) one after another; a row's ``seconds`` is then the
+    median, ``seconds_each`` every round's, and the other fields are the first round's."""
+    done: dict[str, list[dict]] = {}
+
+    def record(run: str, row: dict) -> None:
+        done.setdefault(run, []).append(row)
+        each = [r["seconds"] for r in done[run]]
+        rows[run] = done[run][0] | {"seconds": statistics.median(each), "seconds_each": each,
+                                    "accuracy_each": [r["accuracy"] for r in done[run]]}
+        print(f"{name} | {run}: accuracy {row['accuracy']:.4f}, {row['seconds']:.1f} s", flush=True)
         save()
-    if with_references:
-        for reference, row in references(data, work).items():
-            rows[reference] = row
-            print(f"{name} | {reference}: accuracy {row['accuracy']:.4f}, {row['seconds']:.1f} s", flush=True)
-        save()
+
+    for _ in range(repeats):
+        for run in runs:
+            record(run, run_imgtune(data, f"{name}-{run}".replace(" ", "_").replace("/", "_").replace(",", ""),
+                                    RUNS[run], work))
+        if with_references:
+            for reference, row in references(data, work).items():
+                record(reference, row)
 
 
 def print_table(name: str, rows: dict[str, dict]) -> None:
@@ -165,7 +175,9 @@ def print_table(name: str, rows: dict[str, dict]) -> None:
         printed = plan.get("printed_estimate_over_measured")
         plan_cols += f" | {printed}" if printed is not None else " | —"
         kept = (row.get("selection") or {}).get("kept", "—")
-        print(f"| {run} | {row['accuracy']:.4f} | {row['seconds']:.1f} | {ratio} | {frozen} | {plan_cols} | {kept} |")
+        each = row.get("seconds_each") or []
+        wall = f"{row['seconds']:.1f}" + (f" ({min(each):.1f}–{max(each):.1f}, {len(each)} runs)" if len(each) > 1 else "")
+        print(f"| {run} | {row['accuracy']:.4f} | {wall} | {ratio} | {frozen} | {plan_cols} | {kept} |")
     for run, row in rows.items():
         selection = row.get("selection") or {}
         if row.get("inner") and "probe" in selection:
@@ -190,6 +202,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write every row here")
     parser.add_argument("--no-references", action="store_true", help="leave out fastai and the plain loop")
     parser.add_argument("--seed", type=int, help="imgtune's --seed for every run (its default, 0, when not given)")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of every run and reference; times are medians")
     args = parser.parse_args()
     warm_imports()
     if args.seed is not None:
@@ -202,7 +215,7 @@ def main() -> None:
                                    range(args.first_draw, args.first_draw + args.draws)).items():
             results[name] = {}
             bench_dataset(name, data, args.runs, work, name == "hymenoptera" and not (args.quick or args.no_references), results[name],
-                          lambda: args.json and args.json.write_text(json.dumps(results, indent=2)))
+                          lambda: args.json and args.json.write_text(json.dumps(results, indent=2)), args.repeats)
     for name, rows in results.items():
         print_table(name, rows)
 
