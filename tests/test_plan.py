@@ -42,6 +42,16 @@ def test_the_holdout_is_stratified_from_the_training_split_only(tmp_path):
     assert [s.split for s in again.source.splits.samples] == [s.split for s in samples]
     assert never_worse.carve(source, replace(train, never_worse=False), phases, head) is None
     assert [never_worse.holdout_size(n) for n in (2, 5, 10, 120, 1000)] == [0, 1, 3, 18, 150]
+    # a run that drops fine-tuning puts the hold-out back; pseudo-labelled images (appended) keep their weights
+    carved = hold.source
+    pseudo = [replace(s, split="train", path=s.path.with_name("pseudo" + s.path.name)) for s in samples[:2]]
+    carved = type(carved)(replace(carved.splits, samples=samples + pseudo), carved.source)
+    labelled = sum(s.split == "train" for s in samples)
+    carved.train_weights = torch.tensor([1.0] * labelled + [0.3, 0.3], dtype=torch.float64)
+    whole = never_worse.uncarved(carved)
+    assert [s.split for s in whole.splits.samples] == [before[s.path] for s in source.splits.samples] + ["train"] * 2
+    assert whole.train_weights.tolist() == [1.0] * (labelled + len(inner)) + [0.3, 0.3]
+    assert len(whole.splits.split("train")) == len(whole.train_weights)
 
 
 def _run(tmp_path, name: str, data, *extra: str, quiet: bool = True) -> tuple:
@@ -138,6 +148,53 @@ def test_failing_fine_tuning_is_given_up_early_and_the_probe_uses_the_pretrained
     assert main(["-q", "train", "--resume", str(out), "--epochs", "5"]) == 2  # given up: it does not go on
 
 
+def _referee(images: int, patience: int, accuracy: float) -> never_worse.Referee:
+    """A referee whose probe is already scored: what nothing_to_win decides on."""
+    judge = never_worse.Referee.__new__(never_worse.Referee)
+    judge.hold = never_worse.HoldOut(source=None, images=images, per_class={})
+    judge.patience, judge.probe = patience, {"accuracy": accuracy, "loss": 0.01, "C": 1.0}
+    return judge
+
+
+def test_fine_tuning_is_skipped_only_when_a_large_enough_hold_out_leaves_it_nothing_to_win():
+    enough = never_worse.SKIP_MIN_IMAGES
+    why = _referee(enough, 2, 1.0).nothing_to_win()
+    assert why.startswith(f"the linear probe classifies all {enough} held-out training images correctly")
+    assert _referee(enough, 2, 0.99).nothing_to_win() is None  # one mistake: fine-tuning may win
+    assert _referee(enough - 1, 2, 1.0).nothing_to_win() is None  # too few to trust a perfect score
+    assert _referee(10 * enough, 0, 1.0).nothing_to_win() is None  # --never-worse-patience 0: fine-tunes anyway
+
+
+@pytest.mark.slow
+def test_a_perfect_probe_on_the_hold_out_skips_fine_tuning_and_resumes_the_same(tmp_path, capsys):
+    """67 training images a class hold out 10 each: 30, enough for the skip. The run becomes linear-probe
+    (config.yaml, metrics.csv, the plan) and keeps the probe refitted on the whole training split, the same
+    model linear-probe fits; --never-worse-patience 0 fine-tunes the same data."""
+    data = make_split_dataset(tmp_path / "data", train=67, val=3, size=24)
+    out, metrics = _run(tmp_path, "skipped", data, quiet=False)
+    told = capsys.readouterr().err
+    assert "never-worse rule: the linear probe classifies all 30 held-out training images correctly" in told
+    selection = metrics["selection"]
+    assert selection["kept"] == "probe" and selection["fine_tuning_skipped"]
+    assert selection["refitted_on_whole_training_split"] and selection["probe"]["accuracy"] == 1.0
+    assert selection["reason"].startswith("fine-tuning skipped: the linear probe classifies all 30")
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["strategy"] == "linear-probe"
+    with open(out / "metrics.csv") as handle:
+        assert {row["phase"] for row in csv.DictReader(handle)} == {"frozen"}
+    assert json.loads((out / timeplan.PLAN_FILE).read_text())["chosen"] == "as configured"
+    probe, probe_metrics = _run(tmp_path, "probe", data, "--strategy", "linear-probe")
+    kept, fitted = load_file(out / "model.safetensors"), load_file(probe / "model.safetensors")
+    assert all(torch.allclose(kept[k], fitted[k], atol=1e-5) for k in kept)
+    assert metrics["accuracy"] == probe_metrics["accuracy"]
+    assert main(["-q", "train", "--resume", str(out)]) == 0  # finished: its results written again, the same
+    again = load_file(out / "model.safetensors")
+    assert all(torch.allclose(kept[k], again[k], atol=1e-5) for k in kept)
+    tuned, tuned_metrics = _run(tmp_path, "tuned", data, "--never-worse-patience", "0")
+    with open(tuned / "metrics.csv") as handle:
+        assert [row["phase"] for row in csv.DictReader(handle)] == ["frozen", "unfrozen"]
+    assert "fine_tuning_skipped" not in tuned_metrics["selection"]
+
+
 def _costs() -> timeplan.Costs:
     return timeplan.Costs(body_epoch=30.0, body_val=5.0, head_epoch=0.1, val_images=5.0, val_features=0.05,
                           val_first_read=6.0, per_image=0.01, lbfgs=1.0)
@@ -220,6 +277,7 @@ def test_a_tight_budget_trains_linear_probe_and_says_so(tmp_path, capsys):
     assert record["budget_seconds"] == 1 and record["chosen"].startswith("linear-probe")
     assert record["measured_total_seconds"] > 0 and record["estimate_over_measured"] > 0
     assert metrics["selection"]["kept"] == "probe" and metrics["selection"]["refitted_on_whole_training_split"]
+    assert main(["-q", "train", "--resume", str(out)]) == 0  # config.yaml resumes as what ran: linear-probe
 
 
 def test_views_made_when_first_drawn_are_timed_apart_in_one_pass(monkeypatch):

@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 INNER = "inner"  # the hold-out's split name (the feature cache is keyed by file, so it is shared)
 FRACTION = 0.15  # of each training class
 MIN_PER_CLASS = 3  # a hold-out below this is too noisy to decide on; capped at a third of the class
+SKIP_MIN_IMAGES = 30  # a perfect probe skips fine-tuning only on this many held-out images: none wrong of 30
+# puts the probe's error rate below 10% (the rule of three's 95% bound, 3/n); 9 of 9 right says little
 
 
 @dataclass
@@ -97,6 +99,18 @@ def carve(source, train: TrainConfig, phases: list[Phase], head) -> HoldOut | No
     log.info("never-worse rule: %d training images held out (stratified, %s) to choose between the fine-tuned "
              "model and the linear probe", len(held), ", ".join(f"{c} {n}" for c, n in per_class.items()))
     return HoldOut(type(source)(replace(source.splits, samples=carved), source.source), len(held), per_class)
+
+
+def uncarved(source):
+    """``source`` (carved, maybe with pseudo-labelled images appended) with the hold-out back in its training
+    split: what a run that drops fine-tuning trains its probe on, as linear-probe would. The pseudo-labelled
+    images come last in the training split, so the hold-out's images (weight 1) go before their weights."""
+    samples = [replace(s, split="train") if s.split == INNER else s for s in source.splits.samples]
+    whole = type(source)(replace(source.splits, samples=samples), source.source)
+    if source.train_weights is not None:
+        held = sum(s.split == INNER for s in source.splits.samples)
+        whole.train_weights = torch.cat([torch.ones(held, dtype=source.train_weights.dtype), source.train_weights])
+    return whole
 
 
 def remember_body(hold: HoldOut | None, model: Classifier, built: BuiltModel, body: str, options,
@@ -158,6 +172,19 @@ class Referee:
                                 "inner hold-out, probe") | {"C": fitted["C"]}
         return self.probe
 
+    def nothing_to_win(self) -> str | None:
+        """Why fine-tuning is skipped before it starts, or None: the probe classifies every held-out image
+        correctly, so a fine-tuned model could at best tie it on accuracy and win on log loss alone (a
+        tie the referee's figures never saw turn into a better model: docs/benchmarks.md). Only on a
+        hold-out of at least :data:`SKIP_MIN_IMAGES`; off with ``--never-worse-patience 0``, as giving up is."""
+        if not self.patience or self.hold.images < SKIP_MIN_IMAGES:
+            return None
+        probe = self.probe_figures()
+        if probe["accuracy"] < 1.0:
+            return None
+        return (f"the linear probe classifies all {self.hold.images} held-out training images correctly (log loss "
+                f"{probe['loss']:.4f}), so fine-tuning could at best tie it on accuracy")
+
     def figures(self, model: Classifier) -> dict:
         """``model`` (fine-tuning) on the hold-out's images (with ``cut``, the lower blocks' frozen output on
         them, :attr:`HoldOut.activations`): accuracy and log loss."""
@@ -204,12 +231,13 @@ def referee(hold: HoldOut | None, model: Classifier, built: BuiltModel, loaders,
 
 
 def finish(judge: Referee | None, model: Classifier, phases: list[Phase], epochs_done: int, gave_up: bool = False,
-           diverged: str | None = None, lr: float | None = None) -> dict | None:
+           diverged: str | None = None, lr: float | None = None, skipped: str | None = None) -> dict | None:
     """At the end of training: the rule's decision (``model`` changed in place when the probe wins), or
-    None where the rule is off. Where no phase trained the body (``--time-budget`` chose linear-probe) or
-    training diverged (``diverged``: where and what), the probe is refitted on the whole training split,
-    hold-out included. ``gave_up``: the referee ended fine-tuning after epoch ``epochs_done``; ``lr``: the
-    run's learning rate, for the advice after a divergence."""
+    None where the rule is off. Where training diverged (``diverged``: where and what), the probe is
+    refitted on the whole training split, hold-out included; where no phase trained the body (the skip,
+    ``--time-budget``'s floor), the run has fitted it there already (the loaders of :func:`uncarved`). ``gave_up``: the referee ended fine-tuning after epoch ``epochs_done``; ``lr``: the
+    run's learning rate, for the advice after a divergence; ``skipped``: why fine-tuning was skipped before
+    it started (:meth:`Referee.nothing_to_win`)."""
     if judge is None:
         return None
     hold = judge.hold
@@ -224,9 +252,12 @@ def finish(judge: Referee | None, model: Classifier, phases: list[Phase], epochs
                     diverged, lr)
         return record | {"kept": "probe", "reason": f"training diverged in {diverged}",
                          "refitted_on_whole_training_split": True}
-    if phases[-1].body_frozen:
-        _restore_probe(model, judge)
-        log.info("never-worse rule: no phase fine-tuned the body; the probe is refitted on the whole training split")
+    if phases[-1].body_frozen:  # the run became linear-probe on the whole training split (training.py)
+        if skipped is not None:
+            log.info("never-worse rule: fine-tuning skipped; the probe was fitted on the whole training split")
+            return record | {"kept": "probe", "reason": f"fine-tuning skipped: {skipped}", "probe": judge.probe,
+                             "fine_tuning_skipped": True, "refitted_on_whole_training_split": True}
+        log.info("never-worse rule: no phase fine-tuned the body; the probe was fitted on the whole training split")
         return record | {"kept": "probe", "reason": "no fine-tuning ran", "refitted_on_whole_training_split": True}
     if gave_up:
         record |= {"gave_up_after_epoch": epochs_done, "patience": judge.patience}

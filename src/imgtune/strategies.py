@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .config import TrainConfig
 
@@ -33,3 +33,10 @@ def plan(train: TrainConfig) -> list[Phase]:
     if train.strategy in ("finetune", "scratch"):
         return [Phase("all", train.epochs, False, lr, lr * factor)]
     raise ValueError(f"unknown strategy {train.strategy!r}")
+
+
+def probe_only(train: TrainConfig) -> TrainConfig:
+    """What a ``gradual`` run becomes when its fine-tuning is dropped before it starts (``--time-budget``'s
+    floor, the never-worse rule's skip): ``linear-probe`` for the frozen phase's epochs, nothing unfrozen,
+    so that config.yaml resumes as what ran."""
+    return replace(train, strategy="linear-probe", epochs=train.freeze_epochs, unfreeze="all")

@@ -30,7 +30,7 @@ from .head_fit import fit_linear_head, fitted_by_lbfgs, linear_layer
 from .inference import batched_outputs
 from .optim import make_optimizer
 from .partial import PartialNet
-from .strategies import Phase, plan
+from .strategies import Phase, plan, probe_only
 
 log = logging.getLogger(__name__)
 
@@ -301,8 +301,7 @@ def candidates(train: TrainConfig) -> list[tuple[str, TrainConfig]]:
         for unfrozen in range(train.epochs - train.freeze_epochs - 1, 0, -1):
             found.append((f"{unfrozen} fine-tuning epoch{'s' * (unfrozen > 1)} instead of "
                           f"{train.epochs - train.freeze_epochs}", replace(train, epochs=train.freeze_epochs + unfrozen)))
-        found.append(("linear-probe only (no fine-tuning)", replace(train, strategy="linear-probe",
-                                                                   epochs=train.freeze_epochs)))
+        found.append(("linear-probe only (no fine-tuning)", probe_only(train)))
     elif train.strategy in ("finetune", "scratch"):
         found += [(f"{e} epoch{'s' * (e > 1)} instead of {train.epochs}", replace(train, epochs=e))
                   for e in range(train.epochs - 1, 0, -1)]

@@ -32,7 +32,7 @@ from .models import Classifier
 from .prepare import Setup, prepare, run_meta
 from .results import final_metrics
 from .semi_train import with_pseudo_labels
-from .strategies import Phase, plan
+from .strategies import Phase, plan, probe_only
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,29 @@ def _auto_lr(setup: Setup, model, phases, loaders, weights) -> tuple[RunConfig, 
     return config, plan(config.train)
 
 
+def _whole_training_split(setup: Setup, m: Materials, phases: list[Phase]) -> Loaders:
+    """The loaders of a run that dropped its fine-tuning before it started (the never-worse rule's skip,
+    ``--time-budget``'s floor): the probe trains on the whole training split, hold-out included, as
+    linear-probe's does (the features of the hold-out come from the cache), so config.yaml's linear-probe
+    resumes as what ran."""
+    c = setup.config
+    return build_loaders(never_worse.uncarved(m.source), setup.built, phases, c.data.augment, c.model.body,
+                         setup.loader_options(), setup.device)
+
+
+def _without_fine_tuning(config: RunConfig, why: str, main: bool) -> tuple[RunConfig, list[Phase]]:
+    """The never-worse rule's skip (``Referee.nothing_to_win``): the run becomes ``linear-probe`` for the
+    frozen phase's epochs, as ``--time-budget`` makes it when fine-tuning does not fit, and config.yaml
+    says so (a resume then repeats what ran)."""
+    train = probe_only(config.train)
+    config = replace(config, train=train)
+    log.warning("never-worse rule: %s; fine-tuning is skipped and the probe kept (--never-worse-patience 0 "
+                "fine-tunes anyway)", why)
+    if main:
+        save_yaml(config, Path(config.out) / artifact.CONFIG)
+    return config, plan(train)
+
+
 def _diverged(exc: TrainingDiverged, out: Path, config: RunConfig) -> TrainingDiverged:
     """The engine's finding (epoch, batch, what is not finite) with what was kept and what to try."""
     kept = checkpoint.listed(out / checkpoint.FOLDER)
@@ -192,6 +215,7 @@ class Materials:
     weights: torch.Tensor | None  # class weights of the loss (--balance weights)
     semi: dict | None  # the semi-supervised report for metrics.json (None without --unlabeled)
     judge: never_worse.Referee | None  # the never-worse rule, with its inner hold-out of the training split
+    source: object = None  # what the loaders read (the hold-out carved, pseudo-labelled images added)
 
 
 def materials(setup: Setup) -> Materials:
@@ -212,7 +236,7 @@ def materials(setup: Setup) -> Materials:
     weights = balance.class_weights(loaders.train.dataset.targets(), len(setup.source.classes)) \
         if config.train.balance == "weights" else None
     judge = never_worse.referee(hold, model, setup.built, loaders, options, config.train, device, weights)
-    return Materials(model, phases, loaders, weights, semi_report, judge)
+    return Materials(model, phases, loaders, weights, semi_report, judge, source)
 
 
 def _train_and_save(setup: Setup, start: float, resume: dict | None = None) -> TrainResult:
@@ -220,8 +244,12 @@ def _train_and_save(setup: Setup, start: float, resume: dict | None = None) -> T
     out, main = Path(config.out), distributed.current().is_main
     m = materials(setup)
     model, phases, loaders, weights, judge = m.model, m.phases, m.loaders, m.weights, m.judge
+    skipped = judge.nothing_to_win() if judge is not None else None  # fits the probe (it times the head fit)
+    if skipped is not None:  # before --lr auto, which would range-test a fine-tuning that will not run
+        config, phases = _without_fine_tuning(config, skipped, main)
+        loaders = _whole_training_split(setup, m, phases)
     if config.train.lr == lr_find.AUTO:
-        config, phases = _auto_lr(setup, model, phases, loaders, weights)
+        config, phases = _auto_lr(replace(setup, config=config), model, phases, loaders, weights)
     log.info("training %s with strategy %s on %s (run folder %s)", built.spec, config.train.strategy, device, out)
     held_out = judge.hold.images if judge else 0
     planned = None
@@ -231,6 +259,8 @@ def _train_and_save(setup: Setup, start: float, resume: dict | None = None) -> T
         planned = timeplan.plan_run(replace(setup, config=config), model, phases, loaders, held_out, start,
                                     judge.fit_seconds if judge is not None else None)
     if planned is not None:  # --time-budget may have chosen fewer epochs or linear-probe
+        if judge is not None and skipped is None and planned.phases[-1].body_frozen:
+            loaders = _whole_training_split(setup, m, planned.phases)
         config, phases = planned.config, planned.phases
     first_epoch = len(resume["rows"]) + 1 if resume else 1
     with StopRequest() as stop, experiment_log.epoch_logger(config.train.log, out, first_epoch, main) as extra:
@@ -256,7 +286,7 @@ def _train_and_save(setup: Setup, start: float, resume: dict | None = None) -> T
                     config.train.monitor)
         model.load_state_dict(stopper.best_state)
     selection = never_worse.finish(judge, model, phases, progress.epochs_done if progress else 0,
-                                   progress is not None and progress.gave_up, diverged, config.train.lr)
+                                   progress is not None and progress.gave_up, diverged, config.train.lr, skipped)
     kept_probe = selection is not None and selection["kept"] == "probe"  # the pretrained body, a refitted head
     final_frozen = (phases[-1].body_frozen or kept_probe) and loaders.frozen_val is not None
     model.freeze_body(False)
