@@ -174,7 +174,8 @@ def print_table(name: str, rows: dict[str, dict]) -> None:
                          f"{plan['estimate_as_run_over_measured']})"
         printed = plan.get("printed_estimate_over_measured")
         plan_cols += f" | {printed}" if printed is not None else " | —"
-        kept = (row.get("selection") or {}).get("kept", "—")
+        selection = row.get("selection") or {}
+        kept = selection.get("kept", "—") + (", fine-tuning skipped" if selection.get("fine_tuning_skipped") else "")
         each = row.get("seconds_each") or []
         wall = f"{row['seconds']:.1f}" + (f" ({min(each):.1f}–{max(each):.1f}, {len(each)} runs)" if len(each) > 1 else "")
         print(f"| {run} | {row['accuracy']:.4f} | {wall} | {ratio} | {frozen} | {plan_cols} | {kept} |")
