@@ -17,7 +17,9 @@ L-BFGS: is it worth it now that the never-worse rule protects the end?), ``size-
 ``lp-pretrained`` (the default and ``linear-probe`` with ``--size-from pretrained``: at the weights' own
 size, where the default sizes small images to the data), ``referee-watch`` (the default with the never-worse referee scoring every
 fine-tuning epoch on the hold-out without ever giving up: the trajectories behind
-``--never-worse-patience``), ``referee-off`` (the default without the referee), ``img-128`` and ``img-160``
+``--never-worse-patience``; patience 1000 also keeps the skip of fine-tuning when the probe is perfect on
+the hold-out), ``referee-off`` (the default without the referee, so without that skip either: what
+fine-tuning would have given), ``img-128`` and ``img-160``
 (the default at 128 and 160 px), ``unfreeze-all`` (the
 default with ``--unfreeze all``: the whole body fine-tunes, where the default on a CPU, ``auto``, trains
 the top 3 blocks on cached activations); on hymenoptera also fastai's ``fine_tune(5)`` and the plain frozen PyTorch
