@@ -68,6 +68,8 @@ def test_the_body_is_exported_once_checked_and_again_when_damaged(tmp_path, monk
     with torch.no_grad():
         assert torch.allclose(run(images), body(images), atol=1e-5)
     (saved,) = store.root.glob("body-*.onnx")
+    options = body_runtime._session(saved).get_session_options()
+    assert options.get_session_config_entry(body_runtime.SPINNING) == "0"  # idle threads leave torch the cores
     body_runtime.body_engine(body, 16, CPU, "auto", store)
     assert len(exports) == 1  # opened, not exported again
     saved.write_bytes(saved.read_bytes()[:-1] + bytes([saved.read_bytes()[-1] ^ 1]))

@@ -67,6 +67,16 @@ def test_c_is_the_strongest_within_one_standard_error_of_the_best(monkeypatch):
     assert losses == {"0.01": 0.5, "0.1": 0.28, "1": 0.25}
 
 
+def test_the_folds_in_threads_give_the_figures_of_one_thread(monkeypatch):
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 20)
+    z = rng.normal(size=(60, 16)) + y[:, None] * 0.4
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    threaded = head_fit.choose_c(z, y, None, seed=0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert head_fit.choose_c(z, y, None, seed=0) == threaded
+
+
 def test_few_images_a_missing_class_and_a_dropout_head():
     x, y = blobs(2, 1)
     head = nn.Sequential(nn.Dropout(0.5), nn.Linear(x.shape[1], 3))

@@ -130,11 +130,18 @@ def _check(body: nn.Module, session, img_size: int) -> None:
     log.debug("ONNX body checked: largest |difference| from torch %.2e (largest feature %.3g)", worst, scale)
 
 
+SPINNING = "session.intra_op.allow_spinning"
+
+
 def _session(path: Path):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()  # what torch would use (OMP_NUM_THREADS honoured)
+    # No spin-waiting for the next run: between runs (the views an epoch makes when it first draws them)
+    # torch trains the top blocks, and idle threads that spin take its cores (MNIST's fine-tuning
+    # epochs: 0.7-0.8 of the time without; docs/benchmarks.md)
+    options.add_session_config_entry(SPINNING, "0")
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime's own error types (InvalidGraph, Fail, ...)
