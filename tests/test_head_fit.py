@@ -67,6 +67,7 @@ def test_c_is_the_strongest_within_one_standard_error_of_the_best(monkeypatch):
     assert losses == {"0.01": 0.5, "0.1": 0.28, "1": 0.25}
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # scikit-learn's API notices (fit_linear_head hides them)
 def test_the_folds_in_threads_give_the_figures_of_one_thread(monkeypatch):
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(3), 20)

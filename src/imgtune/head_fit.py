@@ -91,7 +91,7 @@ def choose_c(z: np.ndarray, y: np.ndarray, class_weight, seed: int,
     0.03 to 0.1 (0.961); elsewhere level on average, within two val images (docs/benchmarks.md, bench/c_choice.py).
     The folds run in threads, one BLAS thread each, at most ``torch.get_num_threads()`` of them: the same
     figures as one after another (MNIST's probe: 6.1-7.2 s of fitting down to 3.9-4.9 s on 2 cores)."""
-    from joblib import parallel_backend
+    from joblib import parallel_config
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.model_selection import StratifiedKFold, train_test_split
 
@@ -105,7 +105,7 @@ def choose_c(z: np.ndarray, y: np.ndarray, class_weight, seed: int,
         z, _, y, _, w, _ = train_test_split(z, y, w, train_size=SELECT_ON, stratify=y, random_state=seed)
     search = LogisticRegressionCV(Cs=CS, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
                                   max_iter=MAX_ITER, class_weight=class_weight, refit=False, scoring="neg_log_loss")
-    with parallel_backend("threading", n_jobs=min(folds, max(1, torch.get_num_threads()))):
+    with parallel_config(backend="threading", n_jobs=min(folds, max(1, torch.get_num_threads()))):
         search.fit(z, y, sample_weight=None if sample_weight is None else w)  # the folds in threads
     scores = search.scores_
     scores = np.asarray(next(iter(scores.values())) if isinstance(scores, dict) else scores).reshape(folds, -1)

@@ -235,9 +235,10 @@ def finish(judge: Referee | None, model: Classifier, phases: list[Phase], epochs
     """At the end of training: the rule's decision (``model`` changed in place when the probe wins), or
     None where the rule is off. Where training diverged (``diverged``: where and what), the probe is
     refitted on the whole training split, hold-out included; where no phase trained the body (the skip,
-    ``--time-budget``'s floor), the run has fitted it there already (the loaders of :func:`uncarved`). ``gave_up``: the referee ended fine-tuning after epoch ``epochs_done``; ``lr``: the
-    run's learning rate, for the advice after a divergence; ``skipped``: why fine-tuning was skipped before
-    it started (:meth:`Referee.nothing_to_win`)."""
+    ``--time-budget``'s floor), the run has fitted it there already (the loaders of :func:`uncarved`).
+    ``gave_up``: the referee ended fine-tuning after epoch ``epochs_done``; ``lr``: the run's learning
+    rate, for the advice after a divergence; ``skipped``: why fine-tuning was skipped before it started
+    (:meth:`Referee.nothing_to_win`)."""
     if judge is None:
         return None
     hold = judge.hold
@@ -253,12 +254,11 @@ def finish(judge: Referee | None, model: Classifier, phases: list[Phase], epochs
         return record | {"kept": "probe", "reason": f"training diverged in {diverged}",
                          "refitted_on_whole_training_split": True}
     if phases[-1].body_frozen:  # the run became linear-probe on the whole training split (training.py)
-        if skipped is not None:
-            log.info("never-worse rule: fine-tuning skipped; the probe was fitted on the whole training split")
-            return record | {"kept": "probe", "reason": f"fine-tuning skipped: {skipped}", "probe": judge.probe,
-                             "fine_tuning_skipped": True, "refitted_on_whole_training_split": True}
-        log.info("never-worse rule: no phase fine-tuned the body; the probe was fitted on the whole training split")
-        return record | {"kept": "probe", "reason": "no fine-tuning ran", "refitted_on_whole_training_split": True}
+        log.info("never-worse rule: %s; the probe was fitted on the whole training split",
+                 "fine-tuning skipped" if skipped else "no phase fine-tuned the body")
+        record |= {"kept": "probe", "reason": f"fine-tuning skipped: {skipped}" if skipped else "no fine-tuning ran",
+                   "refitted_on_whole_training_split": True}
+        return record | ({"probe": judge.probe, "fine_tuning_skipped": True} if skipped else {})
     if gave_up:
         record |= {"gave_up_after_epoch": epochs_done, "patience": judge.patience}
     return record | _choose(judge, model, epochs_done, gave_up)
