@@ -131,6 +131,7 @@ def _check(body: nn.Module, session, img_size: int) -> None:
 
 
 SPINNING = "session.intra_op.allow_spinning"
+ALLOW_SPINNING = "0"  # see _session; bench/spinning.py sets "1" to measure against ONNX Runtime's default
 
 
 def _session(path: Path):
@@ -140,8 +141,8 @@ def _session(path: Path):
     options.intra_op_num_threads = torch.get_num_threads()  # what torch would use (OMP_NUM_THREADS honoured)
     # No spin-waiting for the next run: between runs (the views an epoch makes when it first draws them)
     # torch trains the top blocks, and idle threads that spin take its cores (MNIST's fine-tuning
-    # epochs: 0.7-0.8 of the time without; docs/benchmarks.md)
-    options.add_session_config_entry(SPINNING, "0")
+    # epochs: 0.72 of the time without; bench/spinning.py)
+    options.add_session_config_entry(SPINNING, ALLOW_SPINNING)
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime's own error types (InvalidGraph, Fail, ...)

@@ -28,6 +28,7 @@ CS = np.logspace(-3, 1, 9)  # inverse regularisation strengths tried (on standar
 MAX_FOLDS = 5
 SELECT_ON = 4000  # above this many images, C is chosen on a stratified sample of this size, then refitted on all
 MAX_ITER = 1000
+FOLD_THREADS: int | None = None  # threads for choose_c's folds; None: torch.get_num_threads() (bench/spinning.py: 1)
 
 
 def linear_layer(head: nn.Module) -> nn.Linear | None:
@@ -67,9 +68,10 @@ def fit_linear_head(layer: nn.Linear, features: torch.Tensor, targets: torch.Ten
     scale[scale < 1e-12] = 1.0
     z = (x - mean) / scale
     present = np.unique(y)
+    threads = fold_threads()  # before the limit below, which also sets torch's own count to 1
     with warnings.catch_warnings(), threadpool_limits(1):  # one BLAS thread: the problem is small
         warnings.simplefilter("ignore")  # ConvergenceWarning (n_iter says it) and API FutureWarnings
-        c, folds, losses = choose_c(z, y, class_weight, seed, w)
+        c, folds, losses = choose_c(z, y, class_weight, seed, w, threads)
         model = LogisticRegression(C=c, max_iter=MAX_ITER, class_weight=class_weight).fit(z, y, sample_weight=w)
     weight, bias = _logits_of(model, present, num_classes)
     with torch.no_grad():
@@ -80,8 +82,13 @@ def fit_linear_head(layer: nn.Linear, features: torch.Tensor, targets: torch.Ten
             "converged": iterations < MAX_ITER, "images": int(len(y)), "seconds": round(time.perf_counter() - start, 2)}
 
 
+def fold_threads() -> int:
+    """Threads for :func:`choose_c`'s folds: :data:`FOLD_THREADS`, else what torch would use."""
+    return FOLD_THREADS or max(1, torch.get_num_threads())
+
+
 def choose_c(z: np.ndarray, y: np.ndarray, class_weight, seed: int,
-             sample_weight: np.ndarray | None = None) -> tuple[float, int, dict | None]:
+             sample_weight: np.ndarray | None = None, threads: int | None = None) -> tuple[float, int, dict | None]:
     """The strongest regularisation (smallest C) whose mean cross-validated log loss is within one
     standard error of the best C's (the one-standard-error rule: Hastie, Tibshirani and Friedman, The
     Elements of Statistical Learning, section 7.10), over stratified folds of the training split (as
@@ -89,9 +96,9 @@ def choose_c(z: np.ndarray, y: np.ndarray, class_weight, seed: int,
     (``LogisticRegressionCV``). Differences within the folds' noise then do not pick a weaker
     regularisation: on hymenoptera the best mean picked C 0.316 with every seed (0.954 on val), the rule
     0.03 to 0.1 (0.961); elsewhere level on average, within two val images (docs/benchmarks.md, bench/c_choice.py).
-    The folds run in threads, one BLAS thread each, at most ``torch.get_num_threads()`` of them: the same
-    figures as one after another (MNIST's probe: 6.1-7.2 s of fitting down to 3.9-4.9 s on 2 cores)."""
-    from joblib import parallel_config
+    The folds run in ``threads`` threads (default :func:`fold_threads`), one BLAS thread each: the same
+    figures as one after another (MNIST's probe: 6.18 s down to 3.83 s on 2 cores, bench/spinning.py)."""
+    from joblib import parallel_backend
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.model_selection import StratifiedKFold, train_test_split
 
@@ -105,7 +112,7 @@ def choose_c(z: np.ndarray, y: np.ndarray, class_weight, seed: int,
         z, _, y, _, w, _ = train_test_split(z, y, w, train_size=SELECT_ON, stratify=y, random_state=seed)
     search = LogisticRegressionCV(Cs=CS, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
                                   max_iter=MAX_ITER, class_weight=class_weight, refit=False, scoring="neg_log_loss")
-    with parallel_config(backend="threading", n_jobs=min(folds, max(1, torch.get_num_threads()))):
+    with parallel_backend("threading", n_jobs=min(folds, threads or fold_threads())):
         search.fit(z, y, sample_weight=None if sample_weight is None else w)  # the folds in threads
     scores = search.scores_
     scores = np.asarray(next(iter(scores.values())) if isinstance(scores, dict) else scores).reshape(folds, -1)
